@@ -1,0 +1,96 @@
+"""Which backend computes a loss: what is available here, and what ``"auto"`` picks.
+
+- ``"torch"``: the eager forms of :mod:`l2d_kernels.reference` (any device, float32 accumulation).
+- ``"triton"``: the fused Triton kernels; CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1``
+  was set before the first Triton call (Triton's interpreter, slow, for tests).
+- ``"cuda"``: the fused CUDA C++ kernels of the compiled extension ``l2d_kernels._C``.
+
+``"auto"`` picks ``"cuda"``, then ``"triton"``, then ``"torch"`` for CUDA tensors, and ``"torch"``
+for any other device.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+
+_TRITON_HOWTO = "install Triton (it comes with PyTorch's CUDA wheels on Linux: pip install torch)"
+_CUDA_HOWTO = (
+    "build the extension from a source checkout with CUDA_HOME set to the CUDA toolkit: "
+    "L2D_KERNELS_BUILD_CUDA=1 pip install --no-build-isolation -e ."
+)
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for by name and cannot run here; the message says how to get it."""
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+@functools.cache
+def _triton_problem() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as err:
+        return f"Triton cannot be imported ({err}); {_TRITON_HOWTO}"
+    return None
+
+
+@functools.cache
+def _cuda_extension_problem() -> str | None:
+    from .ops import cuda_ext
+
+    if cuda_ext.load_error is not None:
+        return f"the CUDA extension l2d_kernels._C is not usable ({cuda_ext.load_error}); {_CUDA_HOWTO}"
+    return None
+
+
+def backend_problem(name: str, device: torch.device) -> str | None:
+    """Why ``name`` cannot run on ``device``, or None when it can."""
+    if name == "torch":
+        return None
+    if name == "triton":
+        problem = _triton_problem()
+        if problem is None and device.type != "cuda" and not triton_interpreted():
+            problem = (
+                f"backend 'triton' runs on CUDA tensors, got tensors on {device}; for Triton's CPU "
+                "interpreter set TRITON_INTERPRET=1 before the first call"
+            )
+        return problem
+    if name == "cuda":
+        if device.type != "cuda":
+            return f"backend 'cuda' runs on CUDA tensors, got tensors on {device}"
+        return _cuda_extension_problem()
+    raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+
+
+def available_backends() -> list[str]:
+    """The backends that run on this machine (on its GPU where one is present)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return [name for name in BACKENDS[1:] if backend_problem(name, device) is None]
+
+
+def resolve_backend(backend, device: torch.device, dtypes) -> str:
+    """The concrete backend for a call; raises ValueError or BackendUnavailableError."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    fused_ok = all(dt in (torch.float32, torch.bfloat16, torch.float16) for dt in dtypes)
+    if backend == "auto":
+        if device.type != "cuda" or not fused_ok:
+            return "torch"
+        return next(name for name in ("cuda", "triton", "torch") if backend_problem(name, device) is None)
+    problem = backend_problem(backend, device)
+    if problem is not None:
+        raise BackendUnavailableError(problem)
+    if backend != "torch" and not fused_ok:
+        raise TypeError(
+            f"backend {backend!r} takes float32, bfloat16 or float16 inputs, got {sorted(map(str, set(dtypes)))}; "
+            "backend='torch' computes in float64"
+        )
+    return backend

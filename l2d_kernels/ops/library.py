@@ -1,0 +1,81 @@
+"""The fused losses as ``torch.library`` operators, with fake kernels and autograd.
+
+Every fused operator returns ``(loss, grad)``: the forward kernel computes the gradient of the loss
+with respect to the student input in the same pass, so backward only scales it by ``grad_output``
+(on the device, never reading its value). The fake kernels let ``torch.compile`` trace the calls
+without a graph break.
+
+    l2d_kernels::mld_<backend>(zs, zt, reduction, eps, temperature) -> (loss, d loss / d zs)
+    l2d_kernels::led_<backend>(es, et, targets, lambda_cd, lambda_id)
+        -> ([lambda_cd * CD + lambda_id * ID, CD, ID] as float32[3], d total / d es)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import cuda_ext
+
+
+def loss_dtype(t: Tensor) -> torch.dtype:
+    """Losses are float32 for float32 and half inputs (the accumulation dtype)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _mld_fake(zs, zt, reduction, eps, temperature):
+    shape = zs.shape if reduction == "none" else ()
+    return zs.new_empty(shape, dtype=loss_dtype(zs)), torch.empty_like(zs, memory_format=torch.contiguous_format)
+
+
+def _led_fake(es, et, targets, lambda_cd, lambda_id):
+    return es.new_empty(3, dtype=torch.float32), torch.empty_like(es, memory_format=torch.contiguous_format)
+
+
+def _save_grad(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _mld_backward(ctx, grad_loss, _):
+    (grad,) = ctx.saved_tensors
+    return (grad_loss * grad).to(grad.dtype), None, None, None, None
+
+
+def _led_backward(ctx, grad_losses, _):
+    (grad,) = ctx.saved_tensors
+    return (grad_losses[0] * grad).to(grad.dtype), None, None, None, None
+
+
+def _register(name: str, fake, backward) -> None:
+    torch.library.register_fake(name)(fake)
+    torch.library.register_autograd(name, backward, setup_context=_save_grad)
+
+
+@torch.library.custom_op("l2d_kernels::mld_triton", mutates_args=())
+def mld_triton(zs: Tensor, zt: Tensor, reduction: str, eps: float, temperature: float) -> tuple[Tensor, Tensor]:
+    from .triton_mld import mld_forward
+
+    return mld_forward(zs, zt, reduction, eps, temperature)
+
+
+@torch.library.custom_op("l2d_kernels::led_triton", mutates_args=())
+def led_triton(es: Tensor, et: Tensor, targets: Tensor, lambda_cd: float, lambda_id: float) -> tuple[Tensor, Tensor]:
+    from .triton_led import led_forward
+
+    return led_forward(es, et, targets, lambda_cd, lambda_id)
+
+
+_register("l2d_kernels::mld_triton", _mld_fake, _mld_backward)
+_register("l2d_kernels::led_triton", _led_fake, _led_backward)
+
+if cuda_ext.load_error is None:
+    _register("l2d_kernels::mld_cuda", _mld_fake, _mld_backward)
+    _register("l2d_kernels::led_cuda", _led_fake, _led_backward)
+
+
+def mld_op(backend: str):
+    return getattr(torch.ops.l2d_kernels, f"mld_{backend}")
+
+
+def led_op(backend: str):
+    return getattr(torch.ops.l2d_kernels, f"led_{backend}")

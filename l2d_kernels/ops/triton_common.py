@@ -1,0 +1,44 @@
+"""Pieces the Triton kernels share."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+SUM_BLOCK = 1024
+
+
+@triton.jit
+def clamp(x, lo, hi):
+    """min(max(x, lo), hi) that keeps NaN (the hardware min/max would replace it by a bound)."""
+    nan_kept = tl.PropagateNan.ALL
+    return tl.minimum(tl.maximum(x, lo, propagate_nan=nan_kept), hi, propagate_nan=nan_kept)
+
+
+@triton.jit
+def at_least(x, lo):
+    """max(x, lo) that keeps NaN."""
+    return tl.maximum(x, lo, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def sum_vector(ptr, n, BLOCK: tl.constexpr):
+    """Sum of ``ptr[0:n]`` in float32, in a fixed order (one program)."""
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        acc += tl.load(ptr + offs, mask=offs < n, other=0.0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _finalize_sum_kernel(partials_ptr, out_ptr, n, scale, BLOCK: tl.constexpr):
+    tl.store(out_ptr, sum_vector(partials_ptr, n, BLOCK) * scale)
+
+
+def finalize_sum(partials: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * partials.sum()`` as a 0-d float32 tensor, deterministic."""
+    out = torch.empty((), dtype=torch.float32, device=partials.device)
+    _finalize_sum_kernel[(1,)](partials, out, partials.numel(), scale, BLOCK=SUM_BLOCK)
+    return out

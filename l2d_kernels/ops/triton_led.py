@@ -1,0 +1,408 @@
+"""LED in Triton: every group's distances, normalization, loss and gradient, without a relation tensor.
+
+Both families run through one kernel set, with the embeddings seen as ``[groups, members, width]``:
+CD is ``(label, instance, width)``, ID is ``(instance, label, width)``, a swap of strides only.
+
+For a group of ``P`` member rows ``s_a`` (teacher ``t_a``), ``mu`` the mean of ``d`` over the
+``N = P (P - 1)`` ordered pairs, ``x = d / mu_s - dt / mu_t`` and ``h' = clamp(x, -1, 1)``::
+
+    loss     = (1 / P) sum huber(x)
+    K        = sum h'(x) d
+    w(a, b)  = (1 / P) [h'(x) / mu_s - K / (mu_s^2 N)] / d(a, b)     (0 where |s_a - s_b|^2 <= 1e-12)
+    grad s_a = 2 lambda [(sum_b w(a, b)) s_a - sum_b w(a, b) s_b]
+
+The squared norms ``|s_a|^2`` are read off the diagonal of the same Gram products as the ``s_a.s_b``,
+so two identical rows get a squared distance of exactly 0 (separately summed norms would leave a
+rounding residue of about ``1e-7 |s|^2``, a spurious distance of ``3e-4 |s|`` in float32).
+
+Launches, all on the device, none waiting for the host:
+
+1. ``_members_kernel``: compacts each group's members (targets > 0.5) into an index list.
+2. per family, ``_main_kernel`` over ``(group, row tile)``: a group of at most ``SMALL_MAX`` members
+   is done entirely by one program (one Gram per side, on chip); a larger one gets its row tiles'
+   squared norms. The CD launch also writes the zero gradient of every row outside a group, so the
+   gradient buffer needs no separate fill.
+3. only when a family can hold groups larger than ``SMALL_MAX``, three passes over ``(group, row
+   tile, column tile)`` that recompute their Gram tiles instead of storing them: ``_means_kernel``
+   (distance sums), ``_stats_kernel`` (Huber and ``K`` sums), ``_grad_kernel`` (the gradient).
+4. ``_finalize_kernel``: CD and ID sums and the weighted total.
+
+CD runs before ID because both add into the same rows: CD writes, ID adds. Every sum is taken in a
+fixed order and no float atomics are used, so two runs give bitwise equal results.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backends import triton_interpreted
+from .triton_common import SUM_BLOCK, at_least, clamp, sum_vector
+
+SMALL_MAX = 128
+TILE = 64
+TILE_BLOCK_D = 32
+NUM_WARPS = 8
+MEMBERS_BLOCK = 1024
+# Triton's CPU interpreter multiplies bfloat16 dot operands wrongly; there, the Gram runs in float32
+# (exact either way: bfloat16 products are exact in float32). Decided once, like triton.jit itself.
+_GRAM_IN_FP32 = tl.constexpr(triton_interpreted())
+
+
+@triton.jit
+def _compact(flags_ptr, stride, n, out_ptr, count_ptr, BLOCK: tl.constexpr):
+    """Write the positions ``k < n`` with ``flags[k * stride] > 0.5`` to ``out_ptr`` in order; store their count."""
+    count = tl.program_id(0) * 0
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        inside = offs < n
+        flag = tl.load(flags_ptr + offs.to(tl.int64) * stride, mask=inside, other=0).to(tl.float32)
+        hit = ((flag > 0.5) & inside).to(tl.int32)
+        rank = count + tl.cumsum(hit, axis=0) - hit
+        tl.store(out_ptr + rank, offs, mask=hit != 0)
+        count += tl.sum(hit, axis=0)
+    tl.store(count_ptr, count)
+
+
+@triton.jit
+def _members_kernel(y_ptr, y_sb, y_sc, B, C, cd_idx, cd_cnt, id_idx, id_cnt, BLOCK: tl.constexpr):
+    g = tl.program_id(0)
+    if g < C:
+        _compact(y_ptr + g.to(tl.int64) * y_sc, y_sb, B, cd_idx + g.to(tl.int64) * B, cd_cnt + g, BLOCK)
+    else:
+        b = g - C
+        _compact(y_ptr + b.to(tl.int64) * y_sb, y_sc, C, id_idx + b.to(tl.int64) * C, id_cnt + b, BLOCK)
+
+
+@triton.jit
+def _huber(x):
+    ax = tl.abs(x)
+    return tl.where(ax < 1.0, 0.5 * x * x, ax - 0.5)
+
+
+@triton.jit
+def _sum2(x):
+    return tl.sum(tl.sum(x, axis=1), axis=0)
+
+
+@triton.jit
+def _load_rows(base, rows, ok, d0, D, s_m, s_d, BLOCK_D: tl.constexpr):
+    dd = d0 + tl.arange(0, BLOCK_D)
+    ptrs = base + rows[:, None] * s_m + dd[None, :].to(tl.int64) * s_d
+    return tl.load(ptrs, mask=ok[:, None] & (dd < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _dot_nt(a, b, acc):
+    """acc + a @ b^T with float32 accumulation (IEEE float32 products for float32 inputs, never TF32)."""
+    if _GRAM_IN_FP32:
+        return tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc, input_precision="ieee")
+    return tl.dot(a, tl.trans(b), acc, input_precision="ieee")
+
+
+@triton.jit
+def _gram(S, T, s_m, s_d, t_m, t_d, rows_i, ok_i, rows_j, ok_j, D,
+          BI: tl.constexpr, BJ: tl.constexpr, BLOCK_D: tl.constexpr, SAME: tl.constexpr):
+    """Student and teacher Gram tiles, rows i x rows j (``SAME``: the j rows are the i rows)."""
+    gs = tl.zeros((BI, BJ), dtype=tl.float32)
+    gt = tl.zeros((BI, BJ), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        a = _load_rows(S, rows_i, ok_i, d0, D, s_m, s_d, BLOCK_D)
+        ta = _load_rows(T, rows_i, ok_i, d0, D, t_m, t_d, BLOCK_D)
+        if SAME:
+            gs = _dot_nt(a, a, gs)
+            gt = _dot_nt(ta, ta, gt)
+        else:
+            gs = _dot_nt(a, _load_rows(S, rows_j, ok_j, d0, D, s_m, s_d, BLOCK_D), gs)
+            gt = _dot_nt(ta, _load_rows(T, rows_j, ok_j, d0, D, t_m, t_d, BLOCK_D), gt)
+    return gs, gt
+
+
+@triton.jit
+def _diagonal(m, BLOCK: tl.constexpr):
+    """The diagonal of a square tile, as (column vector, row vector): exact copies of its entries."""
+    r = tl.arange(0, BLOCK)
+    on_diagonal = tl.where(r[:, None] == r[None, :], m, 0.0)
+    return tl.sum(on_diagonal, axis=1), tl.sum(on_diagonal, axis=0)
+
+
+@triton.jit
+def _distances(gram, n_i, n_j):
+    """(squared distance before the clamp, clamped distance)."""
+    sq = n_i[:, None] + n_j[None, :] - 2.0 * gram
+    return sq, tl.sqrt(at_least(sq, 1e-12))
+
+
+@triton.jit
+def _pair_weights(x, ds, sq_s, pair, mu_s, k_sum, p_f, n_pairs):
+    """w(a, b) of the module docstring on one tile."""
+    g = (clamp(x, -1.0, 1.0) / mu_s - k_sum / (mu_s * mu_s * n_pairs)) / p_f
+    return tl.where(pair & (sq_s > 1e-12), g / ds, 0.0)
+
+
+@triton.jit
+def _write_grad(S, s_m, s_d, G, g_m, rows_i, ok_i, rows_j, ok_j, w, rowsum, D, scale,
+                ADD: tl.constexpr, BLOCK_D: tl.constexpr):
+    """grad[rows_i] (+)= scale * (rowsum * S[rows_i] - w @ S[rows_j]), in width chunks."""
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        sj = _load_rows(S, rows_j, ok_j, d0, D, s_m, s_d, BLOCK_D).to(tl.float32)
+        si = _load_rows(S, rows_i, ok_i, d0, D, s_m, s_d, BLOCK_D).to(tl.float32)
+        out = scale * (rowsum[:, None] * si - tl.dot(w, sj, input_precision="ieee"))
+        ptrs = G + rows_i[:, None] * g_m + dd[None, :]
+        mask = ok_i[:, None] & (dd < D)[None, :]
+        if ADD:
+            out += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(ptrs, out.to(G.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _small_group(S, T, s_m, s_d, t_m, t_d, G, g_m, members, P, loss_ptr, D, scale,
+                 ADD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A whole group of at most BLOCK members: one Gram per side, then loss and gradient."""
+    r = tl.arange(0, BLOCK)
+    ok = r < P
+    rows = tl.load(members + r, mask=ok, other=0).to(tl.int64)
+    gs, gt = _gram(S, T, s_m, s_d, t_m, t_d, rows, ok, rows, ok, D, BLOCK, BLOCK, BLOCK_D, True)
+    ns_col, ns_row = _diagonal(gs, BLOCK)
+    nt_col, nt_row = _diagonal(gt, BLOCK)
+    pair = ok[:, None] & ok[None, :] & (r[:, None] != r[None, :])
+    sq_s, ds = _distances(gs, ns_col, ns_row)
+    _, dt = _distances(gt, nt_col, nt_row)
+    p_f = P.to(tl.float32)
+    n_pairs = p_f * (p_f - 1.0)
+    mu_s = _sum2(tl.where(pair, ds, 0.0)) / n_pairs
+    mu_t = _sum2(tl.where(pair, dt, 0.0)) / n_pairs
+    x = ds / mu_s - dt / mu_t
+    tl.store(loss_ptr, _sum2(tl.where(pair, _huber(x), 0.0)) / p_f)
+    k_sum = _sum2(tl.where(pair, clamp(x, -1.0, 1.0) * ds, 0.0))
+    w = _pair_weights(x, ds, sq_s, pair, mu_s, k_sum, p_f, n_pairs)
+    _write_grad(S, s_m, s_d, G, g_m, rows, ok, rows, ok, w, tl.sum(w, axis=1), D, scale, ADD, BLOCK_D)
+
+
+@triton.jit
+def _tile_rows(members, i, P, TILE: tl.constexpr):
+    rank = i * TILE + tl.arange(0, TILE)
+    ok = rank < P
+    rows = tl.load(members + rank, mask=ok, other=0).to(tl.int64)
+    return rank, ok, rows
+
+
+@triton.jit
+def _tile_distances(S, T, s_m, s_d, t_m, t_d, members, norms, P, i, j, D, TILE: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Distances of row tile i against column tile j of a large group, with their pair mask."""
+    rank_i, ok_i, rows_i = _tile_rows(members, i, P, TILE)
+    rank_j, ok_j, rows_j = _tile_rows(members, j, P, TILE)
+    gs, gt = _gram(S, T, s_m, s_d, t_m, t_d, rows_i, ok_i, rows_j, ok_j, D, TILE, TILE, BLOCK_D, False)
+    ns_i = tl.load(norms + 2 * rank_i, mask=ok_i, other=0.0)
+    nt_i = tl.load(norms + 2 * rank_i + 1, mask=ok_i, other=0.0)
+    ns_j = tl.load(norms + 2 * rank_j, mask=ok_j, other=0.0)
+    nt_j = tl.load(norms + 2 * rank_j + 1, mask=ok_j, other=0.0)
+    pair = ok_i[:, None] & ok_j[None, :] & (rank_i[:, None] != rank_j[None, :])
+    sq_s, ds = _distances(gs, ns_i, ns_j)
+    _, dt = _distances(gt, nt_i, nt_j)
+    return sq_s, ds, dt, pair, ok_i, rows_i, ok_j, rows_j
+
+
+@triton.jit
+def _group(S, T, G, s_g, t_g, g_g, idx, cnt, N, norms, g):
+    """Base pointers of group g (embeddings, gradient, member list, norm scratch) and its size."""
+    g64 = g.to(tl.int64)
+    return S + g64 * s_g, T + g64 * t_g, G + g64 * g_g, idx + g64 * N, norms + g64 * N * 2, tl.load(cnt + g)
+
+
+@triton.jit
+def _main_kernel(
+    S, T, s_g, s_m, s_d, t_g, t_m, t_d, G, g_g, g_m,
+    Y, y_g, y_m, idx, cnt, N, D, scale, loss_ptr, norms,
+    ZERO_OUTSIDE: tl.constexpr, ADD: tl.constexpr,
+    SMALL_MAX: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    g = tl.program_id(0)
+    i = tl.program_id(1)
+    S_g, T_g, G_g, members, norms_g, P = _group(S, T, G, s_g, t_g, g_g, idx, cnt, N, norms, g)
+
+    if ZERO_OUTSIDE:
+        # Rows i*TILE.. of this group's axis that are not in a group of two or more get zero gradient.
+        m = i * TILE + tl.arange(0, TILE)
+        flag = tl.load(Y + g.to(tl.int64) * y_g + m.to(tl.int64) * y_m, mask=m < N, other=0).to(tl.float32)
+        outside = (m < N) & ((flag <= 0.5) | (P < 2))
+        zero = tl.zeros((TILE, BLOCK_D), dtype=G.dtype.element_ty)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            ptrs = G_g + m[:, None].to(tl.int64) * g_m + dd[None, :]
+            tl.store(ptrs, zero, mask=outside[:, None] & (dd < D)[None, :])
+
+    if i == 0:
+        if P < 2:
+            tl.store(loss_ptr + g, 0.0)
+        elif P <= SMALL_MAX:
+            # Three sizes, so that a group of a few members does not pay for a large padded tile.
+            if P <= 16:
+                _small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, P, loss_ptr + g, D, scale, ADD, 16, 64)
+            elif P <= 64:
+                _small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, P, loss_ptr + g, D, scale, ADD, 64, 32)
+            else:
+                _small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, P, loss_ptr + g, D, scale, ADD,
+                             SMALL_MAX, 16)
+    if (P > SMALL_MAX) & (i * TILE < P):
+        rank, ok, rows = _tile_rows(members, i, P, TILE)
+        gs, gt = _gram(S_g, T_g, s_m, s_d, t_m, t_d, rows, ok, rows, ok, D, TILE, TILE, BLOCK_D, True)
+        ns, _ = _diagonal(gs, TILE)
+        nt, _ = _diagonal(gt, TILE)
+        tl.store(norms_g + 2 * rank, ns, mask=ok)
+        tl.store(norms_g + 2 * rank + 1, nt, mask=ok)
+
+
+@triton.jit
+def _sum_pairs(ptr, n):
+    """(sum of ptr[2k], sum of ptr[2k + 1]) for k < n, in order."""
+    first = tl.zeros((), dtype=tl.float32)
+    second = tl.zeros((), dtype=tl.float32)
+    for k in range(0, n):
+        first += tl.load(ptr + 2 * k)
+        second += tl.load(ptr + 2 * k + 1)
+    return first, second
+
+
+@triton.jit
+def _means_kernel(
+    S, T, s_g, s_m, s_d, t_g, t_m, t_d, G, g_g, idx, cnt, N, D, norms, part1,
+    SMALL_MAX: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Large groups, pass 1: student and teacher distance sums of row tile i."""
+    g = tl.program_id(0)
+    i = tl.program_id(1)
+    S_g, T_g, _, members, norms_g, P = _group(S, T, G, s_g, t_g, g_g, idx, cnt, N, norms, g)
+    if (P > SMALL_MAX) & (i * TILE < P):
+        sum_s = tl.zeros((), dtype=tl.float32)
+        sum_t = tl.zeros((), dtype=tl.float32)
+        for j in range(0, tl.cdiv(P, TILE)):
+            _, ds, dt, pair, _, _, _, _ = _tile_distances(S_g, T_g, s_m, s_d, t_m, t_d, members, norms_g, P, i, j, D,
+                                                          TILE, BLOCK_D)
+            sum_s += _sum2(tl.where(pair, ds, 0.0))
+            sum_t += _sum2(tl.where(pair, dt, 0.0))
+        slot = part1 + (g.to(tl.int64) * tl.num_programs(1) + i) * 2
+        tl.store(slot, sum_s)
+        tl.store(slot + 1, sum_t)
+
+
+@triton.jit
+def _group_scalars(part1, P, TILE: tl.constexpr):
+    """Means of a large group from its row tiles' distance sums, with P and the pair count as floats."""
+    sum_s, sum_t = _sum_pairs(part1, tl.cdiv(P, TILE))
+    p_f = P.to(tl.float32)
+    n_pairs = p_f * (p_f - 1.0)
+    return sum_s / n_pairs, sum_t / n_pairs, p_f, n_pairs
+
+
+@triton.jit
+def _stats_kernel(
+    S, T, s_g, s_m, s_d, t_g, t_m, t_d, G, g_g, idx, cnt, N, D, norms, part1, part2,
+    SMALL_MAX: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Large groups, pass 2: the Huber and K partial sums of row tile i."""
+    g = tl.program_id(0)
+    i = tl.program_id(1)
+    S_g, T_g, _, members, norms_g, P = _group(S, T, G, s_g, t_g, g_g, idx, cnt, N, norms, g)
+    if (P > SMALL_MAX) & (i * TILE < P):
+        slot = g.to(tl.int64) * tl.num_programs(1) * 2
+        mu_s, mu_t, _, _ = _group_scalars(part1 + slot, P, TILE)
+        huber_sum = tl.zeros((), dtype=tl.float32)
+        k_sum = tl.zeros((), dtype=tl.float32)
+        for j in range(0, tl.cdiv(P, TILE)):
+            _, ds, dt, pair, _, _, _, _ = _tile_distances(S_g, T_g, s_m, s_d, t_m, t_d, members, norms_g, P, i, j, D,
+                                                          TILE, BLOCK_D)
+            x = ds / mu_s - dt / mu_t
+            huber_sum += _sum2(tl.where(pair, _huber(x), 0.0))
+            k_sum += _sum2(tl.where(pair, clamp(x, -1.0, 1.0) * ds, 0.0))
+        tl.store(part2 + slot + 2 * i, huber_sum)
+        tl.store(part2 + slot + 2 * i + 1, k_sum)
+
+
+@triton.jit
+def _grad_kernel(
+    S, T, s_g, s_m, s_d, t_g, t_m, t_d, G, g_g, g_m, idx, cnt, N, D, scale, loss_ptr, norms, part1, part2,
+    ADD: tl.constexpr, SMALL_MAX: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Large groups, pass 3: the gradient of row tile i (and, from tile 0, the group's loss)."""
+    g = tl.program_id(0)
+    i = tl.program_id(1)
+    S_g, T_g, G_g, members, norms_g, P = _group(S, T, G, s_g, t_g, g_g, idx, cnt, N, norms, g)
+    if (P > SMALL_MAX) & (i * TILE < P):
+        slot = g.to(tl.int64) * tl.num_programs(1) * 2
+        mu_s, mu_t, p_f, n_pairs = _group_scalars(part1 + slot, P, TILE)
+        huber_sum, k_sum = _sum_pairs(part2 + slot, tl.cdiv(P, TILE))
+        if i == 0:
+            tl.store(loss_ptr + g, huber_sum / p_f)
+        # grad = 2 (diag(W 1) - W) S, one column tile of W at a time; the diagonal term needs the
+        # whole row sum of W, so it is added last.
+        rowsum = tl.zeros((TILE,), dtype=tl.float32)
+        for j in range(0, tl.cdiv(P, TILE)):
+            sq_s, ds, dt, pair, ok_i, rows_i, ok_j, rows_j = _tile_distances(
+                S_g, T_g, s_m, s_d, t_m, t_d, members, norms_g, P, i, j, D, TILE, BLOCK_D)
+            w = _pair_weights(ds / mu_s - dt / mu_t, ds, sq_s, pair, mu_s, k_sum, p_f, n_pairs)
+            rowsum += tl.sum(w, axis=1)
+            if j == 0:
+                _write_grad(S_g, s_m, s_d, G_g, g_m, rows_i, ok_i, rows_j, ok_j, w, rowsum * 0.0, D, scale, ADD,
+                            BLOCK_D)
+            else:
+                _write_grad(S_g, s_m, s_d, G_g, g_m, rows_i, ok_i, rows_j, ok_j, w, rowsum * 0.0, D, scale, True,
+                            BLOCK_D)
+        _, ok_i, rows_i = _tile_rows(members, i, P, TILE)
+        no_pairs = tl.zeros((TILE, TILE), dtype=tl.float32)
+        _write_grad(S_g, s_m, s_d, G_g, g_m, rows_i, ok_i, rows_i, ok_i, no_pairs, rowsum, D, scale, True, BLOCK_D)
+
+
+@triton.jit
+def _finalize_kernel(group_loss, C, B, out, lambda_cd, lambda_id, BLOCK: tl.constexpr):
+    cd = sum_vector(group_loss, C, BLOCK)
+    id_ = sum_vector(group_loss + C, B, BLOCK)
+    tl.store(out, lambda_cd * cd + lambda_id * id_)
+    tl.store(out + 1, cd)
+    tl.store(out + 2, id_)
+
+
+def _run_family(es, et, grad, targets, idx, cnt, group_loss, groups_dim: int, scale: float, first: bool):
+    """All groups of one family; ``groups_dim`` is 1 for CD (groups are labels), 0 for ID."""
+    members_dim = 1 - groups_dim
+    n_groups, n_members, width = es.shape[groups_dim], es.shape[members_dim], es.shape[2]
+    large = n_members > SMALL_MAX
+    norms = torch.empty(n_groups * n_members * 2 if large else 1, dtype=torch.float32, device=es.device)
+    grid = (n_groups, triton.cdiv(n_members, TILE))
+    common = dict(SMALL_MAX=SMALL_MAX, TILE=TILE, BLOCK_D=TILE_BLOCK_D, num_warps=NUM_WARPS)
+    strides = (es.stride(groups_dim), es.stride(members_dim), es.stride(2),
+               et.stride(groups_dim), et.stride(members_dim), et.stride(2))
+    g_g, g_m = grad.stride(groups_dim), grad.stride(members_dim)
+    _main_kernel[grid](
+        es, et, *strides, grad, g_g, g_m, targets, targets.stride(groups_dim), targets.stride(members_dim),
+        idx, cnt, n_members, width, scale, group_loss, norms, ZERO_OUTSIDE=first, ADD=not first, **common,
+    )
+    if large:
+        part1 = torch.empty(grid[0] * grid[1] * 2, dtype=torch.float32, device=es.device)
+        part2 = torch.empty_like(part1)
+        _means_kernel[grid](es, et, *strides, grad, g_g, idx, cnt, n_members, width, norms, part1, **common)
+        _stats_kernel[grid](es, et, *strides, grad, g_g, idx, cnt, n_members, width, norms, part1, part2, **common)
+        _grad_kernel[grid](es, et, *strides, grad, g_g, g_m, idx, cnt, n_members, width, scale, group_loss,
+                           norms, part1, part2, ADD=not first, **common)
+
+
+def led_forward(es: torch.Tensor, et: torch.Tensor, targets: torch.Tensor, lambda_cd: float, lambda_id: float):
+    """Launch the LED kernels: returns (float32 [total, cd, id], d total / d es in es's dtype)."""
+    B, C, _ = es.shape
+    device = es.device
+    grad = torch.empty(es.shape, dtype=es.dtype, device=device)
+    lists = torch.empty(2 * B * C + B + C, dtype=torch.int32, device=device)
+    cd_idx, id_idx = lists[: B * C], lists[B * C : 2 * B * C]
+    cd_cnt, id_cnt = lists[2 * B * C : 2 * B * C + C], lists[2 * B * C + C :]
+    group_loss = torch.empty(C + B, dtype=torch.float32, device=device)
+    out = torch.empty(3, dtype=torch.float32, device=device)
+
+    block = min(MEMBERS_BLOCK, triton.next_power_of_2(max(B, C)))
+    _members_kernel[(C + B,)](targets, targets.stride(0), targets.stride(1), B, C, cd_idx, cd_cnt, id_idx, id_cnt,
+                              BLOCK=block)
+    _run_family(es, et, grad, targets, cd_idx, cd_cnt, group_loss[:C], 1, 2.0 * lambda_cd, first=True)
+    _run_family(es, et, grad, targets, id_idx, id_cnt, group_loss[C:], 0, 2.0 * lambda_id, first=False)
+    _finalize_kernel[(1,)](group_loss, C, B, out, lambda_cd, lambda_id, BLOCK=SUM_BLOCK)
+    return out, grad

@@ -1,0 +1,101 @@
+"""MLD in one Triton pass: per-label Bernoulli KL, its reduction and ``d loss / d student`` together.
+
+With ``log p = clamp(logsigmoid(z / T), log eps, log1p(-eps))`` and ``log q`` the same of ``-z``
+(so ``q = 1 - p`` in exact arithmetic, without forming it)::
+
+    l     = T^2 [pt (log pt - log ps) + qt (log qt - log qs)]
+    dl/dz = T [qt sigmoid(zs) [qs unclamped] - pt sigmoid(-zs) [ps unclamped]]   (= T (ps - pt) unclamped)
+
+Each program writes its block's gradient and its partial sum; a one-program kernel adds the partial
+sums in a fixed order (skipped when one program covers the whole input), so the result is bitwise
+reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_common import clamp, finalize_sum
+
+BLOCK_B = 64
+BLOCK_C = 128
+
+
+@triton.jit
+def _log1p_small(u):
+    """log(1 + u) for u in [0, 1], accurate where u is tiny (Goldberg's correction)."""
+    w = 1.0 + u
+    exact = w == 1.0
+    return tl.where(exact, u, tl.log(w) * (u / tl.where(exact, 1.0, w - 1.0)))
+
+
+@triton.jit
+def _clamped_log_probs(z, LOG_LO, LOG_HI):
+    """(log p, log q, sigmoid(z), sigmoid(-z)) with p, q clamped to [eps, 1 - eps]."""
+    softplus_tail = _log1p_small(tl.exp(-tl.abs(z)))
+    log_sig = tl.minimum(z, 0.0) - softplus_tail
+    log_sig_neg = tl.minimum(-z, 0.0) - softplus_tail
+    log_p = clamp(log_sig, LOG_LO, LOG_HI)
+    log_q = clamp(log_sig_neg, LOG_LO, LOG_HI)
+    return log_p, log_q, log_sig, log_sig_neg
+
+
+@triton.jit
+def _mld_kernel(
+    zs_ptr, zt_ptr, grad_ptr, out_ptr,
+    B, C, zs_sb, zs_sc, zt_sb, zt_sc,
+    inv_t, loss_scale, partial_scale, grad_scale, LOG_LO, LOG_HI,
+    PER_LABEL: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rb = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    rc = (pid_c * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    mask = (rb < B)[:, None] & (rc < C)[None, :]
+    zs = tl.load(zs_ptr + rb[:, None] * zs_sb + rc[None, :] * zs_sc, mask=mask, other=0.0).to(tl.float32) * inv_t
+    zt = tl.load(zt_ptr + rb[:, None] * zt_sb + rc[None, :] * zt_sc, mask=mask, other=0.0).to(tl.float32) * inv_t
+
+    log_ps, log_qs, log_sig_s, log_sig_neg_s = _clamped_log_probs(zs, LOG_LO, LOG_HI)
+    log_pt, log_qt, _, _ = _clamped_log_probs(zt, LOG_LO, LOG_HI)
+    pt = tl.exp(log_pt)
+    qt = tl.exp(log_qt)
+    loss = pt * (log_pt - log_ps) + qt * (log_qt - log_qs)
+
+    ps_free = (log_sig_s >= LOG_LO) & (log_sig_s <= LOG_HI)
+    qs_free = (log_sig_neg_s >= LOG_LO) & (log_sig_neg_s <= LOG_HI)
+    grad = tl.where(qs_free, qt * tl.exp(log_sig_s), 0.0) - tl.where(ps_free, pt * tl.exp(log_sig_neg_s), 0.0)
+
+    flat = rb[:, None] * C + rc[None, :]
+    tl.store(grad_ptr + flat, (grad * grad_scale).to(grad_ptr.dtype.element_ty), mask=mask)
+    if PER_LABEL:
+        tl.store(out_ptr + flat, loss * loss_scale, mask=mask)
+    else:
+        partial = tl.sum(tl.sum(tl.where(mask, loss, 0.0), axis=1), axis=0)
+        tl.store(out_ptr + pid_b * tl.num_programs(1) + pid_c, partial * partial_scale)
+
+
+def mld_forward(zs: torch.Tensor, zt: torch.Tensor, reduction: str, eps: float, temperature: float):
+    """Launch the MLD kernel: returns (loss in float32, d loss / d zs in zs's dtype)."""
+    B, C = zs.shape
+    grid = (triton.cdiv(B, BLOCK_B), triton.cdiv(C, BLOCK_C))
+    scale = {"sum": 1.0, "batchmean": 1.0 / B, "mean": 1.0 / (B * C), "none": 1.0}[reduction]
+    grad = torch.empty((B, C), dtype=zs.dtype, device=zs.device)
+    per_label = reduction == "none"
+    n_partials = grid[0] * grid[1]
+    loss_scale = scale * temperature**2
+    out = torch.empty((B, C) if per_label else n_partials, dtype=torch.float32, device=zs.device)
+    _mld_kernel[grid](
+        zs, zt, grad, out, B, C, zs.stride(0), zs.stride(1), zt.stride(0), zt.stride(1),
+        1.0 / temperature, loss_scale, loss_scale if n_partials == 1 else 1.0, scale * temperature,
+        math.log(eps), math.log1p(-eps),
+        PER_LABEL=per_label, BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_C,
+    )
+    if per_label:
+        return out, grad
+    if n_partials == 1:
+        return out.view(()), grad
+    return finalize_sum(out, loss_scale), grad

@@ -1,0 +1,216 @@
+"""Eager PyTorch forms of the L2D losses (Yang et al., ICCV 2023, arXiv 2308.06453).
+
+Every function here computes in the dtype it is given, with PyTorch autograd supplying the
+gradient. They serve three roles: the ``"torch"`` backend of the public API (on float32 or float64
+inputs), the eager baselines of the benchmarks, and the forms the tests check the kernels against.
+
+MLD, per label (Bernoulli KL of teacher and student sigmoid probabilities)::
+
+    ps = clamp(sigmoid(zs / T), eps, 1 - eps),   pt = clamp(sigmoid(zt / T), eps, 1 - eps)
+    l  = T^2 * [pt log(pt / ps) + (1 - pt) log((1 - pt) / (1 - ps))]
+
+LED, per group of P rows (a label's positive instances, or an instance's positive labels)::
+
+    d(a, b) = sqrt(max(|s_a|^2 + |s_b|^2 - 2 s_a.s_b, 1e-12)),  a != b
+    x(a, b) = d(a, b) / mean(d) - dt(a, b) / mean(dt)
+    loss    = (1 / P) * sum_{a != b} huber(x(a, b))
+
+Groups with P <= 1 contribute 0; group losses are summed, and
+``LED = lambda_cd * CD + lambda_id * ID``. The teacher is a constant (detached).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+DIST_EPS = 1e-12
+REDUCTIONS = ("batchmean", "sum", "mean", "none")
+
+
+def _reduce(per_label: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return per_label
+    total = per_label.sum()
+    if reduction == "sum":
+        return total
+    if reduction == "batchmean":
+        return total / per_label.shape[0]
+    if reduction == "mean":
+        return total / per_label.numel()
+    raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _clamped_log_probs(z: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """log(clamp(sigmoid(z), eps, 1 - eps)) and log(1 - that), without forming 1 - p."""
+    lo, hi = math.log(eps), math.log1p(-eps)
+    return F.logsigmoid(z).clamp(lo, hi), F.logsigmoid(-z).clamp(lo, hi)
+
+
+def mld(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    reduction: str = "batchmean",
+    eps: float = 1e-8,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """MLD in log-sigmoid form: equal to the exact-arithmetic formula, finite for any finite logit."""
+    log_ps, log_qs = _clamped_log_probs(student_logits / temperature, eps)
+    log_pt, log_qt = _clamped_log_probs(teacher_logits.detach() / temperature, eps)
+    per_label = log_pt.exp() * (log_pt - log_ps) + log_qt.exp() * (log_qt - log_qs)
+    return _reduce(per_label * temperature**2, reduction)
+
+
+def mld_authors(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    reduction: str = "batchmean",
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """MLD as the authors' code computes it: probabilities first, then logs.
+
+    In float32 ``1 - eps`` rounds to 1, so a student logit above about 17 gives ``log(0)``: the
+    loss is inf (teacher unsaturated) or NaN (both saturated). Kept as the eager baseline.
+    """
+    ps = torch.sigmoid(student_logits).clamp(eps, 1 - eps)
+    pt = torch.sigmoid(teacher_logits.detach()).clamp(eps, 1 - eps)
+    per_label = F.kl_div(ps.log(), pt, reduction="none") + F.kl_div((1 - ps).log(), 1 - pt, reduction="none")
+    return _reduce(per_label, reduction)
+
+
+def bce(student_logits: torch.Tensor, targets: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """The authors' summed BCE, ``-sum[y log max(p, eps) + (1 - y) log max(1 - p, eps)]``, in log space."""
+    y = targets.to(student_logits.dtype)
+    floor = math.log(eps)
+    log_p = F.logsigmoid(student_logits).clamp(min=floor)
+    log_q = F.logsigmoid(-student_logits).clamp(min=floor)
+    return -(y * log_p + (1 - y) * log_q).sum()
+
+
+def bce_authors(student_logits: torch.Tensor, targets: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """The authors' BCE in probability space (the eager baseline of the whole objective)."""
+    y = targets.to(student_logits.dtype)
+    p = torch.sigmoid(student_logits)
+    return -(y * p.clamp(min=eps).log() + (1 - y) * (1 - p).clamp(min=eps).log()).sum()
+
+
+def huber(x: torch.Tensor) -> torch.Tensor:
+    """Smooth L1 with beta = 1: ``0.5 x^2`` for ``|x| < 1``, else ``|x| - 0.5``."""
+    ax = x.abs()
+    return torch.where(ax < 1, 0.5 * x * x, ax - 0.5)
+
+
+def pairwise_distances(rows: torch.Tensor) -> torch.Tensor:
+    """Gram-form distances of SPEC 3 over the last two dims, ``[..., P, D] -> [..., P, P]``.
+
+    The squared norms are the Gram's own diagonal, so identical rows are exactly 0 apart (norms
+    summed separately would differ from the Gram entry by rounding, a spurious distance of about
+    ``3e-4 |s|`` in float32). The diagonal is left as computed (1e-6); callers mask it.
+    """
+    gram = rows @ rows.transpose(-1, -2)
+    sq = gram.diagonal(dim1=-2, dim2=-1)
+    return (sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2 * gram).clamp(min=DIST_EPS).sqrt()
+
+
+def led_group(student_rows: torch.Tensor, teacher_rows: torch.Tensor) -> torch.Tensor:
+    """Loss of one group of ``P >= 2`` rows (``[P, D]`` each), as the authors compute it."""
+    p = student_rows.shape[0]
+    off_diagonal = ~torch.eye(p, dtype=torch.bool, device=student_rows.device)
+    ds = pairwise_distances(student_rows)[off_diagonal]
+    dt = pairwise_distances(teacher_rows.detach())[off_diagonal]
+    x = ds / ds.mean() - dt / dt.mean()
+    return huber(x).sum() / p
+
+
+def _positive(targets: torch.Tensor) -> torch.Tensor:
+    return targets > 0.5
+
+
+def connected_zero(t: torch.Tensor) -> torch.Tensor:
+    """A zero scalar in autograd's graph of ``t`` whose gradient is zero (never NaN, whatever ``t`` holds)."""
+    return torch.where(t.new_zeros(1, dtype=torch.bool), t.flatten()[:1], 0).sum()
+
+
+def _led_result(cd, id_, lambda_cd, lambda_id, return_components):
+    total = lambda_cd * cd + lambda_id * id_
+    return (total, cd, id_) if return_components else total
+
+
+def led_loops(
+    student_emb: torch.Tensor,
+    teacher_emb: torch.Tensor,
+    targets: torch.Tensor,
+    lambda_cd: float = 100.0,
+    lambda_id: float = 1000.0,
+    return_components: bool = False,
+):
+    """LED one group at a time, in the order the authors' code visits them (labels, then instances).
+
+    Group members are chosen by the targets. Each group costs a few host syncs and kernel launches:
+    this is the slow baseline the fused kernels replace.
+    """
+    pos = _positive(targets)
+    cd = id_ = connected_zero(student_emb)
+    for c in range(pos.shape[1]):
+        members = pos[:, c].nonzero().squeeze(1)
+        if members.numel() > 1:
+            cd = cd + led_group(student_emb[members, c], teacher_emb[members, c])
+    for b in range(pos.shape[0]):
+        members = pos[b].nonzero().squeeze(1)
+        if members.numel() > 1:
+            id_ = id_ + led_group(student_emb[b, members], teacher_emb[b, members])
+    return _led_result(cd, id_, lambda_cd, lambda_id, return_components)
+
+
+def _led_family(student: torch.Tensor, teacher: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+    """Sum of group losses over ``G`` groups at once: rows ``[G, P, D]``, membership ``[G, P]``."""
+    p = members.shape[1]
+    pairs = members.unsqueeze(2) & members.unsqueeze(1)
+    pairs &= ~torch.eye(p, dtype=torch.bool, device=members.device)
+    size = members.sum(1).to(torch.promote_types(student.dtype, torch.float32))
+    n_pairs = (size * (size - 1)).clamp(min=1)
+    grouped = size > 1
+    row_mask = members.unsqueeze(2)
+
+    def normalized(rows):
+        # Zero the non-members first, so that nothing from them (not even NaN) reaches a gradient.
+        d = torch.where(pairs, pairwise_distances(torch.where(row_mask, rows, 0)), 0)
+        mean = torch.where(grouped, d.sum((1, 2)) / n_pairs, 1)
+        return d / mean[:, None, None]
+
+    x = normalized(student) - normalized(teacher.detach())
+    per_group = torch.where(pairs, huber(x), 0).sum((1, 2)) / size.clamp(min=1)
+    return per_group.sum()
+
+
+def led_vectorized(
+    student_emb: torch.Tensor,
+    teacher_emb: torch.Tensor,
+    targets: torch.Tensor,
+    lambda_cd: float = 100.0,
+    lambda_id: float = 1000.0,
+    return_components: bool = False,
+):
+    """LED over all groups of a family at once: no loop over groups, no host sync.
+
+    Materializes a ``C x B x B`` (CD) and a ``B x C x C`` (ID) relation tensor, which is what makes
+    this form run out of memory at large label spaces.
+    """
+    pos = _positive(targets)
+    cd = _led_family(student_emb.transpose(0, 1), teacher_emb.transpose(0, 1), pos.t())
+    id_ = _led_family(student_emb, teacher_emb, pos)
+    return _led_result(cd, id_, lambda_cd, lambda_id, return_components)
+
+
+def l2d_authors(
+    student_logits, teacher_logits, student_emb, teacher_emb, targets,
+    lambda_bce=1.0, lambda_mld=10.0, lambda_led=1.0, lambda_cd=100.0, lambda_id=1000.0,
+):
+    """The whole objective of SPEC 4 as the authors compute it (probability-space BCE and MLD, LED loops)."""
+    return (
+        lambda_bce * bce_authors(student_logits, targets)
+        + lambda_mld * mld_authors(student_logits, teacher_logits)
+        + lambda_led * led_loops(student_emb, teacher_emb, targets, lambda_cd, lambda_id)
+    )

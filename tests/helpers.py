@@ -1,0 +1,24 @@
+"""Input makers shared by the test files."""
+
+import torch
+
+from l2d_kernels.labels import sample_targets
+
+
+def logits(B, C, scale=3.0, seed=0, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    zs = torch.randn(B, C, generator=g, dtype=torch.float64) * scale
+    zt = torch.randn(B, C, generator=g, dtype=torch.float64) * scale
+    return zs.to(device=device, dtype=dtype), zt.to(device=device, dtype=dtype)
+
+
+def embeddings(B, C, D, seed=0, dtype=torch.float32, device="cpu", density=None):
+    """Student and teacher embeddings and targets: COCO label rows, or random ones of a given density."""
+    g = torch.Generator().manual_seed(seed)
+    es = torch.randn(B, C, D, generator=g, dtype=torch.float64)
+    et = torch.randn(B, C, D, generator=g, dtype=torch.float64) * 2 + 0.5
+    if density is None:
+        y = sample_targets(B, C, seed=seed)
+    else:
+        y = torch.rand(B, C, generator=g) < density
+    return es.to(device=device, dtype=dtype), et.to(device=device, dtype=dtype), y.to(device)

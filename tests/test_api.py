@@ -1,0 +1,214 @@
+"""fused_mld and fused_led on every backend that runs here, against SPEC's formulas in float64.
+
+On a CPU machine the backends are "torch" and, through Triton's interpreter, "triton"; on a GPU
+also "cuda" when the extension is built. Shapes here stay small enough for the interpreter; the GPU
+check script adds realistic and large shapes (test_api_gpu.py).
+"""
+
+import pytest
+import torch
+
+import oracle
+from conftest import DEVICE, rel_err
+from helpers import embeddings, logits
+from l2d_kernels import fused_led, fused_mld, reference
+
+FP32_TOL = 1e-4
+HALF = [torch.bfloat16, torch.float16]
+
+
+def run_mld(zs, zt, seed=0, **kwargs):
+    """Loss and student gradient of fused_mld under a random grad_output (not 1)."""
+    x = zs.clone().requires_grad_()
+    loss = fused_mld(x, zt, **kwargs)
+    g_out = torch.rand(loss.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + 0.5
+    loss.backward(g_out.to(loss.device, loss.dtype))
+    return loss.detach(), x.grad, g_out
+
+
+def run_led(es, et, y, seed=0, **kwargs):
+    x = es.clone().requires_grad_()
+    total, cd, id_ = fused_led(x, et, y, return_components=True, **kwargs)
+    g_out = 0.5 + torch.rand((), generator=torch.Generator().manual_seed(seed)).item()
+    (total * g_out).backward()
+    return total.detach(), cd, id_, x.grad, g_out
+
+
+# ---------------------------------------------------------------- MLD
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
+@pytest.mark.parametrize("shape", [(1, 1), (5, 7), (70, 130)])
+def test_mld_float32(backend, reduction, shape):
+    zs, zt = logits(*shape, scale=4.0, device=DEVICE)
+    loss, grad, g_out = run_mld(zs, zt, reduction=reduction, backend=backend)
+    want_loss, want_grad = oracle.mld(zs.double().cpu().numpy(), zt.double().cpu().numpy(), reduction)
+    assert loss.dtype == torch.float32 and grad.dtype == torch.float32
+    assert rel_err(loss, want_loss) < FP32_TOL
+    assert rel_err(grad, want_grad * g_out.numpy()) < FP32_TOL
+
+
+def test_mld_temperature(backend):
+    zs, zt = logits(6, 9, device=DEVICE)
+    loss, grad, g_out = run_mld(zs, zt, temperature=3.0, backend=backend)
+    want_loss, want_grad = oracle.mld(zs.double().cpu().numpy(), zt.double().cpu().numpy(), temperature=3.0)
+    assert rel_err(loss, want_loss) < FP32_TOL and rel_err(grad, want_grad * g_out.item()) < FP32_TOL
+
+
+@pytest.mark.parametrize("magnitude", [17.0, 40.0, 1e4])
+def test_mld_saturated_logits(backend, magnitude):
+    values = torch.tensor([magnitude, -magnitude, 1.0, -18.0])
+    zs, zt = (t.reshape(4, 4).to(DEVICE) for t in torch.meshgrid(values, values, indexing="ij"))
+    loss, grad, g_out = run_mld(zs, zt, reduction="sum", backend=backend)
+    want_loss, want_grad = oracle.mld(zs.double().cpu().numpy(), zt.double().cpu().numpy(), "sum")
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert rel_err(loss, want_loss) < FP32_TOL and rel_err(grad, want_grad * g_out.item()) < FP32_TOL
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_mld_half_precision(backend, dtype):
+    """Error against float64 at most twice that of eager PyTorch run in the same dtype."""
+    zs, zt = logits(24, 40, scale=4.0, dtype=dtype, device=DEVICE)
+    want_loss, want_grad = oracle.mld(zs.double().cpu().numpy(), zt.double().cpu().numpy())
+    loss, grad, g_out = run_mld(zs, zt, backend=backend)
+    eager_x = zs.clone().requires_grad_()
+    eager = reference.mld(eager_x, zt)
+    eager.backward(g_out.to(DEVICE, dtype))
+    assert grad.dtype == dtype
+    assert rel_err(loss, want_loss) <= 2 * rel_err(eager, want_loss) + 1e-6
+    assert rel_err(grad, want_grad * g_out.item()) <= 2 * rel_err(eager_x.grad, want_grad * g_out.item()) + 1e-6
+
+
+def test_mld_mixed_dtypes_and_non_contiguous(backend):
+    zs, zt = logits(9, 14, device=DEVICE)
+    base, base_grad, _ = run_mld(zs, zt, backend=backend)
+    zs_t = zs.t().contiguous().t()  # same values, column-major
+    zt_wide = torch.zeros(9, 28, device=DEVICE)[:, ::2]
+    zt_wide.copy_(zt)
+    loss, grad, _ = run_mld(zs_t, zt_wide, backend=backend)
+    assert torch.equal(loss, base) and torch.equal(grad, base_grad)
+    loss_bf, _, _ = run_mld(zs, zt.bfloat16(), backend=backend)
+    want, _ = oracle.mld(zs.double().cpu().numpy(), zt.bfloat16().double().cpu().numpy())
+    assert rel_err(loss_bf, want) < FP32_TOL
+
+
+def test_mld_teacher_never_gets_gradient(backend):
+    zs, zt = logits(4, 6, device=DEVICE)
+    zt.requires_grad_()
+    fused_mld(zs.requires_grad_(), zt, backend=backend).backward()
+    assert zt.grad is None and zs.grad is not None
+
+
+def test_mld_nan_propagates(backend):
+    zs, zt = logits(4, 6, device=DEVICE)
+    zs[1, 2] = float("nan")
+    assert torch.isnan(fused_mld(zs, zt, backend=backend))
+
+
+# ---------------------------------------------------------------- LED
+
+LED_CASES = {
+    "coco-rows": dict(shape=(12, 80, 24), density=None),
+    "random": dict(shape=(7, 6, 33), density=0.5),
+    "all-positive": dict(shape=(5, 4, 16), density=1.0),
+    "all-negative": dict(shape=(5, 4, 16), density=0.0),
+    "one-image": dict(shape=(1, 9, 20), density=0.7),
+    "one-label": dict(shape=(9, 1, 20), density=0.7),
+    "wide-rows": dict(shape=(4, 3, 300), density=0.9),
+}
+
+
+@pytest.mark.parametrize("case", list(LED_CASES))
+def test_led_float32(backend, case):
+    es, et, y = embeddings(*LED_CASES[case]["shape"], density=LED_CASES[case]["density"], device=DEVICE)
+    total, cd, id_, grad, g_out = run_led(es, et, y, backend=backend, lambda_cd=3.0, lambda_id=5.0)
+    w_total, w_cd, w_id, w_grad = oracle.led(es.cpu().numpy(), et.cpu().numpy(), y.cpu().numpy(), 3.0, 5.0)
+    assert total.dtype == torch.float32 and grad.dtype == torch.float32
+    if w_total == 0:
+        assert total.item() == 0 and torch.count_nonzero(grad) == 0
+        return
+    assert rel_err(total, w_total) < FP32_TOL
+    assert rel_err(cd, w_cd) < FP32_TOL or w_cd == cd.item() == 0
+    assert rel_err(id_, w_id) < FP32_TOL or w_id == id_.item() == 0
+    assert rel_err(grad, w_grad * g_out) < FP32_TOL
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_led_half_precision(backend, dtype):
+    es, et, y = embeddings(10, 12, 32, dtype=dtype, device=DEVICE, density=0.5)
+    w_total, _, _, w_grad = oracle.led(es.double().cpu().numpy(), et.double().cpu().numpy(), y.cpu().numpy())
+    total, _, _, grad, g_out = run_led(es, et, y, backend=backend)
+    eager_x = es.clone().requires_grad_()
+    eager = reference.led_vectorized(eager_x, et, y)
+    (eager * g_out).backward()
+    assert grad.dtype == dtype
+    assert rel_err(total, w_total) <= 2 * rel_err(eager, w_total) + 1e-6
+    assert rel_err(grad, w_grad * g_out) <= 2 * rel_err(eager_x.grad, w_grad * g_out) + 1e-6
+
+
+def test_led_mixed_dtypes_and_non_contiguous(backend):
+    es, et, y = embeddings(6, 5, 20, device=DEVICE, density=0.6)
+    base = run_led(es, et, y, backend=backend)
+    es_nc = es.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    et_nc = torch.zeros(6, 10, 20, device=DEVICE)[:, ::2]
+    et_nc.copy_(et)
+    y_nc = torch.zeros(5, 6, dtype=torch.bool, device=DEVICE).t()
+    y_nc.copy_(y)
+    got = run_led(es_nc, et_nc, y_nc, backend=backend)
+    assert torch.equal(got[0], base[0]) and torch.equal(got[3], base[3])
+    mixed = run_led(es, et.bfloat16(), y, backend=backend)
+    w_total, _, _, w_grad = oracle.led(es.cpu().numpy(), et.bfloat16().double().cpu().numpy(), y.cpu().numpy())
+    assert rel_err(mixed[0], w_total) < FP32_TOL and rel_err(mixed[3], w_grad * mixed[4]) < FP32_TOL
+
+
+def test_led_targets_of_any_dtype(backend):
+    es, et, y = embeddings(6, 5, 8, device=DEVICE, density=0.5)
+    base = fused_led(es, et, y, backend=backend)
+    for targets in (y.float(), y.long(), y.to(torch.uint8), y.double() * 0.9):
+        assert torch.equal(fused_led(es, et, targets, backend=backend), base)
+
+
+def test_led_no_group_gives_zero_with_a_working_backward(backend):
+    es, et, _ = embeddings(4, 3, 8, device=DEVICE)
+    y = torch.eye(4, 3, device=DEVICE)
+    x = es.clone().requires_grad_()
+    loss = fused_led(x, et, y, backend=backend)
+    loss.backward()
+    assert loss.item() == 0 and loss.requires_grad
+    assert torch.count_nonzero(x.grad) == 0
+
+
+def test_led_duplicate_rows_stay_finite(backend):
+    es, et, y = embeddings(6, 5, 16, device=DEVICE, density=1.0)
+    es[3] = es[0]
+    es[:, 4] = es[:, 1]
+    et[2] = et[1]
+    total, _, _, grad, g_out = run_led(es, et, y, backend=backend)
+    w_total, _, _, w_grad = oracle.led(es.cpu().numpy(), et.cpu().numpy(), y.cpu().numpy())
+    assert torch.isfinite(total) and torch.isfinite(grad).all()
+    assert rel_err(total, w_total) < FP32_TOL and rel_err(grad, w_grad * g_out) < FP32_TOL
+
+
+def test_led_teacher_never_gets_gradient(backend):
+    es, et, y = embeddings(5, 4, 8, device=DEVICE, density=0.7)
+    et.requires_grad_()
+    fused_led(es.requires_grad_(), et, y, backend=backend).backward()
+    assert et.grad is None and es.grad is not None
+
+
+def test_led_components_carry_no_gradient(backend):
+    es, et, y = embeddings(5, 4, 8, device=DEVICE, density=0.7)
+    total, cd, id_ = fused_led(es.requires_grad_(), et, y, backend=backend, return_components=True)
+    assert total.requires_grad and not cd.requires_grad and not id_.requires_grad
+
+
+def test_led_nan_propagates_from_a_member_row(backend):
+    es, et, y = embeddings(5, 4, 8, device=DEVICE, density=1.0)
+    es[2, 3, 1] = float("nan")
+    assert torch.isnan(fused_led(es, et, y, backend=backend))
+
+
+def test_led_is_bitwise_reproducible(backend):
+    es, et, y = embeddings(12, 80, 24, device=DEVICE)
+    first = run_led(es, et, y, backend=backend)
+    second = run_led(es, et, y, backend=backend)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[3], second[3])

@@ -1,0 +1,245 @@
+"""The eager forms of l2d_kernels.reference against SPEC's formulas in float64, and SPEC 3's properties."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import oracle
+from conftest import rel_err
+from helpers import embeddings, logits
+from l2d_kernels import reference
+
+F64 = torch.float64
+
+
+def _grad(fn, x, *args, **kwargs):
+    x = x.detach().clone().requires_grad_()
+    out = fn(x, *args, **kwargs)
+    out = out[0] if isinstance(out, tuple) else out
+    out.sum().backward()
+    return out.detach(), x.grad
+
+
+# ---------------------------------------------------------------- MLD
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_mld_matches_formula(reduction, temperature):
+    zs, zt = logits(7, 11, scale=4.0, dtype=F64)
+    loss, grad = _grad(reference.mld, zs, zt, reduction, temperature=temperature)
+    want_loss, want_grad = oracle.mld(zs.numpy(), zt.numpy(), reduction, temperature=temperature)
+    assert rel_err(loss, want_loss) < 1e-12
+    assert rel_err(grad, want_grad) < 1e-12
+
+
+def test_mld_hand_computed():
+    # ps = 1/2, pt = 3/4: 3/4 log(3/2) + 1/4 log(1/2); the gradient is ps - pt = -1/4.
+    zs = torch.zeros(1, 1, dtype=F64)
+    zt = torch.full((1, 1), math.log(3.0), dtype=F64)
+    loss, grad = _grad(reference.mld, zs, zt)
+    assert loss.item() == pytest.approx(0.75 * math.log(1.5) + 0.25 * math.log(0.5), rel=1e-14)
+    assert grad.item() == pytest.approx(-0.25, rel=1e-14)
+
+
+def test_mld_authors_form_agrees_where_it_is_finite():
+    zs, zt = logits(5, 9, scale=3.0, dtype=F64)
+    for reduction in ("batchmean", "sum", "mean"):
+        assert rel_err(reference.mld_authors(zs, zt, reduction), reference.mld(zs, zt, reduction)) < 1e-12
+
+
+@pytest.mark.parametrize("magnitude", [17.0, 20.0, 100.0, 1e4])
+def test_mld_float32_stays_exact_for_saturated_logits(magnitude):
+    # Student and teacher saturated at both ends, plus every mix with moderate logits.
+    values = torch.tensor([magnitude, -magnitude, 0.5, -3.0], dtype=F64)
+    zs, zt = torch.meshgrid(values, values, indexing="ij")
+    zs, zt = zs.reshape(4, 4), zt.reshape(4, 4)
+    authors = reference.mld_authors(zs.float(), zt.float(), reduction="none")
+    assert not torch.isfinite(authors).all(), "the authors' float32 form should break here"
+    for reduction in ("batchmean", "none"):
+        loss, grad = _grad(reference.mld, zs.float(), zt.float(), reduction)
+        want_loss, want_grad = oracle.mld(zs.numpy(), zt.numpy(), reduction)
+        assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+        assert rel_err(loss, want_loss) < 1e-5
+        assert rel_err(grad, want_grad) < 1e-5
+
+
+def test_mld_gradcheck():
+    zs, zt = logits(3, 4, dtype=F64)
+    zs.requires_grad_()
+    assert torch.autograd.gradcheck(lambda z: reference.mld(z, zt, "batchmean", temperature=1.7), (zs,))
+
+
+def test_mld_teacher_gets_no_gradient():
+    zs, zt = logits(3, 4, dtype=F64)
+    zt.requires_grad_()
+    reference.mld(zs.requires_grad_(), zt).backward()
+    assert zt.grad is None
+
+
+# ---------------------------------------------------------------- BCE
+
+def test_bce_matches_formula_and_authors_form():
+    zs, _ = logits(6, 10, scale=5.0, dtype=F64)
+    y = torch.rand(6, 10, generator=torch.Generator().manual_seed(3)) < 0.3
+    loss, grad = _grad(reference.bce, zs, y)
+    want_loss, want_grad = oracle.bce(zs.numpy(), y.numpy())
+    assert rel_err(loss, want_loss) < 1e-12
+    assert rel_err(grad, want_grad) < 1e-12
+    assert rel_err(reference.bce_authors(zs, y), want_loss) < 1e-12
+
+
+def test_bce_finite_for_huge_logits():
+    zs = torch.tensor([[1e4, -1e4, 30.0, -30.0]])
+    y = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
+    loss, grad = _grad(reference.bce, zs, y)
+    want_loss, want_grad = oracle.bce(zs.double().numpy(), y.numpy())
+    assert rel_err(loss, want_loss) < 1e-6 and rel_err(grad, want_grad) < 1e-6
+
+
+# ---------------------------------------------------------------- LED
+
+LED_FORMS = [reference.led_loops, reference.led_vectorized]
+
+
+@pytest.mark.parametrize("form", LED_FORMS)
+@pytest.mark.parametrize("shape,density", [((6, 5, 7), 0.5), ((9, 4, 3), 0.8), ((16, 80, 12), None)])
+def test_led_matches_formula(form, shape, density):
+    es, et, y = embeddings(*shape, dtype=F64, density=density)
+    x = es.clone().requires_grad_()
+    total, cd, id_ = form(x, et, y, 3.0, 7.0, return_components=True)
+    total.backward()
+    want_total, want_cd, want_id, want_grad = oracle.led(es.numpy(), et.numpy(), y.numpy(), 3.0, 7.0)
+    assert rel_err(total, want_total) < 1e-12
+    assert rel_err(cd, want_cd) < 1e-12 and rel_err(id_, want_id) < 1e-12
+    assert rel_err(x.grad, want_grad) < 1e-10
+
+
+def test_led_hand_computed():
+    # One CD group on a line: student at 0, 1, 3 (distances 1, 3, 2; mean 2), teacher at 0, 2, 4
+    # (distances 2, 4, 2; mean 8/3). x = -1/4, 0, 1/4 on each unordered pair: loss = 4 (1/32) / 3.
+    es = torch.tensor([[[0.0]], [[1.0]], [[3.0]]], dtype=F64)
+    et = torch.tensor([[[0.0]], [[2.0]], [[4.0]]], dtype=F64)
+    y = torch.ones(3, 1)
+    for form in LED_FORMS:
+        total, cd, id_ = form(es, et, y, 1.0, 1.0, return_components=True)
+        assert cd.item() == pytest.approx(1 / 24, rel=1e-12)
+        assert id_.item() == 0.0 and total.item() == pytest.approx(1 / 24, rel=1e-12)
+
+
+@pytest.mark.parametrize("form", LED_FORMS)
+def test_led_gradcheck(form):
+    es, et, y = embeddings(5, 4, 3, dtype=F64, density=0.7, seed=2)
+    es.requires_grad_()
+    assert torch.autograd.gradcheck(lambda e: form(e, et, y, 2.0, 3.0), (es,))
+
+
+def test_loops_equal_vectorized_on_coco_targets():
+    es, et, y = embeddings(32, 80, 16, dtype=F64, seed=5)
+    a, b = es.clone().requires_grad_(), es.clone().requires_grad_()
+    la = reference.led_loops(a, et, y)
+    lb = reference.led_vectorized(b, et, y)
+    la.backward()
+    lb.backward()
+    assert rel_err(la, lb.item()) < 1e-12
+    assert rel_err(a.grad, b.grad) < 1e-10
+
+
+def _one_group(P, D, family, seed=0):
+    """Embeddings holding exactly one group of P rows (CD: P instances of one label; ID: the reverse)."""
+    shape = (P, 1, D) if family == "cd" else (1, P, D)
+    g = torch.Generator().manual_seed(seed)
+    es = torch.randn(*shape, generator=g, dtype=F64)
+    et = torch.randn(*shape, generator=g, dtype=F64)
+    return es, et, torch.ones(shape[:2])
+
+
+@pytest.mark.parametrize("form", LED_FORMS)
+@pytest.mark.parametrize("family", ["cd", "id"])
+def test_group_of_two_gives_zero_and_zero_gradient(form, family):
+    es, et, y = _one_group(2, 5, family)
+    loss, grad = _grad(form, es, et, y)
+    assert loss.item() == 0.0
+    assert torch.count_nonzero(grad) == 0
+
+
+@pytest.mark.parametrize("form", LED_FORMS)
+@pytest.mark.parametrize("family", ["cd", "id"])
+def test_invariant_to_scaling_and_shifting_the_student_group(form, family):
+    es, et, y = _one_group(6, 4, family)
+    base = form(es, et, y).item()
+    assert base > 0
+    shift = torch.randn(4, generator=torch.Generator().manual_seed(9), dtype=F64)
+    assert form(es * 3.7, et, y).item() == pytest.approx(base, rel=1e-10)
+    assert form(es + shift, et, y).item() == pytest.approx(base, rel=1e-10)
+
+
+@pytest.mark.parametrize("form", LED_FORMS)
+def test_identical_student_and_teacher_give_zero(form):
+    es, _, y = embeddings(8, 6, 5, dtype=F64, density=0.6)
+    loss, grad = _grad(form, es, es, y)
+    assert loss.item() == 0.0
+    assert grad.abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("form", LED_FORMS)
+def test_batch_permutation_changes_nothing(form):
+    es, et, y = embeddings(10, 6, 5, dtype=F64, density=0.5)
+    perm = torch.randperm(10, generator=torch.Generator().manual_seed(1))
+    loss, grad = _grad(form, es, et, y)
+    loss_p, grad_p = _grad(form, es[perm], et[perm], y[perm])
+    assert loss_p.item() == pytest.approx(loss.item(), rel=1e-12)
+    assert rel_err(grad_p, grad[perm]) < 1e-12
+
+
+@pytest.mark.parametrize("form", LED_FORMS)
+def test_no_group_of_two_gives_connected_zero(form):
+    es, et, _ = embeddings(4, 3, 5, dtype=F64)
+    y = torch.eye(4, 3)  # every label and every image has at most one positive
+    loss, grad = _grad(form, es, et, y)
+    assert loss.item() == 0.0 and torch.count_nonzero(grad) == 0
+
+
+@pytest.mark.parametrize("form", LED_FORMS)
+def test_duplicate_rows_stay_finite(form):
+    es, et, y = embeddings(6, 4, 5, dtype=torch.float32, density=1.0)
+    es[1] = es[0]
+    et[2] = et[0]
+    loss, grad = _grad(form, es, et, y)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    want_total, _, _, want_grad = oracle.led(es.numpy(), et.numpy(), y.numpy())
+    assert rel_err(loss, want_total) < 1e-4
+    assert rel_err(grad, want_grad) < 1e-4
+
+
+@pytest.mark.parametrize("form", LED_FORMS)
+def test_nan_in_a_member_row_reaches_the_loss(form):
+    es, et, y = embeddings(5, 4, 3, dtype=F64, density=1.0)
+    es[2, 1, 0] = float("nan")
+    assert torch.isnan(form(es, et, y))
+
+
+def test_teacher_gets_no_gradient():
+    es, et, y = embeddings(5, 4, 3, dtype=F64, density=0.7)
+    et.requires_grad_()
+    for form in LED_FORMS:
+        form(es.requires_grad_(), et, y).backward()
+        assert et.grad is None
+
+
+def test_l2d_authors_objective():
+    zs, zt = logits(6, 5, dtype=F64)
+    es, et, y = embeddings(6, 5, 4, dtype=F64, density=0.6)
+    got = reference.l2d_authors(zs, zt, es, et, y)
+    want = oracle.bce(zs.numpy(), y.numpy())[0] + 10 * oracle.mld(zs.numpy(), zt.numpy())[0]
+    want += oracle.led(es.numpy(), et.numpy(), y.numpy())[0]
+    assert got.item() == pytest.approx(want, rel=1e-12)
+
+
+def test_targets_of_any_dtype_select_the_same_groups():
+    es, et, y = embeddings(6, 5, 4, dtype=F64, density=0.5)
+    want = reference.led_vectorized(es, et, y).item()
+    for targets in (y.float(), y.long(), y.to(torch.uint8), y.double() * 0.9):
+        assert reference.led_vectorized(es, et, targets).item() == pytest.approx(want, rel=1e-14)
+    assert np.isfinite(want)
