@@ -11,7 +11,6 @@ for any other device.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -33,22 +32,21 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-@functools.cache
-def _triton_problem() -> str | None:
+def _find_problems() -> dict[str, str | None]:
+    problems = {"triton": None, "cuda": None}
     try:
         import triton  # noqa: F401
     except ImportError as err:
-        return f"Triton cannot be imported ({err}); {_TRITON_HOWTO}"
-    return None
-
-
-@functools.cache
-def _cuda_extension_problem() -> str | None:
+        problems["triton"] = f"Triton cannot be imported ({err}); {_TRITON_HOWTO}"
     from .ops import cuda_ext
 
     if cuda_ext.load_error is not None:
-        return f"the CUDA extension l2d_kernels._C is not usable ({cuda_ext.load_error}); {_CUDA_HOWTO}"
-    return None
+        problems["cuda"] = f"the CUDA extension l2d_kernels._C is not usable ({cuda_ext.load_error}); {_CUDA_HOWTO}"
+    return problems
+
+
+# What is installed does not change while the process runs: looked up once, at import.
+_INSTALL_PROBLEMS = _find_problems()
 
 
 def backend_problem(name: str, device: torch.device) -> str | None:
@@ -56,7 +54,7 @@ def backend_problem(name: str, device: torch.device) -> str | None:
     if name == "torch":
         return None
     if name == "triton":
-        problem = _triton_problem()
+        problem = _INSTALL_PROBLEMS["triton"]
         if problem is None and device.type != "cuda" and not triton_interpreted():
             problem = (
                 f"backend 'triton' runs on CUDA tensors, got tensors on {device}; for Triton's CPU "
@@ -66,7 +64,7 @@ def backend_problem(name: str, device: torch.device) -> str | None:
     if name == "cuda":
         if device.type != "cuda":
             return f"backend 'cuda' runs on CUDA tensors, got tensors on {device}"
-        return _cuda_extension_problem()
+        return _INSTALL_PROBLEMS["cuda"]
     raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
 
 

@@ -1,0 +1,60 @@
+"""Backend choice: what is available, what "auto" picks, and what an unavailable backend says."""
+
+import pytest
+import torch
+
+from conftest import ON_GPU
+from helpers import embeddings, logits
+from l2d_kernels import BackendUnavailableError, available_backends, fused_led, fused_mld
+from l2d_kernels.backends import resolve_backend
+from l2d_kernels.ops import cuda_ext
+
+CPU = torch.device("cpu")
+F32 = (torch.float32, torch.float32)
+
+
+def test_torch_is_always_available():
+    assert "torch" in available_backends()
+    assert set(available_backends()) <= {"torch", "triton", "cuda"}
+
+
+def test_auto_runs_the_eager_reference_off_the_gpu():
+    assert resolve_backend("auto", CPU, F32) == "torch"
+
+
+def test_auto_prefers_fused_kernels_on_the_gpu():
+    cuda = torch.device("cuda")
+    expected = "cuda" if cuda_ext.load_error is None else "triton"
+    assert resolve_backend("auto", cuda, F32) == expected
+    assert resolve_backend("auto", cuda, (torch.float64, torch.float32)) == "torch"
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve_backend("tensorrt", CPU, F32)
+
+
+def test_cuda_backend_on_cpu_tensors_says_why():
+    with pytest.raises(BackendUnavailableError, match="CUDA tensors"):
+        fused_mld(*logits(2, 3), backend="cuda")
+
+
+@pytest.mark.skipif(cuda_ext.load_error is None, reason="the CUDA extension is built here")
+def test_missing_extension_says_how_to_build_it():
+    with pytest.raises(BackendUnavailableError, match="L2D_KERNELS_BUILD_CUDA=1"):
+        resolve_backend("cuda", torch.device("cuda"), F32)
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the Triton backend runs without the interpreter")
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "triton" not in available_backends()
+    with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        fused_led(*embeddings(3, 2, 4), backend="triton")
+
+
+def test_fused_backends_refuse_float64_and_auto_falls_back(monkeypatch):
+    zs, zt = logits(3, 4, dtype=torch.float64)
+    with pytest.raises(TypeError, match="backend='torch' computes in float64"):
+        resolve_backend("triton", CPU, (zs.dtype, zt.dtype))
+    assert fused_mld(zs, zt).dtype == torch.float64
