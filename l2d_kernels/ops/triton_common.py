@@ -12,8 +12,8 @@ SUM_BLOCK = 1024
 @triton.jit
 def clamp(x, lo, hi):
     """min(max(x, lo), hi) that keeps NaN (the hardware min/max would replace it by a bound)."""
-    nan_kept = tl.PropagateNan.ALL
-    return tl.minimum(tl.maximum(x, lo, propagate_nan=nan_kept), hi, propagate_nan=nan_kept)
+    above = tl.maximum(x, lo, propagate_nan=tl.PropagateNan.ALL)
+    return tl.minimum(above, hi, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit

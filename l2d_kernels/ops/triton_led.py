@@ -274,13 +274,13 @@ def _means_kernel(
     """Large groups, pass 1: student and teacher distance sums of row tile i."""
     g = tl.program_id(0)
     i = tl.program_id(1)
-    S_g, T_g, _, members, norms_g, P = _group(S, T, G, s_g, t_g, g_g, idx, cnt, N, norms, g)
+    S_g, T_g, G_g, members, norms_g, P = _group(S, T, G, s_g, t_g, g_g, idx, cnt, N, norms, g)
     if (P > SMALL_MAX) & (i * TILE < P):
         sum_s = tl.zeros((), dtype=tl.float32)
         sum_t = tl.zeros((), dtype=tl.float32)
         for j in range(0, tl.cdiv(P, TILE)):
-            _, ds, dt, pair, _, _, _, _ = _tile_distances(S_g, T_g, s_m, s_d, t_m, t_d, members, norms_g, P, i, j, D,
-                                                          TILE, BLOCK_D)
+            sq_s, ds, dt, pair, ok_i, rows_i, ok_j, rows_j = _tile_distances(
+                S_g, T_g, s_m, s_d, t_m, t_d, members, norms_g, P, i, j, D, TILE, BLOCK_D)
             sum_s += _sum2(tl.where(pair, ds, 0.0))
             sum_t += _sum2(tl.where(pair, dt, 0.0))
         slot = part1 + (g.to(tl.int64) * tl.num_programs(1) + i) * 2
@@ -305,15 +305,15 @@ def _stats_kernel(
     """Large groups, pass 2: the Huber and K partial sums of row tile i."""
     g = tl.program_id(0)
     i = tl.program_id(1)
-    S_g, T_g, _, members, norms_g, P = _group(S, T, G, s_g, t_g, g_g, idx, cnt, N, norms, g)
+    S_g, T_g, G_g, members, norms_g, P = _group(S, T, G, s_g, t_g, g_g, idx, cnt, N, norms, g)
     if (P > SMALL_MAX) & (i * TILE < P):
         slot = g.to(tl.int64) * tl.num_programs(1) * 2
-        mu_s, mu_t, _, _ = _group_scalars(part1 + slot, P, TILE)
+        mu_s, mu_t, p_f, n_pairs = _group_scalars(part1 + slot, P, TILE)
         huber_sum = tl.zeros((), dtype=tl.float32)
         k_sum = tl.zeros((), dtype=tl.float32)
         for j in range(0, tl.cdiv(P, TILE)):
-            _, ds, dt, pair, _, _, _, _ = _tile_distances(S_g, T_g, s_m, s_d, t_m, t_d, members, norms_g, P, i, j, D,
-                                                          TILE, BLOCK_D)
+            sq_s, ds, dt, pair, ok_i, rows_i, ok_j, rows_j = _tile_distances(
+                S_g, T_g, s_m, s_d, t_m, t_d, members, norms_g, P, i, j, D, TILE, BLOCK_D)
             x = ds / mu_s - dt / mu_t
             huber_sum += _sum2(tl.where(pair, _huber(x), 0.0))
             k_sum += _sum2(tl.where(pair, clamp(x, -1.0, 1.0) * ds, 0.0))
@@ -350,7 +350,7 @@ def _grad_kernel(
             else:
                 _write_grad(S_g, s_m, s_d, G_g, g_m, rows_i, ok_i, rows_j, ok_j, w, rowsum * 0.0, D, scale, True,
                             BLOCK_D)
-        _, ok_i, rows_i = _tile_rows(members, i, P, TILE)
+        rank_i, ok_i, rows_i = _tile_rows(members, i, P, TILE)
         no_pairs = tl.zeros((TILE, TILE), dtype=tl.float32)
         _write_grad(S_g, s_m, s_d, G_g, g_m, rows_i, ok_i, rows_i, ok_i, no_pairs, rowsum, D, scale, True, BLOCK_D)
 

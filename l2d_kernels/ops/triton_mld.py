@@ -1,9 +1,11 @@
 """MLD in one Triton pass: per-label Bernoulli KL, its reduction and ``d loss / d student`` together.
 
 With ``log p = clamp(logsigmoid(z / T), log eps, log1p(-eps))`` and ``log q`` the same of ``-z``
-(so ``q = 1 - p`` in exact arithmetic, without forming it)::
+(so ``q = 1 - p`` in exact arithmetic, without forming it), evaluated as two non-negative terms
+that keep their digits when student and teacher nearly agree (see ``reference.mld``)::
 
     l     = T^2 [pt (log pt - log ps) + qt (log qt - log qs)]
+          = T^2 [pt phi(log pt - log ps) + qt phi(log qt - log qs)],  phi(u) = u + exp(-u) - 1 >= 0
     dl/dz = T [qt sigmoid(zs) [qs unclamped] - pt sigmoid(-zs) [ps unclamped]]   (= T (ps - pt) unclamped)
 
 Each program writes its block's gradient and its partial sum; a one-program kernel adds the partial
@@ -21,8 +23,10 @@ import triton.language as tl
 
 from .triton_common import clamp, finalize_sum
 
-BLOCK_B = 64
+BLOCK_B = 8
 BLOCK_C = 128
+ROWS_SMALL = 64  # up to this batch, one program covers the batch (one launch, no second reduction)
+ROWS_LARGE = 32
 
 
 @triton.jit
@@ -31,6 +35,13 @@ def _log1p_small(u):
     w = 1.0 + u
     exact = w == 1.0
     return tl.where(exact, u, tl.log(w) * (u / tl.where(exact, 1.0, w - 1.0)))
+
+
+@triton.jit
+def _kl_excess(u):
+    """u + exp(-u) - 1 (>= 0), without cancellation for small |u|."""
+    series = 0.5 - u * (1.0 / 6 - u * (1.0 / 24 - u * (1.0 / 120 - u * (1.0 / 720))))
+    return tl.where(tl.abs(u) < 0.1, u * u * series, u + tl.exp(-u) - 1.0)
 
 
 @triton.jit
@@ -49,39 +60,41 @@ def _mld_kernel(
     zs_ptr, zt_ptr, grad_ptr, out_ptr,
     B, C, zs_sb, zs_sc, zt_sb, zt_sc,
     inv_t, loss_scale, partial_scale, grad_scale, LOG_LO, LOG_HI,
-    PER_LABEL: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+    PER_LABEL: tl.constexpr, ROWS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     pid_c = tl.program_id(1)
-    rb = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     rc = (pid_c * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
-    mask = (rb < B)[:, None] & (rc < C)[None, :]
-    zs = tl.load(zs_ptr + rb[:, None] * zs_sb + rc[None, :] * zs_sc, mask=mask, other=0.0).to(tl.float32) * inv_t
-    zt = tl.load(zt_ptr + rb[:, None] * zt_sb + rc[None, :] * zt_sc, mask=mask, other=0.0).to(tl.float32) * inv_t
-
-    log_ps, log_qs, log_sig_s, log_sig_neg_s = _clamped_log_probs(zs, LOG_LO, LOG_HI)
-    log_pt, log_qt, _, _ = _clamped_log_probs(zt, LOG_LO, LOG_HI)
-    pt = tl.exp(log_pt)
-    qt = tl.exp(log_qt)
-    loss = pt * (log_pt - log_ps) + qt * (log_qt - log_qs)
-
-    ps_free = (log_sig_s >= LOG_LO) & (log_sig_s <= LOG_HI)
-    qs_free = (log_sig_neg_s >= LOG_LO) & (log_sig_neg_s <= LOG_HI)
-    grad = tl.where(qs_free, qt * tl.exp(log_sig_s), 0.0) - tl.where(ps_free, pt * tl.exp(log_sig_neg_s), 0.0)
-
-    flat = rb[:, None] * C + rc[None, :]
-    tl.store(grad_ptr + flat, (grad * grad_scale).to(grad_ptr.dtype.element_ty), mask=mask)
-    if PER_LABEL:
-        tl.store(out_ptr + flat, loss * loss_scale, mask=mask)
-    else:
-        partial = tl.sum(tl.sum(tl.where(mask, loss, 0.0), axis=1), axis=0)
+    acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
+    for r0 in range(0, ROWS, BLOCK_B):
+        rb = (pid_b * ROWS + r0 + tl.arange(0, BLOCK_B)).to(tl.int64)
+        mask = (rb < B)[:, None] & (rc < C)[None, :]
+        zs = tl.load(zs_ptr + rb[:, None] * zs_sb + rc[None, :] * zs_sc, mask=mask, other=0.0).to(tl.float32)
+        zt = tl.load(zt_ptr + rb[:, None] * zt_sb + rc[None, :] * zt_sc, mask=mask, other=0.0).to(tl.float32)
+        log_ps, log_qs, log_sig_s, log_sig_neg_s = _clamped_log_probs(zs * inv_t, LOG_LO, LOG_HI)
+        log_pt, log_qt, _, _ = _clamped_log_probs(zt * inv_t, LOG_LO, LOG_HI)
+        pt = tl.exp(log_pt)
+        qt = tl.exp(log_qt)
+        loss = pt * _kl_excess(log_pt - log_ps) + qt * _kl_excess(log_qt - log_qs)
+        ps_free = (log_sig_s >= LOG_LO) & (log_sig_s <= LOG_HI)
+        qs_free = (log_sig_neg_s >= LOG_LO) & (log_sig_neg_s <= LOG_HI)
+        grad = tl.where(qs_free, qt * tl.exp(log_sig_s), 0.0) - tl.where(ps_free, pt * tl.exp(log_sig_neg_s), 0.0)
+        flat = rb[:, None] * C + rc[None, :]
+        tl.store(grad_ptr + flat, (grad * grad_scale).to(grad_ptr.dtype.element_ty), mask=mask)
+        if PER_LABEL:
+            tl.store(out_ptr + flat, loss * loss_scale, mask=mask)
+        else:
+            acc += tl.where(mask, loss, 0.0)
+    if not PER_LABEL:
+        partial = tl.sum(tl.sum(acc, axis=1), axis=0)
         tl.store(out_ptr + pid_b * tl.num_programs(1) + pid_c, partial * partial_scale)
 
 
 def mld_forward(zs: torch.Tensor, zt: torch.Tensor, reduction: str, eps: float, temperature: float):
     """Launch the MLD kernel: returns (loss in float32, d loss / d zs in zs's dtype)."""
     B, C = zs.shape
-    grid = (triton.cdiv(B, BLOCK_B), triton.cdiv(C, BLOCK_C))
+    rows = ROWS_SMALL if B <= ROWS_SMALL else ROWS_LARGE
+    grid = (triton.cdiv(B, rows), triton.cdiv(C, BLOCK_C))
     scale = {"sum": 1.0, "batchmean": 1.0 / B, "mean": 1.0 / (B * C), "none": 1.0}[reduction]
     grad = torch.empty((B, C), dtype=zs.dtype, device=zs.device)
     per_label = reduction == "none"
@@ -92,7 +105,7 @@ def mld_forward(zs: torch.Tensor, zt: torch.Tensor, reduction: str, eps: float, 
         zs, zt, grad, out, B, C, zs.stride(0), zs.stride(1), zt.stride(0), zt.stride(1),
         1.0 / temperature, loss_scale, loss_scale if n_partials == 1 else 1.0, scale * temperature,
         math.log(eps), math.log1p(-eps),
-        PER_LABEL=per_label, BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_C,
+        PER_LABEL=per_label, ROWS=rows, BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_C,
     )
     if per_label:
         return out, grad
