@@ -1,8 +1,27 @@
-"""Input makers shared by the test files."""
+"""Devices, backends, input makers and error measures shared by the test files."""
 
 import torch
 
+from l2d_kernels import available_backends
 from l2d_kernels.labels import sample_targets
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ON_GPU = DEVICE.type == "cuda"
+
+
+def api_backends():
+    return available_backends()
+
+
+def fused_backends():
+    return [b for b in available_backends() if b != "torch"]
+
+
+def rel_err(actual: torch.Tensor, expected) -> float:
+    """||actual - expected|| / ||expected|| in float64 (expected may be a NumPy array or a number)."""
+    expected = torch.as_tensor(expected, dtype=torch.float64)
+    diff = actual.detach().double().cpu() - expected
+    return (diff.norm() / expected.norm().clamp(min=1e-300)).item()
 
 
 def logits(B, C, scale=3.0, seed=0, dtype=torch.float32, device="cpu"):

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import oracle
-from conftest import DEVICE, rel_err
-from helpers import embeddings, logits
+from helpers import DEVICE, embeddings, logits, rel_err
 from l2d_kernels import fused_led, fused_mld, reference
 
 FP32_TOL = 1e-4

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from conftest import ON_GPU
-from helpers import embeddings, logits
+from helpers import ON_GPU, embeddings, logits
 from l2d_kernels import BackendUnavailableError, available_backends, fused_led, fused_mld
 from l2d_kernels.backends import resolve_backend
 from l2d_kernels.ops import cuda_ext

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from conftest import DEVICE
-from helpers import embeddings, logits
+from helpers import DEVICE, embeddings, logits
 from l2d_kernels import fused_led, fused_mld
 from l2d_kernels.ops import library
 
@@ -41,3 +40,15 @@ def test_compiles_without_graph_breaks(fused_backend):
     out.backward()
     assert torch.equal(out.detach(), step(zs, es).detach())
     assert torch.equal(comp_z.grad, eager_z.grad) and torch.equal(comp_e.grad, eager_e.grad)
+
+
+def test_backward_reuses_the_saved_gradient_and_refuses_a_second_pass(fused_backend):
+    es, et, y = embeddings(6, 5, 8, device=DEVICE, density=0.6)
+    x = es.clone().requires_grad_()
+    loss = fused_led(x, et, y, backend=fused_backend)
+    (grad,) = torch.autograd.grad(loss * 3.0, x, retain_graph=True)
+    x2 = es.clone().requires_grad_()
+    (plain,) = torch.autograd.grad(fused_led(x2, et, y, backend=fused_backend), x2)
+    assert torch.allclose(grad, 3.0 * plain, rtol=1e-6, atol=0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(loss, x)

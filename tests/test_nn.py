@@ -4,8 +4,7 @@ import pytest
 import torch
 
 import oracle
-from conftest import DEVICE, rel_err
-from helpers import embeddings, logits
+from helpers import DEVICE, embeddings, logits, rel_err
 from l2d_kernels import L2DLoss
 
 

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 import oracle
-from conftest import rel_err
-from helpers import embeddings, logits
+from helpers import embeddings, logits, rel_err
 from l2d_kernels import reference
 
 F64 = torch.float64

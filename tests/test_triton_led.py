@@ -11,8 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import oracle
-from conftest import DEVICE, fused_backends, rel_err
-from helpers import embeddings
+from helpers import DEVICE, embeddings, fused_backends, rel_err
 from l2d_kernels import fused_led, reference
 
 pytestmark = pytest.mark.skipif("triton" not in fused_backends(), reason="Triton backend not available here")

@@ -2,8 +2,11 @@
 
 Every fused operator returns ``(loss, grad)``: the forward kernel computes the gradient of the loss
 with respect to the student input in the same pass, so backward only scales it by ``grad_output``
-(on the device, never reading its value). The fake kernels let ``torch.compile`` trace the calls
-without a graph break.
+(on the device, never reading its value). It scales the saved buffer in place and hands it on, so
+the gradient is never held twice (the peak memory of a step stays at one gradient); a second
+backward through the same loss (``retain_graph=True``) is refused by autograd's check of saved
+tensors, rather than silently reusing a scaled buffer. The fake kernels let ``torch.compile`` trace
+the calls without a graph break.
 
     l2d_kernels::mld_<backend>(zs, zt, reduction, eps, temperature) -> (loss, d loss / d zs)
     l2d_kernels::led_<backend>(es, et, targets, lambda_cd, lambda_id)
@@ -38,12 +41,12 @@ def _save_grad(ctx, inputs, output):
 
 def _mld_backward(ctx, grad_loss, _):
     (grad,) = ctx.saved_tensors
-    return (grad_loss * grad).to(grad.dtype), None, None, None, None
+    return grad.mul_(grad_loss), None, None, None, None
 
 
 def _led_backward(ctx, grad_losses, _):
     (grad,) = ctx.saved_tensors
-    return (grad_losses[0] * grad).to(grad.dtype), None, None, None, None
+    return grad.mul_(grad_losses[0]), None, None, None, None
 
 
 def _register(name: str, fake, backward) -> None:

@@ -1,0 +1,169 @@
+"""Turn a pytest-benchmark JSON of this suite into a markdown table and a PNG plot.
+
+    python benchmarks/report.py RESULTS.json [--out DIR]
+
+writes ``DIR/<name>.md`` (medians per form, peak extra memory, ratios of the fused kernels to the
+eager forms and torch.compile, fraction of the HBM floor reached) and ``DIR/<name>.png`` (median
+time against shape per form, log scale). Cases that were not timed (out of memory, too long) appear
+with their reason. DIR defaults to the JSON's folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+from collections import defaultdict
+
+BASELINES = {"led": "eager-vectorized", "mld": "eager-authors", "l2d": "eager-authors"}
+LOOPS = {"led": "eager-loops", "mld": None, "l2d": None}
+FORM_ORDER = ["fused-cuda", "fused-triton", "torch.compile", "eager-vectorized", "eager-stable", "eager-authors",
+              "eager-loops"]
+
+
+def _fmt_time(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f} us"
+    if seconds < 1:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds:.2f} s"
+
+
+def _fmt_ratio(value: float | None) -> str:
+    return "-" if value is None else (f"{value:.0f}x" if value >= 10 else f"{value:.2f}x")
+
+
+def load(path: pathlib.Path):
+    """Cases keyed by (loss, pass, shape, dtype) -> {form: cell}, plus the run's metadata."""
+    data = json.loads(path.read_text())
+    cases: dict[tuple, dict] = defaultdict(dict)
+    shapes: dict[str, tuple] = {}
+    for bench in data.get("benchmarks", []):
+        info = bench["extra_info"]
+        key = (info["loss"], info["pass_"], info["shape"], info["dtype"].removeprefix("torch."))
+        cases[key][info["form"]] = dict(median=bench["stats"]["median"], peak=info.get("peak_extra_mib"),
+                                        floor_us=info.get("floor_us"))
+        shapes[info["shape"]] = (info["B"], info["C"], info["D"])
+    for info in data.get("l2d_unmeasured", []):
+        key = (info["loss"], info["pass_"], info["shape"], info["dtype"].removeprefix("torch."))
+        cases[key][info["form"]] = dict(status=info["status"])
+        shapes[info["shape"]] = (info["B"], info["C"], info["D"])
+    device = next((b["extra_info"].get("device") for b in data.get("benchmarks", [])), "unknown device")
+    torch_version = next((b["extra_info"].get("torch") for b in data.get("benchmarks", [])), "?")
+    meta = dict(device=device, torch=torch_version, copy_tbps=data.get("l2d_copy_tbps"),
+                datetime=data.get("datetime", ""), commit=(data.get("commit_info") or {}).get("id", "")[:10])
+    return cases, shapes, meta
+
+
+def _forms_present(cells: dict) -> list[str]:
+    return [f for f in FORM_ORDER if f in cells] + sorted(f for f in cells if f not in FORM_ORDER)
+
+
+def _best_fused(cells: dict):
+    timed = [(c["median"], f) for f, c in cells.items() if f.startswith("fused-") and "median" in c]
+    return min(timed) if timed else (None, None)
+
+
+def _ratio(cells: dict, form: str | None, fused_time: float | None):
+    if form is None or fused_time is None or "median" not in cells.get(form, {}):
+        return None
+    return cells[form]["median"] / fused_time
+
+
+def markdown(cases, shapes, meta) -> str:
+    lines = [f"# l2d_kernels benchmarks: {meta['device']}", "",
+             f"torch {meta['torch']}; {meta['datetime']}; commit {meta['commit'] or '?'}; "
+             + (f"measured copy bandwidth {meta['copy_tbps']:.2f} TB/s." if meta["copy_tbps"] else "no GPU."),
+             "", "Median time per call (peak extra device memory in brackets). Ratios: how many times faster "
+             "the fastest fused backend is than the form named; floor: the HBM floor (bytes that must move "
+             "over the copy bandwidth) as a fraction of the fused time.", ""]
+    groups = defaultdict(list)
+    for key in cases:
+        groups[key[:2]].append(key)
+    for (loss, pass_) in sorted(groups):
+        keys = sorted(groups[(loss, pass_)], key=lambda k: (shapes[k[2]][0] * shapes[k[2]][1] * max(shapes[k[2]][2], 1),
+                                                           k[3]))
+        forms = []
+        for key in keys:
+            forms += [f for f in _forms_present(cases[key]) if f not in forms]
+        baseline, loops = BASELINES[loss], LOOPS[loss]
+        ratio_cols = [f"vs {baseline}", "vs torch.compile"] + ([f"vs {loops}"] if loops else []) + ["floor"]
+        lines += [f"## {loss.upper()} {pass_}", "",
+                  "| shape | B x C x D | dtype | " + " | ".join(forms) + " | " + " | ".join(ratio_cols) + " |",
+                  "|" + "---|" * (3 + len(forms) + len(ratio_cols))]
+        for key in keys:
+            cells = cases[key]
+            B, C, D = shapes[key[2]]
+            row = [key[2], f"{B} x {C}" + (f" x {D}" if D else ""), key[3]]
+            for form in forms:
+                cell = cells.get(form)
+                if cell is None:
+                    row.append("")
+                elif "status" in cell:
+                    row.append(cell["status"])
+                else:
+                    peak = cell.get("peak")
+                    row.append(_fmt_time(cell["median"]) + (f" [{peak:.0f} MiB]" if peak is not None else ""))
+            fused_time, fused_form = _best_fused(cells)
+            row.append(_fmt_ratio(_ratio(cells, baseline, fused_time)))
+            row.append(_fmt_ratio(_ratio(cells, "torch.compile", fused_time)))
+            if loops:
+                row.append(_fmt_ratio(_ratio(cells, loops, fused_time)))
+            floor = cells.get(fused_form, {}).get("floor_us") if fused_form else None
+            row.append(f"{floor * 1e-6 / fused_time:.0%}" if floor and fused_time else "-")
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(cases, shapes, meta, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({key[:2] + (key[3],) for key in cases})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
+    for ax, (loss, pass_, dtype) in zip(axes[0], panels):
+        keys = sorted((k for k in cases if k[:2] == (loss, pass_) and k[3] == dtype),
+                      key=lambda k: shapes[k[2]][0] * shapes[k[2]][1] * max(shapes[k[2]][2], 1))
+        labels = [k[2] for k in keys]
+        forms = []
+        for key in keys:
+            forms += [f for f in _forms_present(cases[key]) if f not in forms]
+        for form in forms:
+            xs = [i for i, k in enumerate(keys) if "median" in cases[k].get(form, {})]
+            ys = [cases[keys[i]][form]["median"] * 1e3 for i in xs]
+            if xs:
+                ax.plot(xs, ys, marker="o", label=form, linewidth=2.5 if form.startswith("fused") else 1.2)
+        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+        ax.set_yscale("log")
+        ax.set_ylabel("median time per call (ms, log)")
+        ax.set_title(f"{loss.upper()} {pass_}, {dtype}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"l2d_kernels on {meta['device']} (torch {meta['torch']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=pathlib.Path)
+    parser.add_argument("--out", type=pathlib.Path, default=None)
+    parser.add_argument("--no-plot", action="store_true")
+    args = parser.parse_args(argv)
+    out = args.out or args.results.parent
+    out.mkdir(parents=True, exist_ok=True)
+    cases, shapes, meta = load(args.results)
+    (out / f"{args.results.stem}.md").write_text(markdown(cases, shapes, meta))
+    if not args.no_plot:
+        plot(cases, shapes, meta, out / f"{args.results.stem}.png")
+    print(f"wrote {out / args.results.stem}.md" + ("" if args.no_plot else " and .png"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""The report command on a small, hand-made pytest-benchmark JSON."""
+
+import json
+
+import pytest
+
+import report
+
+
+def _bench(form, median, shape="coco", loss="led", pass_="fwd+bwd", floor_us=10.0, peak=5.0):
+    info = dict(loss=loss, form=form, shape=shape, B=64, C=80, D=768, dtype="torch.float32", pass_=pass_,
+                floor_us=floor_us, peak_extra_mib=peak, device="Test GPU", torch="2.x")
+    return dict(name=f"test_{loss}[{form}]", extra_info=info, stats=dict(median=median))
+
+
+@pytest.fixture
+def results(tmp_path):
+    data = dict(
+        datetime="2026-01-01T00:00:00", commit_info=dict(id="0123456789abcdef"), l2d_copy_tbps=3.0,
+        benchmarks=[_bench("fused-triton", 40e-6), _bench("eager-vectorized", 3e-3), _bench("torch.compile", 1.2e-3),
+                    _bench("eager-loops", 0.2)],
+        l2d_unmeasured=[dict(loss="led", form="eager-vectorized", shape="openimages", B=16, C=9605, D=256,
+                             dtype="torch.float32", pass_="fwd+bwd", status="out of memory")],
+    )
+    path = tmp_path / "bench-test.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_markdown_has_medians_ratios_floor_and_unmeasured_cases(results, tmp_path):
+    report.main([str(results), "--out", str(tmp_path), "--no-plot"])
+    text = (tmp_path / "bench-test.md").read_text()
+    assert "Test GPU" in text and "3.00 TB/s" in text
+    assert "40.0 us [5 MiB]" in text and "3.00 ms [5 MiB]" in text
+    assert "| 75x | 30x | 5000x | 25% |" in text  # 3 ms / 40 us, 1.2 ms / 40 us, 0.2 s / 40 us, 10 us / 40 us
+    assert "out of memory" in text
+
+
+def test_plot_is_written(results, tmp_path):
+    pytest.importorskip("matplotlib")
+    report.main([str(results), "--out", str(tmp_path)])
+    png = tmp_path / "bench-test.png"
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,163 @@
+"""The fused backends on a GPU, at realistic and large shapes (skipped without a GPU).
+
+The float64 reference here is the eager loop form on the GPU (checked against the NumPy oracle in
+test_reference.py). Every fused call runs under ``torch.cuda.set_sync_debug_mode("error")``: a
+device-to-host synchronization inside forward or backward fails the test.
+"""
+
+import contextlib
+
+import pytest
+import torch
+
+from helpers import ON_GPU, fused_backends, rel_err
+from l2d_kernels import fused_led, fused_mld, reference
+from l2d_kernels.labels import sample_targets
+
+pytestmark = pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(params=fused_backends() if ON_GPU else [None])
+def gpu_backend(request):
+    return request.param
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def _embeddings(B, C, D, dtype=torch.float32, targets=None, seed=0):
+    g = torch.Generator(device=CUDA).manual_seed(seed)
+    es = torch.randn(B, C, D, generator=g, device=CUDA, dtype=torch.float64)
+    et = torch.randn(B, C, D, generator=g, device=CUDA, dtype=torch.float64) * 2 + 0.3
+    y = sample_targets(B, C, seed=seed, device=CUDA) if targets is None else targets.to(CUDA)
+    return es.to(dtype), et.to(dtype), y
+
+
+def _fused(es, et, y, backend):
+    x = es.clone().requires_grad_()
+    with no_host_sync():
+        total, cd, id_ = fused_led(x, et, y, backend=backend, return_components=True)
+        total.backward(torch.tensor(0.75, device=CUDA))
+    return total.detach(), cd, id_, x.grad
+
+
+def _exact(es, et, y):
+    x = es.double().clone().requires_grad_()
+    total, cd, id_ = reference.led_loops(x, et.double(), y, return_components=True)
+    (total * 0.75).backward()
+    return total.detach(), cd.detach(), id_.detach(), x.grad
+
+
+LED_SHAPES = {"coco": (64, 80, 768), "coco-b1024": (1024, 80, 768), "c10000": (32, 10000, 256)}
+
+
+@pytest.mark.parametrize("shape", list(LED_SHAPES))
+def test_led_float32_at_scale(gpu_backend, shape):
+    es, et, y = _embeddings(*LED_SHAPES[shape])
+    got, want = _fused(es, et, y, gpu_backend), _exact(es, et, y)
+    for g, w in zip(got, want):
+        assert rel_err(g, w.cpu()) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_led_half_precision_at_coco_scale(gpu_backend, dtype):
+    es, et, y = _embeddings(64, 80, 768, dtype=dtype)
+    got = _fused(es, et, y, gpu_backend)
+    want = _exact(es, et, y)
+    x = es.clone().requires_grad_()
+    eager = reference.led_vectorized(x, et, y)
+    (eager * 0.75).backward()
+    assert rel_err(got[0], want[0].cpu()) <= 2 * rel_err(eager, want[0].cpu()) + 1e-6
+    assert rel_err(got[3], want[3].cpu()) <= 2 * rel_err(x.grad, want[3].cpu()) + 1e-6
+
+
+def test_led_groups_of_every_size(gpu_backend):
+    # A label positive in all 1024 images, one in 700, ragged ones, and an image with 500 positive labels.
+    B, C = 1024, 600
+    y = torch.zeros(B, C, dtype=torch.bool)
+    y[:, 0] = True
+    y[:700, 1] = True
+    for c in range(2, 40):
+        y[: (c * 37) % B, c] = True
+    y[5, :500] = True
+    es, et, _ = _embeddings(B, C, 64)
+    got, want = _fused(es, et, y, gpu_backend), _exact(es, et, y)
+    for g, w in zip(got, want):
+        assert rel_err(g, w.cpu()) < 1e-4
+
+
+def test_led_is_bitwise_reproducible_at_scale(gpu_backend):
+    es, et, y = _embeddings(1024, 80, 768)
+    first, second = _fused(es, et, y, gpu_backend), _fused(es, et, y, gpu_backend)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_led_memory_stays_near_the_gradient(gpu_backend):
+    """32 x 1000 x 768: peak extra memory at most 1.25 times the gradient buffer."""
+    es, et, y = _embeddings(32, 1000, 768)
+    x = es.clone().requires_grad_()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    loss = fused_led(x, et, y, backend=gpu_backend)
+    loss.backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra <= 1.25 * es.numel() * es.element_size()
+
+
+def test_led_runs_at_openimages_scale_within_inputs_gradient_and_scratch(gpu_backend):
+    """64 x 9605 x 768 (eager forms run out of memory on an 80 GB card): the peak beyond the inputs
+    is one gradient (the buffer the kernel writes, handed on to .grad) and a scratch of a few MiB."""
+    es, et, y = _embeddings(64, 9605, 768, seed=3)
+    x = es.requires_grad_()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with no_host_sync():
+        loss = fused_led(x, et, y, backend=gpu_backend)
+        loss.backward()
+    torch.cuda.synchronize()
+    grad_bytes = es.numel() * es.element_size()
+    assert torch.isfinite(loss)
+    assert torch.cuda.max_memory_allocated() - base <= grad_bytes + 64 * 2**20
+
+
+@pytest.mark.parametrize("shape", [(64, 80), (4096, 1000)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mld_at_scale(gpu_backend, shape, dtype):
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    zs = (torch.randn(*shape, generator=g, device=CUDA) * 4).to(dtype)
+    zt = (torch.randn(*shape, generator=g, device=CUDA) * 4).to(dtype)
+    x = zs.clone().requires_grad_()
+    with no_host_sync():
+        loss = fused_mld(x, zt, backend=gpu_backend)
+        loss.backward()
+    ref_x = zs.double().clone().requires_grad_()
+    want = reference.mld(ref_x, zt.double())
+    want.backward()
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    assert rel_err(loss, want.cpu()) < tol and rel_err(x.grad, ref_x.grad.cpu()) < tol
+
+
+def test_compiled_training_step_has_no_graph_break(gpu_backend):
+    es, et, y = _embeddings(64, 80, 768)
+    zs = torch.randn(64, 80, device=CUDA)
+
+    def objective(zs, es):
+        return fused_mld(zs, zs.detach() * 0.5, backend=gpu_backend) + fused_led(es, et, y, backend=gpu_backend)
+
+    compiled = torch.compile(objective, fullgraph=True)
+    a, b = zs.clone().requires_grad_(), es.clone().requires_grad_()
+    compiled(a, b).backward()
+    c, d = zs.clone().requires_grad_(), es.clone().requires_grad_()
+    objective(c, d).backward()
+    assert torch.equal(a.grad, c.grad) and torch.equal(b.grad, d.grad)
