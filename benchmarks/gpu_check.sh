@@ -2,7 +2,9 @@
 # The GPU check, in one command, on a machine with a CUDA GPU and no network access:
 #   install the project (no downloads), build the CUDA extension when csrc/ has one, run the test
 #   suite (the GPU tests included), run compute-sanitizer (memcheck, racecheck) over the kernels,
-#   run the benchmarks and turn them into a report.
+#   build the CMake project and run its C++ test, run the benchmarks and turn them into a report.
+#   Every step together takes longer than one 10-minute device call: run it as two calls, e.g.
+#   STEPS="install build tests sanitize" then STEPS="install build cmake bench".
 #
 #   OUT=/path/to/results bash benchmarks/gpu_check.sh        (default OUT: ./gpu-out)
 #   STEPS="tests bench" bash benchmarks/gpu_check.sh          (a subset; default: every step)
@@ -14,7 +16,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
 PY=${PYTHON:-python3}
-STEPS=${STEPS:-"install build tests sanitize bench"}
+STEPS=${STEPS:-"install build tests sanitize cmake bench"}
 export L2D_BENCH=${L2D_BENCH:-quick}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
@@ -47,6 +49,7 @@ $PY -c "import l2d_kernels; print('backends here:', l2d_kernels.available_backen
 step tests 420 $PY -m pytest tests -q -x -n 8 -p no:cacheprovider
 step sanitize 240 compute-sanitizer --tool memcheck --error-exitcode 1 $PY tests/sanitizer_driver.py
 step sanitize 240 compute-sanitizer --tool racecheck --error-exitcode 1 $PY tests/sanitizer_driver.py
+step cmake 400 bash -c "cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH=\"\$($PY -c 'import torch; print(torch.utils.cmake_prefix_path)')\" > /dev/null && cmake --build build/cmake -j 16 > /dev/null && ctest --test-dir build/cmake --output-on-failure"
 step bench 420 $PY -m pytest benchmarks -q -p no:cacheprovider --benchmark-json="$OUT/bench-$card.json"
 step bench 60 $PY benchmarks/report.py "$OUT/bench-$card.json" --out "$OUT"
 cat "$OUT/summary.txt"

@@ -336,23 +336,18 @@ def _grad_kernel(
         huber_sum, k_sum = _sum_pairs(part2 + slot, tl.cdiv(P, TILE))
         if i == 0:
             tl.store(loss_ptr + g, huber_sum / p_f)
-        # grad = 2 (diag(W 1) - W) S, one column tile of W at a time; the diagonal term needs the
-        # whole row sum of W, so it is added last.
-        rowsum = tl.zeros((TILE,), dtype=tl.float32)
+        # grad = 2 sum_b w(a, b) (s_a - s_b), one column tile at a time, each tile's part kept in that
+        # difference form (its own row sums) so that a half-precision gradient stays well conditioned.
         for j in range(0, tl.cdiv(P, TILE)):
             sq_s, ds, dt, pair, ok_i, rows_i, ok_j, rows_j = _tile_distances(
                 S_g, T_g, s_m, s_d, t_m, t_d, members, norms_g, P, i, j, D, TILE, BLOCK_D)
             w = _pair_weights(ds / mu_s - dt / mu_t, ds, sq_s, pair, mu_s, k_sum, p_f, n_pairs)
-            rowsum += tl.sum(w, axis=1)
             if j == 0:
-                _write_grad(S_g, s_m, s_d, G_g, g_m, rows_i, ok_i, rows_j, ok_j, w, rowsum * 0.0, D, scale, ADD,
-                            BLOCK_D)
+                _write_grad(S_g, s_m, s_d, G_g, g_m, rows_i, ok_i, rows_j, ok_j, w, tl.sum(w, axis=1), D, scale,
+                            ADD, BLOCK_D)
             else:
-                _write_grad(S_g, s_m, s_d, G_g, g_m, rows_i, ok_i, rows_j, ok_j, w, rowsum * 0.0, D, scale, True,
-                            BLOCK_D)
-        rank_i, ok_i, rows_i = _tile_rows(members, i, P, TILE)
-        no_pairs = tl.zeros((TILE, TILE), dtype=tl.float32)
-        _write_grad(S_g, s_m, s_d, G_g, g_m, rows_i, ok_i, rows_i, ok_i, no_pairs, rowsum, D, scale, True, BLOCK_D)
+                _write_grad(S_g, s_m, s_d, G_g, g_m, rows_i, ok_i, rows_j, ok_j, w, tl.sum(w, axis=1), D, scale,
+                            True, BLOCK_D)
 
 
 @triton.jit

@@ -1,0 +1,63 @@
+// Shared device helpers of the l2d_kernels CUDA kernels: dtype conversion, NaN-keeping clamps and a
+// deterministic block reduction (fixed tree, no atomics).
+#pragma once
+
+#include <c10/core/ScalarType.h>
+#include <c10/util/Exception.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+namespace l2d {
+
+constexpr int kThreads = 256;
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v);
+template <>
+__device__ __forceinline__ float to_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// min(max(x, lo), hi), keeping NaN (fminf / fmaxf would return a bound).
+__device__ __forceinline__ float clamp_keep_nan(float x, float lo, float hi) {
+  return x != x ? x : fminf(fmaxf(x, lo), hi);
+}
+
+// Sum of one value per thread over a block of kThreads threads, in a fixed order; every thread gets
+// the result. `scratch` holds kThreads / 32 floats of shared memory.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float total = 0.f;
+  for (int w = 0; w < kThreads / 32; ++w) total += scratch[w];
+  return total;
+}
+
+// Calls f(T{}) with T the device type of a float32, float16 or bfloat16 tensor.
+template <typename F>
+void dispatch_float_types(c10::ScalarType type, const char* op, F&& f) {
+  switch (type) {
+    case c10::ScalarType::Float: f(float{}); break;
+    case c10::ScalarType::Half: f(__half{}); break;
+    case c10::ScalarType::BFloat16: f(__nv_bfloat16{}); break;
+    default: TORCH_CHECK(false, op, ": takes float32, float16 or bfloat16 tensors, got ", type);
+  }
+}
+
+}  // namespace l2d

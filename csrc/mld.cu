@@ -1,0 +1,124 @@
+// MLD in one pass: per-label Bernoulli KL of clamped sigmoid probabilities, its reduction and the
+// student gradient (see l2d_kernels/ops/triton_mld.py for the formulas, which this mirrors).
+// Each block writes its partial sum; one block adds them in a fixed order: no float atomics.
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "common.cuh"
+#include "ops.h"
+
+namespace l2d {
+namespace {
+
+__device__ __forceinline__ float log1p_small(float u) {  // log(1 + u), u in [0, 1]
+  const float w = 1.f + u;
+  return w == 1.f ? u : logf(w) * (u / (w - 1.f));
+}
+
+__device__ __forceinline__ float kl_excess(float u) {  // u + exp(-u) - 1 >= 0, no cancellation near 0
+  if (fabsf(u) < 0.1f) {
+    const float series = 0.5f - u * (1.f / 6 - u * (1.f / 24 - u * (1.f / 120 - u * (1.f / 720))));
+    return u * u * series;
+  }
+  return u + expf(-u) - 1.f;
+}
+
+struct LogProbs {
+  float log_p, log_q, log_sig, log_sig_neg;
+};
+
+__device__ __forceinline__ LogProbs clamped_log_probs(float z, float lo, float hi) {
+  const float tail = log1p_small(expf(-fabsf(z)));
+  LogProbs r;
+  r.log_sig = fminf(z, 0.f) - tail;
+  r.log_sig_neg = fminf(-z, 0.f) - tail;
+  r.log_p = clamp_keep_nan(r.log_sig, lo, hi);
+  r.log_q = clamp_keep_nan(r.log_sig_neg, lo, hi);
+  return r;
+}
+
+template <typename T>
+__global__ void mld_kernel(const T* __restrict__ zs, const T* __restrict__ zt, T* __restrict__ grad,
+                           float* __restrict__ out, int64_t B, int64_t C, int64_t zs_sb, int64_t zs_sc,
+                           int64_t zt_sb, int64_t zt_sc, float inv_t, float loss_scale, float grad_scale,
+                           float lo, float hi, bool per_label) {
+  __shared__ float scratch[kThreads / 32];
+  const int64_t n = B * C;
+  float partial = 0.f;
+  for (int64_t k = blockIdx.x * (int64_t)kThreads + threadIdx.x; k < n; k += (int64_t)gridDim.x * kThreads) {
+    const int64_t b = k / C, c = k % C;
+    const LogProbs s = clamped_log_probs(to_float(zs[b * zs_sb + c * zs_sc]) * inv_t, lo, hi);
+    const LogProbs t = clamped_log_probs(to_float(zt[b * zt_sb + c * zt_sc]) * inv_t, lo, hi);
+    const float pt = expf(t.log_p), qt = expf(t.log_q);
+    const float loss = pt * kl_excess(t.log_p - s.log_p) + qt * kl_excess(t.log_q - s.log_q);
+    const bool p_free = s.log_sig >= lo && s.log_sig <= hi;
+    const bool q_free = s.log_sig_neg >= lo && s.log_sig_neg <= hi;
+    const float g = (q_free ? qt * expf(s.log_sig) : 0.f) - (p_free ? pt * expf(s.log_sig_neg) : 0.f);
+    grad[k] = from_float<T>(g * grad_scale);
+    if (per_label)
+      out[k] = loss * loss_scale;
+    else
+      partial += loss;
+  }
+  if (!per_label) {
+    const float total = block_sum(partial, scratch);
+    if (threadIdx.x == 0) out[blockIdx.x] = total;
+  }
+}
+
+__global__ void sum_kernel(const float* __restrict__ partials, int n, float scale, float* __restrict__ out) {
+  __shared__ float scratch[kThreads / 32];
+  float v = 0.f;
+  for (int k = threadIdx.x; k < n; k += kThreads) v += partials[k];
+  const float total = block_sum(v, scratch);
+  if (threadIdx.x == 0) *out = total * scale;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> mld_cuda(const at::Tensor& zs_in, const at::Tensor& zt_in,
+                                            c10::string_view reduction, double eps, double temperature) {
+  TORCH_CHECK(zs_in.is_cuda() && zt_in.is_cuda(), "mld_cuda: inputs must be CUDA tensors");
+  TORCH_CHECK(zs_in.dim() == 2 && zs_in.sizes() == zt_in.sizes(), "mld_cuda: logits must be [B, C] of one shape");
+  const c10::cuda::CUDAGuard guard(zs_in.device());
+  // Mixed dtypes compute from float32 copies (exact for half inputs); the gradient keeps zs's dtype.
+  const bool mixed = zs_in.scalar_type() != zt_in.scalar_type();
+  const at::Tensor zs = mixed ? zs_in.to(at::kFloat) : zs_in;
+  const at::Tensor zt = mixed ? zt_in.to(at::kFloat) : zt_in;
+  const int64_t B = zs.size(0), C = zs.size(1), n = B * C;
+  double scale = 1.0;
+  if (reduction == "batchmean") scale = 1.0 / B;
+  else if (reduction == "mean") scale = 1.0 / n;
+  else TORCH_CHECK(reduction == "sum" || reduction == "none", "mld_cuda: unknown reduction ", reduction);
+  const bool per_label = reduction == "none";
+  const float loss_scale = static_cast<float>(scale * temperature * temperature);
+  const float grad_scale = static_cast<float>(scale * temperature);
+  const int blocks = static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 1024));
+
+  at::Tensor grad = at::empty({B, C}, zs.options());
+  at::Tensor out = per_label ? at::empty({B, C}, zs.options().dtype(at::kFloat))
+                             : at::empty({blocks}, zs.options().dtype(at::kFloat));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const float lo = static_cast<float>(std::log(eps)), hi = static_cast<float>(std::log1p(-eps));
+  dispatch_float_types(zs.scalar_type(), "mld_cuda", [&](auto tag) {
+    using T = decltype(tag);
+    mld_kernel<T><<<blocks, kThreads, 0, stream>>>(
+        reinterpret_cast<const T*>(zs.data_ptr()), reinterpret_cast<const T*>(zt.data_ptr()),
+        reinterpret_cast<T*>(grad.data_ptr()), out.data_ptr<float>(), B, C, zs.stride(0), zs.stride(1),
+        zt.stride(0), zt.stride(1), static_cast<float>(1.0 / temperature), loss_scale, grad_scale, lo, hi, per_label);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (mixed) grad = grad.to(zs_in.scalar_type());
+  if (per_label) return {out, grad};
+  at::Tensor loss = at::empty({}, out.options());
+  sum_kernel<<<1, kThreads, 0, stream>>>(out.data_ptr<float>(), blocks, loss_scale, loss.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {loss, grad};
+}
+
+}  // namespace l2d

@@ -1,0 +1,19 @@
+// The CUDA implementations of the l2d_kernels operators (registered in ops.cpp).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+#include <tuple>
+
+namespace l2d {
+
+// (loss in float32, d loss / d zs in zs's dtype)
+std::tuple<at::Tensor, at::Tensor> mld_cuda(const at::Tensor& zs, const at::Tensor& zt, c10::string_view reduction,
+                                            double eps, double temperature);
+
+// (float32 [lambda_cd * CD + lambda_id * ID, CD, ID], d total / d es in es's dtype)
+std::tuple<at::Tensor, at::Tensor> led_cuda(const at::Tensor& es, const at::Tensor& et, const at::Tensor& targets,
+                                            double lambda_cd, double lambda_id);
+
+}  // namespace l2d

@@ -1,0 +1,49 @@
+"""The compiled extension l2d_kernels._C, checked where no GPU is needed: it imports, registers its
+operators with CUDA kernels, and their fake kernels give the right shapes and dtypes (what
+torch.compile traces). Its numerics run in the GPU tests (test_gpu.py, test_api.py on a GPU)."""
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from l2d_kernels.ops import cuda_ext
+
+pytestmark = pytest.mark.skipif(cuda_ext.load_error is not None, reason=f"extension not built: {cuda_ext.load_error}")
+
+
+@pytest.mark.parametrize("op", ["mld_cuda", "led_cuda"])
+def test_operators_are_registered_with_cuda_and_fake_kernels(op):
+    name = f"l2d_kernels::{op}"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "Meta")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "Autograd")
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU")
+
+
+def test_schemas():
+    mld = torch.ops.l2d_kernels.mld_cuda.default._schema
+    led = torch.ops.l2d_kernels.led_cuda.default._schema
+    assert [a.name for a in mld.arguments] == ["zs", "zt", "reduction", "eps", "temperature"]
+    assert [a.name for a in led.arguments] == ["es", "et", "targets", "lambda_cd", "lambda_id"]
+    assert len(mld.returns) == len(led.returns) == 2
+    assert not any(a.alias_info for a in list(mld.arguments) + list(led.arguments))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_mld_fake_kernel(dtype, reduction):
+    with FakeTensorMode():
+        zs = torch.empty(5, 7, device="cuda", dtype=dtype)
+        loss, grad = torch.ops.l2d_kernels.mld_cuda(zs, zs, reduction, 1e-8, 1.0)
+    assert loss.shape == ((5, 7) if reduction == "none" else ()) and loss.dtype == torch.float32
+    assert grad.shape == (5, 7) and grad.dtype == dtype and grad.device.type == "cuda"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_led_fake_kernel(dtype):
+    with FakeTensorMode():
+        es = torch.empty(4, 3, 8, device="cuda", dtype=dtype)
+        y = torch.empty(4, 3, device="cuda", dtype=torch.bool)
+        losses, grad = torch.ops.l2d_kernels.led_cuda(es, es, y, 100.0, 1000.0)
+    assert losses.shape == (3,) and losses.dtype == torch.float32
+    assert grad.shape == (4, 3, 8) and grad.dtype == dtype and grad.device.type == "cuda"
