@@ -42,6 +42,11 @@ def test_quick_run_writes_results_and_is_reproducible(tmp_path, capsys):
     again = json.loads((tmp_path / "b" / "results.json").read_text())
     assert again["models"] == results["models"]
 
+    # Reusing the teacher changes nothing for the students: each model's data order restarts from the seed.
+    main(["--quick", "--out", str(tmp_path / "c"), "--teacher-checkpoint", str(tmp_path / "a" / "teacher.pt")])
+    reused = json.loads((tmp_path / "c" / "results.json").read_text())
+    assert reused["models"] == results["models"]
+
 
 def test_atomic_save_leaves_the_old_file_when_writing_fails(tmp_path):
     path = tmp_path / "model.pt"

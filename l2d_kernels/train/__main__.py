@@ -116,7 +116,7 @@ def run(args) -> dict:
         model = LabelWiseNet(backbone, num_labels, args.dim).to(device)
         return DistributedDataParallel(model) if world > 1 else model
 
-    common = dict(device=device, out_dir=out, log_file=log_file, is_main=is_main)
+    common = dict(device=device, out_dir=out, log_file=log_file, is_main=is_main, seed=args.seed)
     criterion = L2DLoss(lambda_mld=args.lambda_mld, lambda_led=args.lambda_led, lambda_cd=args.lambda_cd,
                         lambda_id=args.lambda_id, backend=args.loss_backend)
     if world > 1:

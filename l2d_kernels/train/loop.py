@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .. import reference
+from ..api import fused_mld
 from ..distributed import global_fused_led
 from ..nn import L2DLoss
 from .metrics import evaluate
@@ -65,11 +66,8 @@ class DistributedL2D(nn.Module):
         self.c, self.world = criterion, world
 
     def forward(self, zs, zt, es, et, y):
-        from ..api import fused_mld
-
         c = self.c
-        zs32 = zs.float()
-        bce = reference.bce(zs32, y)
+        bce = reference.bce(zs.float(), y)
         mld = fused_mld(zs, zt, reduction="sum", backend=c.backend) / (zs.shape[0] * self.world)
         led = global_fused_led(es, et, y, lambda_cd=c.lambda_cd, lambda_id=c.lambda_id, backend=c.backend)
         return self.world * (c.lambda_bce * bce + c.lambda_mld * mld + c.lambda_led * led)
@@ -95,13 +93,19 @@ def predict(model: nn.Module, loader, device: torch.device):
 
 
 def train_model(name, model, loader, val_loader, *, epochs, lr, device, out_dir, log_file, teacher=None,
-                criterion=None, is_main=True, loss_scale=1.0):
+                criterion=None, is_main=True, loss_scale=1.0, seed=0):
     """Train ``model`` (a teacher or student); with ``teacher``, distill with ``criterion``.
 
     Each epoch ends with an evaluation on the held-out split, a line in ``log_file`` (JSON) and a
     checkpoint ``out_dir/<name>.pt`` written atomically. ``loss_scale`` multiplies the BCE of a
     model trained alone (the world size under DDP, as ``DistributedL2D`` does for the L2D objective).
+    The data order and augmentations restart from ``seed``, so models trained one after the other
+    (the two students) see the same batches whatever ran before them.
     """
+    torch.manual_seed(seed)
+    generator = getattr(getattr(loader, "sampler", None), "generator", None)
+    if generator is not None:
+        generator.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps = max(1, epochs * len(loader))
     warmup = max(1, steps // 20)
