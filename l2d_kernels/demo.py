@@ -81,8 +81,8 @@ def main(argv=None) -> None:
         err = ((x.grad - ref_x.grad).norm() / ref_x.grad.norm()).item()
         mld = mld_fn(zs, zt)
         zs_x = zs.clone().requires_grad_()
-        led_ms = _time_ms(lambda: led_fn(es.clone().requires_grad_(), et, y)[0].backward(), device, args.repeats)
-        mld_ms = _time_ms(lambda: mld_fn(zs_x, zt).backward(), device, args.repeats)
+        led_ms = _time_ms(lambda f=led_fn: f(es.clone().requires_grad_(), et, y)[0].backward(), device, args.repeats)
+        mld_ms = _time_ms(lambda f=mld_fn, z=zs_x: f(z, zt).backward(), device, args.repeats)
         print(f"{name:<26} {total.item():>12.4f} {cd.item():>9.5f} {id_.item():>9.5f} {mld.item():>9.4f}"
               f" {err:>9.1e} {led_ms:>9.3f} {mld_ms:>9.3f}")
     print("grad err: |grad - grad of the eager vectorized form| / |that|; times: median of forward + backward")

@@ -1,6 +1,5 @@
 """L2DLoss: the whole objective of SPEC 4 against float64 formulas, on every backend here."""
 
-import pytest
 import torch
 
 import oracle

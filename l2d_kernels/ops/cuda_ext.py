@@ -13,6 +13,6 @@ if importlib.util.find_spec("l2d_kernels._C") is None:
     load_error = "this install has no compiled extension"
 else:
     try:
-        from .. import _C  # noqa: F811
+        from .. import _C  # noqa: F401, F811 (imported to register the operators)
     except (ImportError, OSError) as err:
         load_error = f"it failed to load: {err}"

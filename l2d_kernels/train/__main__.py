@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..nn import L2DLoss
 from .data import DataError, load_datasets
-from .loop import DistributedL2D, atomic_save, predict, train_model
+from .loop import DistributedL2D, predict, train_model
 from .metrics import evaluate
 from .models import LabelWiseNet, parameter_count
 
