@@ -8,14 +8,13 @@ import torch
 from l2d_kernels import L2DLoss, available_backends, fused_led, fused_mld, reference
 
 FUSED = [b for b in ("cuda", "triton") if b in available_backends()]
-COMPILE_OK = True
 
 
 def _vectorized_objective(zs, zt, es, et, y):
     return reference.bce(zs, y) + 10 * reference.mld(zs, zt) + reference.led_vectorized(es, et, y)
 
 
-def led_forms(on_gpu: bool) -> dict:
+def led_forms() -> dict:
     forms = {f"fused-{b}": (lambda es, et, y, b=b: fused_led(es, et, y, backend=b)) for b in FUSED}
     forms["eager-vectorized"] = reference.led_vectorized
     forms["eager-loops"] = reference.led_loops
@@ -23,7 +22,7 @@ def led_forms(on_gpu: bool) -> dict:
     return forms
 
 
-def mld_forms(on_gpu: bool) -> dict:
+def mld_forms() -> dict:
     forms = {f"fused-{b}": (lambda zs, zt, b=b: fused_mld(zs, zt, backend=b)) for b in FUSED}
     forms["eager-authors"] = reference.mld_authors
     forms["eager-stable"] = reference.mld
@@ -31,7 +30,7 @@ def mld_forms(on_gpu: bool) -> dict:
     return forms
 
 
-def l2d_forms(on_gpu: bool) -> dict:
+def l2d_forms() -> dict:
     forms = {f"fused-{b}": L2DLoss(backend=b) for b in FUSED}
     forms["eager-authors"] = reference.l2d_authors
     forms["torch.compile"] = torch.compile(_vectorized_objective, dynamic=False)

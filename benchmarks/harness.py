@@ -96,7 +96,7 @@ def peak_extra_mib(fn) -> float | None:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def run_case(benchmark, request, fn, info: dict, rounds: int = 20, iterations: int = 1):
+def run_case(benchmark, request, fn, info: dict, rounds: int = 20):
     """Warm up, measure memory, then time ``fn``; record an out-of-memory or too-slow case instead."""
     if not selected(info["form"], info["shape"], _dtype(info["dtype"]), info["pass_"]):
         pytest.skip(f"not in the {BENCH_SET!r} benchmark set")
@@ -117,7 +117,7 @@ def run_case(benchmark, request, fn, info: dict, rounds: int = 20, iterations: i
         return _unmeasured(request, info, "out of memory")
     per_call = max(second_s, 1e-6)
     rounds = max(3, min(rounds, int(2.0 / per_call)))
-    benchmark.pedantic(fn, rounds=rounds, iterations=iterations, warmup_rounds=1)
+    benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1)
 
 
 def _dtype(name: str) -> torch.dtype:

@@ -4,11 +4,11 @@ form and torch.compile of the eager vectorized form."""
 import pytest
 import torch
 
-from harness import DEVICE, DTYPES, LED_SHAPES, ON_GPU, floor_us, run_case, synced_timer
+from harness import DEVICE, DTYPES, LED_SHAPES, floor_us, run_case, synced_timer
 from forms import l2d_forms
 from l2d_kernels.labels import sample_targets
 
-FORMS = l2d_forms(ON_GPU)
+FORMS = l2d_forms()
 
 
 @pytest.mark.benchmark(group="l2d", timer=synced_timer)

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from harness import DEVICE, DTYPES, LED_SHAPES, ON_GPU, floor_us, run_case, synced_timer
+from harness import DEVICE, DTYPES, LED_SHAPES, floor_us, run_case, synced_timer
 from forms import led_forms
 from l2d_kernels.labels import sample_targets
 
-FORMS = led_forms(ON_GPU)
+FORMS = led_forms()
 
 
 def _inputs(B, C, D, dtype):

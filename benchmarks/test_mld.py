@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from harness import DEVICE, DTYPES, MLD_SHAPES, ON_GPU, floor_us, run_case, synced_timer
+from harness import DEVICE, DTYPES, MLD_SHAPES, floor_us, run_case, synced_timer
 from forms import mld_forms
 
-FORMS = mld_forms(ON_GPU)
+FORMS = mld_forms()
 
 
 @pytest.mark.benchmark(group="mld", timer=synced_timer)

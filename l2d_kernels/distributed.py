@@ -41,6 +41,7 @@ def global_fused_led(
     """``fused_led`` with CD over the global batch; see the module docstring."""
     check_embeddings(student_emb, teacher_emb, targets)
     rank = dist.get_rank(group)
+    # One small gather and host read per call: unequal batches would otherwise corrupt all_gather.
     sizes = _gather(torch.tensor([student_emb.shape[0]], device=student_emb.device), group)
     if any(int(s) != student_emb.shape[0] for s in sizes):
         raise ValueError(f"student_emb: every process must hold the same batch size, got {[int(s) for s in sizes]}")

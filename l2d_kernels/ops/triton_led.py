@@ -143,12 +143,15 @@ def _pair_weights(x, ds, sq_s, pair, mu_s, k_sum, p_f, n_pairs):
 
 @triton.jit
 def _write_grad(S, s_m, s_d, G, g_m, rows_i, ok_i, rows_j, ok_j, w, rowsum, D, scale,
-                ADD: tl.constexpr, BLOCK_D: tl.constexpr):
-    """grad[rows_i] (+)= scale * (rowsum * S[rows_i] - w @ S[rows_j]), in width chunks."""
+                ADD: tl.constexpr, BLOCK_D: tl.constexpr, SAME: tl.constexpr = False):
+    """grad[rows_i] (+)= scale * (rowsum * S[rows_i] - w @ S[rows_j]), in width chunks (``SAME``: j is i)."""
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
-        sj = _load_rows(S, rows_j, ok_j, d0, D, s_m, s_d, BLOCK_D).to(tl.float32)
         si = _load_rows(S, rows_i, ok_i, d0, D, s_m, s_d, BLOCK_D).to(tl.float32)
+        if SAME:
+            sj = si
+        else:
+            sj = _load_rows(S, rows_j, ok_j, d0, D, s_m, s_d, BLOCK_D).to(tl.float32)
         out = scale * (rowsum[:, None] * si - tl.dot(w, sj, input_precision="ieee"))
         ptrs = G + rows_i[:, None] * g_m + dd[None, :]
         mask = ok_i[:, None] & (dd < D)[None, :]
@@ -178,7 +181,7 @@ def _small_group(S, T, s_m, s_d, t_m, t_d, G, g_m, members, P, loss_ptr, D, scal
     tl.store(loss_ptr, _sum2(tl.where(pair, _huber(x), 0.0)) / p_f)
     k_sum = _sum2(tl.where(pair, clamp(x, -1.0, 1.0) * ds, 0.0))
     w = _pair_weights(x, ds, sq_s, pair, mu_s, k_sum, p_f, n_pairs)
-    _write_grad(S, s_m, s_d, G, g_m, rows, ok, rows, ok, w, tl.sum(w, axis=1), D, scale, ADD, BLOCK_D)
+    _write_grad(S, s_m, s_d, G, g_m, rows, ok, rows, ok, w, tl.sum(w, axis=1), D, scale, ADD, BLOCK_D, True)
 
 
 @triton.jit
