@@ -1,56 +1,137 @@
 #!/usr/bin/env bash
-# The GPU check, in one command, on a machine with a CUDA GPU and no network access:
-#   install the project (no downloads), build the CUDA extension when csrc/ has one, run the test
-#   suite (the GPU tests included), run compute-sanitizer (memcheck, racecheck) over the kernels,
-#   build the CMake project and run its C++ test, run the benchmarks and turn them into a report.
-#   Every step together takes longer than one 10-minute device call: run it as two calls, e.g.
-#   STEPS="install build tests sanitize" then STEPS="install build cmake bench".
+# The GPU check, on a machine with a CUDA GPU and no network access, in two phases (each fits one
+# 10-minute call; together they do not):
 #
-#   OUT=/path/to/results bash benchmarks/gpu_check.sh        (default OUT: ./gpu-out)
-#   STEPS="tests bench" bash benchmarks/gpu_check.sh          (a subset; default: every step)
-#   L2D_BENCH=full ...                                        (every benchmark case; default: quick)
+#   PHASE=check  install the project (no downloads); build the CUDA extension wheel for this card in
+#                the background while the test suite runs on the Triton backend; then the suite on
+#                the CUDA backend; compute-sanitizer (memcheck, racecheck) over the kernels of both;
+#                the CMake build and its C++ test (CTest).
+#   PHASE=bench  install (reusing a carried extension when L2D_PREBUILT_C names one, else building
+#                it), then `pytest benchmarks/` and the report (markdown table and PNG plot).
 #
-# Writes at most a handful of files under $OUT: summary.txt (one line per step), log.txt (every
-# step's output), gpu.txt, and bench-<card>.json / .md / .png. Exits non-zero if any step failed.
+#   OUT=/path/to/results PHASE=check bash benchmarks/gpu_check.sh      (default OUT: ./gpu-out)
+#   L2D_BENCH=full PHASE=bench ...                                     (every case; default: quick)
+#   DEADLINE=300 ...               (seconds: steps are cut short so that the phase ends by then)
+#
+# Writes under $OUT: summary.txt (one line per step, failures named), log-<phase>.txt (every step's
+# output), gpu.txt, the built extension (_C.so, to carry into the next phase), a Triton kernel cache
+# (triton-cache.tgz), and for bench: bench-<card>.json / .md / .png. Exits non-zero if a step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
 PY=${PYTHON:-python3}
-STEPS=${STEPS:-"install build tests sanitize cmake bench"}
+PHASE=${PHASE:-check}
 export L2D_BENCH=${L2D_BENCH:-quick}
 export PYTHONUNBUFFERED=1
-mkdir -p "$OUT"
-: > "$OUT/summary.txt"
-: > "$OUT/log.txt"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1)}
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/build/triton-cache}
+mkdir -p "$OUT" build "$TRITON_CACHE_DIR"
+LOG="$OUT/log-$PHASE.txt"
+: > "$LOG"
 failed=0
+T0=$SECONDS
+DEADLINE=${DEADLINE:-570}  # seconds: no step starts, or runs on, past this point of the phase
 
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -c 'A-Za-z0-9\n' '-' | tr -s '-')
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
-$PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" >> "$OUT/gpu.txt" 2>&1
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  echo "arch list: $TORCH_CUDA_ARCH_LIST"; } > "$OUT/gpu.txt" 2>&1
+[ -f build/triton-cache.tgz ] && tar -xzf build/triton-cache.tgz -C "$TRITON_CACHE_DIR" 2>/dev/null
 
-step() {  # step NAME TIMEOUT_S COMMAND...
-    local name=$1 limit=$2
+note() { echo "$*" | tee -a "$OUT/summary.txt"; }
+
+step() {  # step NAME TIMEOUT_S COMMAND...   (output to $LOG; one summary line, with failed tests named)
+    local name=$1 limit=$2 start=$SECONDS
     shift 2
-    case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
-    echo "===== $name: $*" >> "$OUT/log.txt"
-    local start=$SECONDS
-    timeout "$limit" "$@" >> "$OUT/log.txt" 2>&1
-    local rc=$?
-    local line="$name: $([ $rc -eq 0 ] && echo ok || echo "FAILED (exit $rc)") in $((SECONDS - start)) s"
-    echo "$line" | tee -a "$OUT/summary.txt"
+    local left=$((DEADLINE - (SECONDS - T0)))
+    if [ $left -lt 15 ]; then
+        note "$name: SKIPPED (the phase's deadline, DEADLINE=$DEADLINE s, is near)"
+        failed=1
+        return 1
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    echo "===== $name [t=$((SECONDS - T0)) s, limit $limit s]: $*" >> "$LOG"
+    local tmp
+    tmp=$(mktemp)
+    timeout -k 5 "$limit" "$@" 2>&1 | tee -a "$LOG" > "$tmp"
+    local rc=${PIPESTATUS[0]}
+    note "$name: $([ $rc -eq 0 ] && echo ok || echo "FAILED (exit $rc)") in $((SECONDS - start)) s$(grep -E -m1 '[0-9]+ (passed|failed)|ERROR SUMMARY' "$tmp" | sed 's/^/ -- /')"
+    grep -E '^(FAILED|ERROR) ' "$tmp" | head -15 | sed 's/^/    /' | tee -a "$OUT/summary.txt"
+    rm -f "$tmp"
     [ $rc -eq 0 ] || failed=1
+    return $rc
 }
 
-step install 120 $PY -m pip install --no-deps --no-build-isolation --no-index -e .
-if [ -d csrc ] && ls csrc/*.cu > /dev/null 2>&1; then
-    step build 400 env L2D_KERNELS_BUILD_CUDA=1 MAX_JOBS=16 $PY -m pip install --no-deps --no-build-isolation --no-index -e .
+install_project() {
+    step install 120 $PY -m pip install --no-deps --no-build-isolation --no-index -q -e .
+}
+
+build_extension() {  # a wheel with nvcc (what users install), its _C copied into the tree for the tests
+    rm -rf build/dist && L2D_KERNELS_BUILD_CUDA=1 MAX_JOBS=16 \
+        $PY -m pip wheel --no-deps --no-build-isolation --no-index -w build/dist . &&
+        $PY -m zipfile -l build/dist/*.whl | grep -q '_C' &&
+        (cd build/dist && $PY -m zipfile -e ./*.whl unpacked) &&
+        for so in build/dist/unpacked/l2d_kernels/_C*.so; do  # a new file, never one a process has loaded
+            cp "$so" l2d_kernels/.C.tmp && mv -f l2d_kernels/.C.tmp "l2d_kernels/$(basename "$so")"; done &&
+        cp l2d_kernels/_C*.so "$OUT/"
+}
+export -f build_extension
+export PY OUT
+
+GPU_TESTS=${GPU_TESTS:-"tests/test_api.py tests/test_nn.py tests/test_library.py tests/test_backends.py tests/test_triton_mld.py
+           tests/test_triton_led.py tests/test_gpu.py tests/test_cuda_ext.py"}
+pytest_gpu() {  # pytest_gpu BACKENDS NAME TIMEOUT
+    step "$2" "$3" env L2D_TEST_BACKENDS="$1" $PY -m pytest $GPU_TESTS -q -rfE -p no:cacheprovider -n 6 \
+        --timeout 150 -o addopts=""
+}
+
+sanitize() {  # sanitize BACKENDS
+    for tool in memcheck racecheck; do
+        step "sanitize-$tool-$1" 60 env L2D_TEST_BACKENDS="$1" compute-sanitizer --tool $tool --error-exitcode 1 \
+            $PY tests/sanitizer_driver.py
+    done
+}
+
+cmake_build() {
+    step cmake 240 bash -c "cmake -S . -B build/cmake -G Ninja -DCMAKE_PREFIX_PATH=\"\$($PY -c 'import torch; print(torch.utils.cmake_prefix_path)')\" && cmake --build build/cmake -j 8 && ctest --test-dir build/cmake --output-on-failure"
+}
+
+save_triton_cache() {
+    tar -czf "$OUT/triton-cache.tgz" -C "$TRITON_CACHE_DIR" . 2>/dev/null
+}
+
+if [ "$PHASE" = check ]; then
+    install_project
+    # nvcc in the background (CPU) while the Triton backend is tested on the GPU.
+    ( step build 300 bash -c build_extension ) &
+    build_pid=$!
+    pytest_gpu torch,triton tests-triton 170
+    sanitize triton
+    wait $build_pid || failed=1
+    if ls l2d_kernels/_C*.so > /dev/null 2>&1; then
+        ( cmake_build ) > /dev/null &
+        cmake_pid=$!
+        $PY -c "import l2d_kernels; print('backends here:', l2d_kernels.available_backends())" >> "$OUT/gpu.txt" 2>&1
+        pytest_gpu cuda tests-cuda 100
+        sanitize cuda
+        wait $cmake_pid || failed=1
+    fi
+    save_triton_cache
+elif [ "$PHASE" = bench ]; then
+    install_project
+    if [ -n "${L2D_PREBUILT_C:-}" ] && [ -f "$L2D_PREBUILT_C" ]; then
+        cp "$L2D_PREBUILT_C" l2d_kernels/.C.tmp && mv -f l2d_kernels/.C.tmp "l2d_kernels/$(basename "$L2D_PREBUILT_C")" && note "extension: carried in ($L2D_PREBUILT_C)"
+    else
+        step build 300 bash -c build_extension
+    fi
+    $PY -c "import l2d_kernels; print('backends here:', l2d_kernels.available_backends())" | tee -a "$OUT/gpu.txt"
+    [ -n "${L2D_RETEST:-}" ] && step retest 200 env $PY -m pytest $L2D_RETEST -q -rfE -p no:cacheprovider -n 6 -o addopts=""
+    step bench 480 $PY -m pytest benchmarks -q -rfE -p no:cacheprovider -o addopts="" --benchmark-json="$OUT/bench-$card.json"
+    step report 60 $PY benchmarks/report.py "$OUT/bench-$card.json" --out "$OUT"
+    save_triton_cache
+else
+    echo "PHASE must be check or bench, not $PHASE" >&2
+    exit 2
 fi
-$PY -c "import l2d_kernels; print('backends here:', l2d_kernels.available_backends())" >> "$OUT/gpu.txt" 2>&1
-step tests 420 $PY -m pytest tests -q -x -n 8 -p no:cacheprovider
-step sanitize 240 compute-sanitizer --tool memcheck --error-exitcode 1 $PY tests/sanitizer_driver.py
-step sanitize 240 compute-sanitizer --tool racecheck --error-exitcode 1 $PY tests/sanitizer_driver.py
-step cmake 400 bash -c "cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH=\"\$($PY -c 'import torch; print(torch.utils.cmake_prefix_path)')\" > /dev/null && cmake --build build/cmake -j 16 > /dev/null && ctest --test-dir build/cmake --output-on-failure"
-step bench 420 $PY -m pytest benchmarks -q -p no:cacheprovider --benchmark-json="$OUT/bench-$card.json"
-step bench 60 $PY benchmarks/report.py "$OUT/bench-$card.json" --out "$OUT"
-cat "$OUT/summary.txt"
+note "total: $((SECONDS - T0)) s"
 exit $failed

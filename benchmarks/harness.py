@@ -46,8 +46,8 @@ BENCH_SET = os.environ.get("L2D_BENCH", "full")
 _QUICK_BASELINE_SHAPES = {"coco", "c1000", "openimages", "b4096-c1000"}
 
 
-def selected(form: str, shape: str, dtype: torch.dtype, pass_: str) -> bool:
-    if BENCH_SET != "quick":
+def selected(form: str, shape: str, dtype: torch.dtype | None, pass_: str) -> bool:
+    if BENCH_SET != "quick" or pass_ == "train step":
         return True
     if form.startswith("fused-"):
         return dtype == torch.float32 or shape in ("coco", "c1000")
@@ -120,8 +120,8 @@ def run_case(benchmark, request, fn, info: dict, rounds: int = 20):
     benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1)
 
 
-def _dtype(name: str) -> torch.dtype:
-    return getattr(torch, name.removeprefix("torch."))
+def _dtype(name: str) -> torch.dtype | None:
+    return getattr(torch, name.removeprefix("torch."), None)
 
 
 def _unmeasured(request, info, reason):

@@ -83,6 +83,9 @@ def markdown(cases, shapes, meta) -> str:
     for key in cases:
         groups[key[:2]].append(key)
     for (loss, pass_) in sorted(groups):
+        if loss == "step":
+            lines += _step_table(cases, groups[(loss, pass_)])
+            continue
         keys = sorted(groups[(loss, pass_)], key=lambda k: (shapes[k[2]][0] * shapes[k[2]][1] * max(shapes[k[2]][2], 1),
                                                            k[3]))
         forms = []
@@ -118,13 +121,36 @@ def markdown(cases, shapes, meta) -> str:
     return "\n".join(lines)
 
 
+def _step_table(cases, keys) -> list[str]:
+    """The training step: median per form and the share of the step spent in the losses."""
+    lines = ["## Whole training step (ResNet-101 teacher, ResNet-34 student, batch 64, 224 x 224, bf16 autocast, Adam)",
+             "", "Losses' share: (step - the BCE-only step) / step.", "",
+             "| form | median step | losses' share | step vs eager-authors |", "|---|---|---|---|"]
+    for key in keys:
+        cells = cases[key]
+        floor = cells.get("bce-only", {}).get("median")
+        authors = cells.get("eager-authors", {}).get("median")
+        for form in ["bce-only"] + [f for f in _forms_present(cells) if f != "bce-only"]:
+            cell = cells.get(form)
+            if cell is None:
+                continue
+            if "status" in cell:
+                lines.append(f"| {form} | {cell['status']} | - | - |")
+                continue
+            t = cell["median"]
+            share = "-" if floor is None or form == "bce-only" else f"{max(t - floor, 0.0) / t:.1%}"
+            speed = "-" if authors is None else _fmt_ratio(authors / t)
+            lines.append(f"| {form} | {_fmt_time(t)} | {share} | {speed} |")
+    return lines + [""]
+
+
 def plot(cases, shapes, meta, path: pathlib.Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({key[:2] + (key[3],) for key in cases})
+    panels = sorted({key[:2] + (key[3],) for key in cases if key[0] != "step"})
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
     for ax, (loss, pass_, dtype) in zip(axes[0], panels):
         keys = sorted((k for k in cases if k[:2] == (loss, pass_) and k[3] == dtype),

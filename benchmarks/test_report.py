@@ -7,8 +7,8 @@ import pytest
 import report
 
 
-def _bench(form, median, shape="coco", loss="led", pass_="fwd+bwd", floor_us=10.0, peak=5.0):
-    info = dict(loss=loss, form=form, shape=shape, B=64, C=80, D=768, dtype="torch.float32", pass_=pass_,
+def _bench(form, median, shape="coco", loss="led", pass_="fwd+bwd", floor_us=10.0, peak=5.0, dtype="torch.float32"):
+    info = dict(loss=loss, form=form, shape=shape, B=64, C=80, D=768, dtype=dtype, pass_=pass_,
                 floor_us=floor_us, peak_extra_mib=peak, device="Test GPU", torch="2.x")
     return dict(name=f"test_{loss}[{form}]", extra_info=info, stats=dict(median=median))
 
@@ -18,7 +18,9 @@ def results(tmp_path):
     data = dict(
         datetime="2026-01-01T00:00:00", commit_info=dict(id="0123456789abcdef"), l2d_copy_tbps=3.0,
         benchmarks=[_bench("fused-triton", 40e-6), _bench("eager-vectorized", 3e-3), _bench("torch.compile", 1.2e-3),
-                    _bench("eager-loops", 0.2)],
+                    _bench("eager-loops", 0.2)]
+        + [_bench(form, t, shape="r101-to-r34", loss="step", pass_="train step", floor_us=None, dtype="bf16-autocast")
+           for form, t in (("bce-only", 0.030), ("eager-authors", 0.160), ("fused-triton", 0.0303))],
         l2d_unmeasured=[dict(loss="led", form="eager-vectorized", shape="openimages", B=16, C=9605, D=256,
                              dtype="torch.float32", pass_="fwd+bwd", status="out of memory")],
     )
@@ -41,3 +43,10 @@ def test_plot_is_written(results, tmp_path):
     report.main([str(results), "--out", str(tmp_path)])
     png = tmp_path / "bench-test.png"
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_markdown_gives_the_losses_share_of_a_training_step(results, tmp_path):
+    report.main([str(results), "--out", str(tmp_path), "--no-plot"])
+    text = (tmp_path / "bench-test.md").read_text()
+    assert "| eager-authors | 160.00 ms | 81.2% | 1.00x |" in text  # (160 - 30) / 160
+    assert "| fused-triton | 30.30 ms | 1.0% | 5.28x |" in text  # (30.3 - 30) / 30.3, 160 / 30.3

@@ -1,4 +1,10 @@
-"""Devices, backends, input makers and error measures shared by the test files."""
+"""Devices, backends, input makers and error measures shared by the test files.
+
+``L2D_TEST_BACKENDS=triton,cuda`` (comma-separated) limits the backends the tests run on to those
+named (the GPU check script tests one backend while the other is still being built).
+"""
+
+import os
 
 import torch
 
@@ -10,11 +16,13 @@ ON_GPU = DEVICE.type == "cuda"
 
 
 def api_backends():
-    return available_backends()
+    chosen = os.environ.get("L2D_TEST_BACKENDS")
+    backends = available_backends()
+    return backends if not chosen else [b for b in backends if b in chosen.split(",")]
 
 
 def fused_backends():
-    return [b for b in available_backends() if b != "torch"]
+    return [b for b in api_backends() if b != "torch"]
 
 
 def rel_err(actual: torch.Tensor, expected) -> float:

@@ -1,0 +1,77 @@
+"""One whole training step (SPEC 7): a ResNet-34 student distilled from a ResNet-101 teacher, both
+with label-wise embedding heads (D = 768, C = 80), 224 x 224 images, batch 64, bf16 autocast, Adam.
+
+Forms: BCE alone (no distillation: the step's floor), the authors' L2D objective (probability-space
+BCE and MLD, LED loops), the eager vectorized objective, torch.compile of it (full set only) and
+L2DLoss on every fused backend. The report gives each step's median and the share of it spent in
+the losses, ``(step - BCE-only step) / step``.
+"""
+
+import pytest
+import torch
+
+from harness import BENCH_SET, DEVICE, ON_GPU, run_case, synced_timer
+from forms import FUSED, _vectorized_objective
+from l2d_kernels import L2DLoss, reference
+from l2d_kernels.labels import sample_targets
+
+pytestmark = pytest.mark.skipif(not ON_GPU, reason="the training step is measured on a GPU only")
+
+B, C, D, SIZE = 64, 80, 768, 224
+
+
+def _bce_only(zs, zt, es, et, y):
+    return reference.bce(zs, y)
+
+
+def step_forms() -> dict:
+    forms = {f"fused-{b}": L2DLoss(backend=b) for b in FUSED}
+    forms["eager-vectorized"] = _vectorized_objective
+    forms["eager-authors"] = reference.l2d_authors
+    forms["bce-only"] = _bce_only
+    if BENCH_SET == "full":
+        forms["torch.compile"] = torch.compile(_vectorized_objective, dynamic=False)
+    return forms
+
+
+FORMS = step_forms() if ON_GPU else {}
+
+
+@pytest.fixture(scope="module")
+def pair():
+    pytest.importorskip("torchvision", reason="the training-step benchmark builds torchvision ResNets")
+    from l2d_kernels.train.models import LabelWiseNet
+
+    torch.manual_seed(0)
+    teacher = LabelWiseNet("resnet101", C, D).to(DEVICE).eval()
+    student = LabelWiseNet("resnet34", C, D).to(DEVICE).train()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    optimizer = torch.optim.Adam(student.parameters(), lr=1e-4)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    images = torch.randn(B, 3, SIZE, SIZE, generator=g, device=DEVICE)
+    targets = sample_targets(B, C, seed=0, device=DEVICE)
+    torch.backends.cudnn.benchmark = True
+    return teacher, student, optimizer, images, targets
+
+
+@pytest.mark.benchmark(group="step", timer=synced_timer)
+@pytest.mark.parametrize("form", list(FORMS) or ["none"])
+def test_training_step(benchmark, request, pair, form):
+    teacher, student, optimizer, images, targets = pair
+    loss_fn = FORMS[form]
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.no_grad():
+                et, zt = teacher(images)
+            es, zs = student(images)
+        loss = loss_fn(zs, zt, es, et, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    info = dict(loss="step", form=form, shape="r101-to-r34", B=B, C=C, D=D, dtype="bf16-autocast", pass_="train step",
+                floor_us=None, bytes=0)
+    run_case(benchmark, request, step, info, rounds=15)
