@@ -7,15 +7,18 @@
 #                the CUDA backend; compute-sanitizer (memcheck, racecheck) over the kernels of both;
 #                the CMake build and its C++ test (CTest).
 #   PHASE=bench  install (reusing a carried extension when L2D_PREBUILT_C names one, else building
-#                it), then `pytest benchmarks/` and the report (markdown table and PNG plot).
+#                it), then `pytest benchmarks/` one file at a time and the report (markdown table,
+#                PNG plot, merged JSON). Optional, in this order: L2D_RETEST="pytest args" (tests to
+#                rerun first), L2D_PROBES="command" (diagnostics), L2D_SANITIZE_AFTER="cuda triton"
+#                (compute-sanitizer after the benchmarks, with the time left).
 #
 #   OUT=/path/to/results PHASE=check bash benchmarks/gpu_check.sh      (default OUT: ./gpu-out)
 #   L2D_BENCH=full PHASE=bench ...                                     (every case; default: quick)
 #   DEADLINE=300 ...               (seconds: steps are cut short so that the phase ends by then)
 #
 # Writes under $OUT: summary.txt (one line per step, failures named), log-<phase>.txt (every step's
-# output), gpu.txt, the built extension (_C.so, to carry into the next phase), a Triton kernel cache
-# (triton-cache.tgz), and for bench: bench-<card>.json / .md / .png. Exits non-zero if a step failed.
+# output), gpu.txt, the built extension (_C*.so, to carry into the next phase), and for bench:
+# bench-<card>.json / .md / .png. Exits non-zero if a step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -36,7 +39,6 @@ card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -c 'A-Za
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
   echo "arch list: $TORCH_CUDA_ARCH_LIST"; } > "$OUT/gpu.txt" 2>&1
-[ -f build/triton-cache.tgz ] && tar -xzf build/triton-cache.tgz -C "$TRITON_CACHE_DIR" 2>/dev/null
 
 note() { echo "$*" | tee -a "$OUT/summary.txt"; }
 
@@ -96,10 +98,6 @@ cmake_build() {
     step cmake 240 bash -c "cmake -S . -B build/cmake -G Ninja -DCMAKE_PREFIX_PATH=\"\$($PY -c 'import torch; print(torch.utils.cmake_prefix_path)')\" && cmake --build build/cmake -j 8 && ctest --test-dir build/cmake --output-on-failure"
 }
 
-save_triton_cache() {
-    tar -czf "$OUT/triton-cache.tgz" -C "$TRITON_CACHE_DIR" . 2>/dev/null
-}
-
 if [ "$PHASE" = check ]; then
     install_project
     # nvcc in the background (CPU) while the Triton backend is tested on the GPU.
@@ -116,7 +114,6 @@ if [ "$PHASE" = check ]; then
         sanitize cuda
         wait $cmake_pid || failed=1
     fi
-    save_triton_cache
 elif [ "$PHASE" = bench ]; then
     install_project
     if [ -n "${L2D_PREBUILT_C:-}" ] && [ -f "$L2D_PREBUILT_C" ]; then
@@ -125,10 +122,18 @@ elif [ "$PHASE" = bench ]; then
         step build 300 bash -c build_extension
     fi
     $PY -c "import l2d_kernels; print('backends here:', l2d_kernels.available_backends())" | tee -a "$OUT/gpu.txt"
-    [ -n "${L2D_RETEST:-}" ] && step retest 200 env $PY -m pytest $L2D_RETEST -q -rfE -p no:cacheprovider -n 6 -o addopts=""
-    step bench 480 $PY -m pytest benchmarks -q -rfE -p no:cacheprovider -o addopts="" --benchmark-json="$OUT/bench-$card.json"
-    step report 60 $PY benchmarks/report.py "$OUT/bench-$card.json" --out "$OUT"
-    save_triton_cache
+    [ -n "${L2D_RETEST:-}" ] && step retest 150 $PY -m pytest $L2D_RETEST -q -rfE -p no:cacheprovider -n 8 -o addopts=""
+    [ -n "${L2D_PROBES:-}" ] && step probes 60 bash -c "$L2D_PROBES"
+    # One pytest run per file, each writing its JSON as it ends, so a deadline cuts one file, not all.
+    rm -rf build/bench && mkdir -p build/bench
+    jsons=()
+    for part in ${L2D_BENCH_FILES:-led mld step l2d}; do
+        step "bench-$part" 300 $PY -m pytest "benchmarks/test_$part.py" -q -rfE -p no:cacheprovider -o addopts="" \
+            --benchmark-json="build/bench/$part.json"
+        jsons+=("build/bench/$part.json")
+    done
+    step report 60 $PY benchmarks/report.py "${jsons[@]}" --merged "$OUT/bench-$card.json" --out "$OUT"
+    [ -n "${L2D_SANITIZE_AFTER:-}" ] && for b in $L2D_SANITIZE_AFTER; do sanitize "$b"; done
 else
     echo "PHASE must be check or bench, not $PHASE" >&2
     exit 2

@@ -54,7 +54,7 @@ def selected(form: str, shape: str, dtype: torch.dtype | None, pass_: str) -> bo
     if dtype != torch.float32 or pass_ != "fwd+bwd":
         return False
     if form == "torch.compile":
-        return shape in ("coco", "c1000", "b4096-c1000")
+        return shape in ("coco", "c1000", "openimages", "b4096-c1000")
     return shape in _QUICK_BASELINE_SHAPES
 
 

@@ -178,17 +178,44 @@ def plot(cases, shapes, meta, path: pathlib.Path) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", type=pathlib.Path)
+    parser.add_argument("results", type=pathlib.Path, nargs="+",
+                        help="pytest-benchmark JSON files; several are merged (one run split by file)")
+    parser.add_argument("--merged", type=pathlib.Path, default=None,
+                        help="with several inputs: write the merged JSON here and report on it")
     parser.add_argument("--out", type=pathlib.Path, default=None)
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
-    out = args.out or args.results.parent
+    results = args.results[0]
+    if len(args.results) > 1 or args.merged:
+        if args.merged is None:
+            parser.error("several result files need --merged PATH")
+        results = merge(args.results, args.merged)
+    out = args.out or results.parent
     out.mkdir(parents=True, exist_ok=True)
-    cases, shapes, meta = load(args.results)
-    (out / f"{args.results.stem}.md").write_text(markdown(cases, shapes, meta))
+    cases, shapes, meta = load(results)
+    (out / f"{results.stem}.md").write_text(markdown(cases, shapes, meta))
     if not args.no_plot:
-        plot(cases, shapes, meta, out / f"{args.results.stem}.png")
-    print(f"wrote {out / args.results.stem}.md" + ("" if args.no_plot else " and .png"))
+        plot(cases, shapes, meta, out / f"{results.stem}.png")
+    print(f"wrote {out / results.stem}.md" + ("" if args.no_plot else " and .png"))
+
+
+def merge(paths: list[pathlib.Path], target: pathlib.Path) -> pathlib.Path:
+    """One JSON of several pytest-benchmark files of the same run (benchmarks and unmeasured cases
+    concatenated; metadata from the first file that has it)."""
+    merged: dict = {}
+    for path in paths:
+        if not path.exists():
+            print(f"skipping {path}: not written (its pytest run did not finish)")
+            continue
+        data = json.loads(path.read_text())
+        for key, value in data.items():
+            if key in ("benchmarks", "l2d_unmeasured"):
+                merged.setdefault(key, []).extend(value or [])
+            elif merged.get(key) is None:
+                merged[key] = value
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(merged, indent=1))
+    return target
 
 
 if __name__ == "__main__":

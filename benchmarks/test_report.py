@@ -50,3 +50,15 @@ def test_markdown_gives_the_losses_share_of_a_training_step(results, tmp_path):
     text = (tmp_path / "bench-test.md").read_text()
     assert "| eager-authors | 160.00 ms | 81.2% | 1.00x |" in text  # (160 - 30) / 160
     assert "| fused-triton | 30.30 ms | 1.0% | 5.28x |" in text  # (30.3 - 30) / 30.3, 160 / 30.3
+
+
+def test_split_runs_are_merged_into_one_report(results, tmp_path):
+    data = json.loads(results.read_text())
+    first, second = dict(data, benchmarks=data["benchmarks"][:2]), dict(data, benchmarks=data["benchmarks"][2:])
+    (tmp_path / "a.json").write_text(json.dumps(first))
+    (tmp_path / "b.json").write_text(json.dumps(second))
+    merged = tmp_path / "out" / "bench-merged.json"
+    report.main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), str(tmp_path / "missing.json"),
+                 "--merged", str(merged), "--no-plot"])
+    assert len(json.loads(merged.read_text())["benchmarks"]) == len(data["benchmarks"])
+    assert "| 75x | 30x | 5000x | 25% |" in (tmp_path / "out" / "bench-merged.md").read_text()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers import ON_GPU, embeddings, logits
+from helpers import DEVICE, ON_GPU, embeddings, logits
 from l2d_kernels import BackendUnavailableError, available_backends, fused_led, fused_mld
 from l2d_kernels.backends import resolve_backend
 from l2d_kernels.ops import cuda_ext
@@ -53,7 +53,7 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
 
 
 def test_fused_backends_refuse_float64_and_auto_falls_back(monkeypatch):
-    zs, zt = logits(3, 4, dtype=torch.float64)
+    zs, zt = logits(3, 4, dtype=torch.float64, device=DEVICE)
     with pytest.raises(TypeError, match="backend='torch' computes in float64"):
-        resolve_backend("triton", CPU, (zs.dtype, zt.dtype))
+        resolve_backend("triton", DEVICE, (zs.dtype, zt.dtype))
     assert fused_mld(zs, zt).dtype == torch.float64

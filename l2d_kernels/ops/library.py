@@ -39,14 +39,17 @@ def _save_grad(ctx, inputs, output):
     ctx.save_for_backward(output[1])
 
 
+# Backward hands on a fresh tensor object over the scaled buffer (``detach``), so that autograd's
+# accumulation into a leaf's ``.grad`` sees a tensor nothing else refers to and takes the buffer
+# instead of copying it.
 def _mld_backward(ctx, grad_loss, _):
     (grad,) = ctx.saved_tensors
-    return grad.mul_(grad_loss), None, None, None, None
+    return grad.mul_(grad_loss).detach(), None, None, None, None
 
 
 def _led_backward(ctx, grad_losses, _):
     (grad,) = ctx.saved_tensors
-    return grad.mul_(grad_losses[0]), None, None, None, None
+    return grad.mul_(grad_losses[0]).detach(), None, None, None, None
 
 
 def _register(name: str, fake, backward) -> None:
