@@ -45,16 +45,21 @@ def load(path: pathlib.Path):
         key = (info["loss"], info["pass_"], info["shape"], info["dtype"].removeprefix("torch."))
         cases[key][info["form"]] = dict(median=bench["stats"]["median"], peak=info.get("peak_extra_mib"),
                                         floor_us=info.get("floor_us"))
-        shapes[info["shape"]] = (info["B"], info["C"], info["D"])
+        shapes[(info["loss"], info["shape"])] = (info["B"], info["C"], info["D"])
     for info in data.get("l2d_unmeasured", []):
         key = (info["loss"], info["pass_"], info["shape"], info["dtype"].removeprefix("torch."))
         cases[key][info["form"]] = dict(status=info["status"])
-        shapes[info["shape"]] = (info["B"], info["C"], info["D"])
+        shapes[(info["loss"], info["shape"])] = (info["B"], info["C"], info["D"])
     device = next((b["extra_info"].get("device") for b in data.get("benchmarks", [])), "unknown device")
     torch_version = next((b["extra_info"].get("torch") for b in data.get("benchmarks", [])), "?")
     meta = dict(device=device, torch=torch_version, copy_tbps=data.get("l2d_copy_tbps"),
                 datetime=data.get("datetime", ""), commit=(data.get("commit_info") or {}).get("id", "")[:10])
     return cases, shapes, meta
+
+
+def _size(shape: tuple) -> int:
+    B, C, D = shape
+    return B * C * max(D, 1)
 
 
 def _forms_present(cells: dict) -> list[str]:
@@ -86,7 +91,7 @@ def markdown(cases, shapes, meta) -> str:
         if loss == "step":
             lines += _step_table(cases, groups[(loss, pass_)])
             continue
-        keys = sorted(groups[(loss, pass_)], key=lambda k: (shapes[k[2]][0] * shapes[k[2]][1] * max(shapes[k[2]][2], 1),
+        keys = sorted(groups[(loss, pass_)], key=lambda k: (_size(shapes[k[0], k[2]]),
                                                            k[3]))
         forms = []
         for key in keys:
@@ -98,7 +103,7 @@ def markdown(cases, shapes, meta) -> str:
                   "|" + "---|" * (3 + len(forms) + len(ratio_cols))]
         for key in keys:
             cells = cases[key]
-            B, C, D = shapes[key[2]]
+            B, C, D = shapes[key[0], key[2]]
             row = [key[2], f"{B} x {C}" + (f" x {D}" if D else ""), key[3]]
             for form in forms:
                 cell = cells.get(form)
@@ -151,10 +156,14 @@ def plot(cases, shapes, meta, path: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = sorted({key[:2] + (key[3],) for key in cases if key[0] != "step"})
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
-    for ax, (loss, pass_, dtype) in zip(axes[0], panels):
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.6 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (loss, pass_, dtype) in zip(axes.flat, panels):
         keys = sorted((k for k in cases if k[:2] == (loss, pass_) and k[3] == dtype),
-                      key=lambda k: shapes[k[2]][0] * shapes[k[2]][1] * max(shapes[k[2]][2], 1))
+                      key=lambda k: _size(shapes[k[0], k[2]]))
         labels = [k[2] for k in keys]
         forms = []
         for key in keys:

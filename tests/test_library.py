@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import DEVICE, embeddings, logits
 from l2d_kernels import fused_led, fused_mld
@@ -52,3 +53,39 @@ def test_backward_reuses_the_saved_gradient_and_refuses_a_second_pass(fused_back
     assert torch.allclose(grad, 3.0 * plain, rtol=1e-6, atol=0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         torch.autograd.grad(loss, x)
+
+
+class _NewBuffers(TorchDispatchMode):
+    """Records every op whose output is a new buffer of ``numel`` elements (in-place ops excluded)."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.ops = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.numel() == self.numel and t.data_ptr() not in inputs:
+                self.ops.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("loss", ["mld", "led"])
+def test_backward_allocates_no_second_gradient(fused_backend, loss):
+    """Backward scales the forward's gradient buffer and hands it on: no op in it makes a tensor of
+    the gradient's size (autograd's zero-filled gradient for the op's gradient output included),
+    and a leaf's .grad is that very buffer."""
+    if loss == "mld":
+        x = logits(7, 9, device=DEVICE)[0].requires_grad_()
+        out = fused_mld(x, logits(7, 9, seed=1, device=DEVICE)[1], backend=fused_backend)
+    else:
+        es, et, y = embeddings(6, 5, 8, device=DEVICE, density=0.6)
+        x = es.clone().requires_grad_()
+        out = fused_led(x, et, y, backend=fused_backend)
+    saved = out.grad_fn.next_functions[0][0] if loss == "led" else out.grad_fn
+    buffer_ptr = saved.saved_tensors[0].data_ptr()
+    with _NewBuffers(x.numel()) as mode:
+        (out * 0.5).backward()
+    assert mode.ops == []
+    assert x.grad.data_ptr() == buffer_ptr

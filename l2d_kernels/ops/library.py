@@ -37,19 +37,25 @@ def _led_fake(es, et, targets, lambda_cd, lambda_id):
 
 def _save_grad(ctx, inputs, output):
     ctx.save_for_backward(output[1])
+    # The second output (the gradient) is never differentiated through. Autograd would otherwise
+    # hand backward a zero-filled tensor of its size as its "gradient": a second gradient-sized
+    # buffer at the peak of every step (seen on an H100: backward's peak was two gradients).
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
-# Backward hands on a fresh tensor object over the scaled buffer (``detach``), so that autograd's
-# accumulation into a leaf's ``.grad`` sees a tensor nothing else refers to and takes the buffer
-# instead of copying it.
 def _mld_backward(ctx, grad_loss, _):
+    if grad_loss is None:
+        return None, None, None, None, None
     (grad,) = ctx.saved_tensors
-    return grad.mul_(grad_loss).detach(), None, None, None, None
+    return grad.mul_(grad_loss), None, None, None, None
 
 
 def _led_backward(ctx, grad_losses, _):
+    if grad_losses is None:
+        return None, None, None, None, None
     (grad,) = ctx.saved_tensors
-    return grad.mul_(grad_losses[0]).detach(), None, None, None, None
+    return grad.mul_(grad_losses[0]), None, None, None, None
 
 
 def _register(name: str, fake, backward) -> None:
