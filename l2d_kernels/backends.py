@@ -32,12 +32,33 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
+    """Why Triton's CPU interpreter cannot run these kernels, or None. Triton before 3.8 turns a
+    kernel's scalar arguments (one-element arrays there) into Python ints with ``int()``, which
+    NumPy 2.4 refuses; a kernel looping up to a runtime bound then fails."""
+    if _version(triton_version) < (3, 8) and _version(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s CPU interpreter does not run with NumPy {numpy_version}: "
+                "pip install 'numpy<2.4', or Triton 3.8 or later (compiled GPU kernels are not affected)")
+    return None
+
+
 def _find_problems() -> dict[str, str | None]:
-    problems = {"triton": None, "cuda": None}
+    problems = {"triton": None, "triton-interpreter": None, "cuda": None}
     try:
-        import triton  # noqa: F401
+        import numpy
+        import triton
     except ImportError as err:
         problems["triton"] = f"Triton cannot be imported ({err}); {_TRITON_HOWTO}"
+    else:
+        problems["triton-interpreter"] = interpreter_problem(triton.__version__, numpy.__version__)
     from .ops import cuda_ext
 
     if cuda_ext.load_error is not None:
@@ -60,6 +81,8 @@ def backend_problem(name: str, device: torch.device) -> str | None:
                 f"backend 'triton' runs on CUDA tensors, got tensors on {device}; for Triton's CPU "
                 "interpreter set TRITON_INTERPRET=1 before the first call"
             )
+        if problem is None and device.type != "cuda":
+            problem = _INSTALL_PROBLEMS["triton-interpreter"]
         return problem
     if name == "cuda":
         if device.type != "cuda":

@@ -73,3 +73,12 @@ def test_fused_backends_refuse_float64_and_auto_falls_back(monkeypatch):
     with pytest.raises(TypeError, match="backend='torch' computes in float64"):
         resolve_backend("triton", DEVICE, (zs.dtype, zt.dtype))
     assert fused_mld(zs, zt).dtype == torch.float64
+
+
+def test_triton_interpreter_with_a_numpy_it_cannot_use_is_refused_with_the_fix():
+    from l2d_kernels.backends import interpreter_problem
+
+    assert "numpy<2.4" in interpreter_problem("3.6.0", "2.4.6")
+    assert interpreter_problem("3.6.0", "2.3.5") is None
+    assert interpreter_problem("3.8.0", "2.4.6") is None
+    assert interpreter_problem("3.10.1", "2.10.0") is None
