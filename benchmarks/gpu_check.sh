@@ -68,16 +68,19 @@ install_project() {
     step install 120 $PY -m pip install --no-deps --no-build-isolation --no-index -q -e .
 }
 
+place_extension() {  # place_extension SO: into the tree as a new file, never over one a process has loaded
+    cp "$1" l2d_kernels/.C.tmp && mv -f l2d_kernels/.C.tmp "l2d_kernels/$(basename "$1")"
+}
+
 build_extension() {  # a wheel with nvcc (what users install), its _C copied into the tree for the tests
     rm -rf build/dist && L2D_KERNELS_BUILD_CUDA=1 MAX_JOBS=16 \
         $PY -m pip wheel --no-deps --no-build-isolation --no-index -w build/dist . &&
         $PY -m zipfile -l build/dist/*.whl | grep -q '_C' &&
         (cd build/dist && $PY -m zipfile -e ./*.whl unpacked) &&
-        for so in build/dist/unpacked/l2d_kernels/_C*.so; do  # a new file, never one a process has loaded
-            cp "$so" l2d_kernels/.C.tmp && mv -f l2d_kernels/.C.tmp "l2d_kernels/$(basename "$so")"; done &&
+        for so in build/dist/unpacked/l2d_kernels/_C*.so; do place_extension "$so"; done &&
         cp l2d_kernels/_C*.so "$OUT/"
 }
-export -f build_extension
+export -f place_extension build_extension
 export PY OUT
 
 GPU_TESTS=${GPU_TESTS:-"tests/test_api.py tests/test_nn.py tests/test_library.py tests/test_backends.py tests/test_triton_mld.py
@@ -119,7 +122,7 @@ if [ "$PHASE" = check ]; then
 elif [ "$PHASE" = bench ]; then
     install_project
     if [ -n "${L2D_PREBUILT_C:-}" ] && [ -f "$L2D_PREBUILT_C" ]; then
-        cp "$L2D_PREBUILT_C" l2d_kernels/.C.tmp && mv -f l2d_kernels/.C.tmp "l2d_kernels/$(basename "$L2D_PREBUILT_C")" && note "extension: carried in ($L2D_PREBUILT_C)"
+        place_extension "$L2D_PREBUILT_C" && note "extension: carried in ($L2D_PREBUILT_C)"
     else
         step build 300 bash -c build_extension
     fi

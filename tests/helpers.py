@@ -4,6 +4,7 @@
 named (the GPU check script tests one backend while the other is still being built).
 """
 
+import math
 import os
 
 import torch
@@ -36,7 +37,7 @@ HALF_FALLBACK_TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 def half_tol(eager_err: float, dtype: torch.dtype) -> float:
     """Tolerance of a half-precision fused result: twice eager's error at that dtype, or the
     dtype's rounding bound where eager's result is not finite."""
-    if eager_err == eager_err and eager_err != float("inf"):
+    if math.isfinite(eager_err):
         return 2 * eager_err + 1e-6
     return HALF_FALLBACK_TOL[dtype]
 

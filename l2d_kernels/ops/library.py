@@ -41,19 +41,15 @@ def _save_grad(ctx, inputs, output):
     # hand backward a zero-filled tensor of its size as its "gradient": a second gradient-sized
     # buffer at the peak of every step (seen on an H100: backward's peak was two gradients).
     ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)
+    ctx.set_materialize_grads(False)  # so the loss output's gradient is the only one, never None here
 
 
 def _mld_backward(ctx, grad_loss, _):
-    if grad_loss is None:
-        return None, None, None, None, None
     (grad,) = ctx.saved_tensors
     return grad.mul_(grad_loss), None, None, None, None
 
 
 def _led_backward(ctx, grad_losses, _):
-    if grad_losses is None:
-        return None, None, None, None, None
     (grad,) = ctx.saved_tensors
     return grad.mul_(grad_losses[0]), None, None, None, None
 
