@@ -7,7 +7,8 @@
 #                the CUDA backend; compute-sanitizer (memcheck, racecheck) over the kernels of both;
 #                the CMake build and its C++ test (CTest).
 #   PHASE=bench  install (reusing a carried extension when L2D_PREBUILT_C names one, else building
-#                it), then `pytest benchmarks/` one file at a time and the report (markdown table,
+#                it), then a per-kernel profile of the fused calls (benchmarks/kernel_profile.py), then
+#                `pytest benchmarks/` one file at a time and the report (markdown table,
 #                PNG plot, merged JSON). Optional, in this order: L2D_RETEST="pytest args" (tests to
 #                rerun first), L2D_PROBES="command" (diagnostics), L2D_SANITIZE_AFTER="cuda triton"
 #                (compute-sanitizer after the benchmarks, with the time left).
@@ -18,7 +19,7 @@
 #
 # Writes under $OUT: summary.txt (one line per step, failures named), log-<phase>.txt (every step's
 # output), gpu.txt, the built extension (_C*.so, to carry into the next phase), and for bench:
-# bench-<card>.json / .md / .png. Exits non-zero if a step failed.
+# profile-<card>.md, bench-<card>.json / .md / .png. Exits non-zero if a step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -129,6 +130,7 @@ elif [ "$PHASE" = bench ]; then
     $PY -c "import l2d_kernels; print('backends here:', l2d_kernels.available_backends())" | tee -a "$OUT/gpu.txt"
     [ -n "${L2D_RETEST:-}" ] && step retest 150 $PY -m pytest $L2D_RETEST -q -rfE -p no:cacheprovider -n 8 -o addopts=""
     [ -n "${L2D_PROBES:-}" ] && step probes 60 bash -c "$L2D_PROBES"
+    step profile 120 $PY benchmarks/kernel_profile.py --out "$OUT/profile-$card.md"
     # One pytest run per file, each writing its JSON as it ends, so a deadline cuts one file, not all.
     rm -rf build/bench && mkdir -p build/bench
     jsons=()

@@ -1,0 +1,120 @@
+"""Where a fused call's time goes: device time per kernel, host time per call, and the gap between.
+
+    python benchmarks/kernel_profile.py [--backends cuda,triton] [--calls 50] [--out FILE.md]
+
+For each backend and case (LED and MLD, forward + backward, float32 at the issue's shapes; small
+shapes on a machine without a GPU), it runs ``--calls`` calls back to back under
+``torch.profiler`` and reports, per call:
+
+- ``wall``: elapsed time of the calls divided by their number (one synchronization at the end);
+- ``host``: the time the Python thread spent issuing one call (launch overhead, input checks);
+- ``device``: the sum of the device time of every kernel the call ran;
+- one row per kernel: its name, launches per call and mean device time.
+
+``wall`` close to ``device`` means the kernels are the cost; ``wall`` close to ``host`` with
+``device`` well below it means the launch path is. Targets from real COCO label rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import time
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+from l2d_kernels import available_backends, fused_led, fused_mld
+from l2d_kernels.labels import sample_targets
+
+GPU_CASES = [("led", (64, 80, 768)), ("led", (32, 1000, 768)), ("led", (16, 9605, 256)), ("led", (1024, 80, 768)),
+             ("mld", (64, 80)), ("mld", (4096, 1000))]
+CPU_CASES = [("led", (8, 12, 16)), ("mld", (8, 12))]
+
+
+def _case(loss: str, shape, backend: str, device: str):
+    if loss == "led":
+        B, C, D = shape
+        es = torch.randn(B, C, D, device=device, requires_grad=True)
+        et = torch.randn(B, C, D, device=device)
+        y = sample_targets(B, C, seed=0, device=device)
+        return lambda: fused_led(es, et, y, backend=backend).backward()
+    B, C = shape
+    zs = (3 * torch.randn(B, C, device=device)).requires_grad_()
+    zt = 3 * torch.randn(B, C, device=device)
+    return lambda: fused_mld(zs, zt, backend=backend).backward()
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def profile_case(fn, device: str, calls: int) -> dict:
+    for _ in range(3):  # compile, autotune, allocator warm-up
+        fn()
+    _sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    host = 0.0
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(calls):
+            issued = time.perf_counter()
+            fn()
+            host += time.perf_counter() - issued
+        _sync(device)
+        wall = time.perf_counter() - start
+    kernels = collections.defaultdict(lambda: [0, 0.0])
+    for event in prof.events():
+        if event.device_type == DeviceType.CUDA:
+            kernels[event.name][0] += 1
+            kernels[event.name][1] += event.device_time
+    rows = sorted(((name, n / calls, total / n) for name, (n, total) in kernels.items()), key=lambda r: -r[1] * r[2])
+    return dict(wall_us=1e6 * wall / calls, host_us=1e6 * host / calls,
+                device_us=sum(n * t for _, n, t in rows), kernels=rows)
+
+
+def report(results: list) -> str:
+    lines = ["| backend | loss | shape | wall us/call | host us/call | device us/call | kernels (launches/call x mean us) |",
+             "|---|---|---|---|---|---|---|"]
+    for backend, loss, shape, r in results:
+        detail = "; ".join(f"{name[:48]} {n:g}x{t:.1f}" for name, n, t in r["kernels"]) or "-"
+        lines.append(f"| {backend} | {loss} | {' x '.join(map(str, shape))} | {r['wall_us']:.1f} | {r['host_us']:.1f} | "
+                     f"{r['device_us']:.1f} | {detail} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backends", help="comma-separated (default: the fused backends here, else torch)")
+    parser.add_argument("--calls", type=int, default=50)
+    parser.add_argument("--out", help="also write the markdown table to this file")
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.backends:
+        backends = args.backends.split(",")
+    else:
+        backends = [b for b in ("cuda", "triton") if device == "cuda" and b in available_backends()] or ["torch"]
+    results = []
+    for backend in backends:
+        for loss, shape in GPU_CASES if device == "cuda" else CPU_CASES:
+            try:
+                results.append((backend, loss, shape, profile_case(_case(loss, shape, backend, device), device,
+                                                                   args.calls)))
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                print(f"{backend} {loss} {shape}: out of memory", file=sys.stderr)
+    table = report(results)
+    if device == "cuda":
+        table = f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n\n" + table
+    print(table)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

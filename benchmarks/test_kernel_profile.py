@@ -1,0 +1,21 @@
+"""The per-kernel profile command, run on the CPU (torch backend, small shapes)."""
+
+import kernel_profile
+
+
+def test_profile_reports_every_case(tmp_path, capsys):
+    out = tmp_path / "profile.md"
+    assert kernel_profile.main(["--backends", "torch", "--calls", "2", "--out", str(out)]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| torch |")]
+    assert [row.split(" | ")[1] for row in rows] == [loss for loss, _ in kernel_profile.CPU_CASES]
+    for row in rows:
+        wall, host = (float(cell) for cell in row.split(" | ")[3:5])
+        assert 0 < host <= wall * 1.001
+    assert out.read_text() in capsys.readouterr().out
+
+
+def test_report_lists_kernels_by_total_time():
+    result = dict(wall_us=30.0, host_us=12.0, device_us=25.0,
+                  kernels=[("main_kernel", 2.0, 10.0), ("finalize", 1.0, 5.0)])
+    table = kernel_profile.report([("triton", "led", (64, 80, 768), result)])
+    assert "| triton | led | 64 x 80 x 768 | 30.0 | 12.0 | 25.0 | main_kernel 2x10.0; finalize 1x5.0 |" in table
