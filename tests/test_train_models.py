@@ -36,3 +36,13 @@ def test_resnet_backbone(name):
     pytest.importorskip("torchvision")
     emb, logits = LabelWiseNet(name, 4, 8)(torch.randn(1, 3, 64, 64))
     assert emb.shape == (1, 4, 8) and logits.shape == (1, 4)
+
+
+def test_labels_of_one_image_start_apart():
+    # The query is part of each label's embedding, so LED's instance-aware groups (the labels of one
+    # image) do not start as near-duplicate rows, whose normalized distances have huge gradients.
+    torch.manual_seed(0)
+    emb, _ = LabelWiseHead(in_channels=5, num_labels=6, dim=32)(torch.randn(4, 5, 4, 4))
+    for image in emb:
+        spread = torch.pdist(image).mean() / image.norm(dim=1).mean()
+        assert spread > 0.5

@@ -5,6 +5,13 @@ query that attends over that grid (a single-head, single-layer decoder in the ma
 Query2Label / ML-Decoder), returning one embedding per label, ``[B, C, D]``, and from each
 embedding the label's logit, ``[B, C]``. L2D distills both: MLD on the logits, LED on the
 embeddings (which is why teacher and student share ``D``).
+
+As in a transformer decoder layer (and ML-Decoder, whose output the L2D authors distill), the query
+is added back to what it gathered and the result layer-normed: ``h = LN(q_c + attend(q_c))``, then
+``h = LN(h + MLP(h))``; the classifier and LED both read ``h``. Without the query in the sum, the
+labels of one image would all be averages of the same feature grid, nearly equal at the start of
+training: LED's instance-aware groups would then compare near-duplicate rows, whose normalized
+distances have gradients as large as the reciprocal of their spread (measured: 100 times BCE's).
 """
 
 from __future__ import annotations
@@ -50,8 +57,9 @@ class LabelWiseHead(nn.Module):
         super().__init__()
         self.proj = nn.Conv2d(in_channels, dim, 1)
         self.norm_kv = nn.LayerNorm(dim)
-        self.queries = nn.Parameter(torch.randn(num_labels, dim) / math.sqrt(dim))
-        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.queries = nn.Parameter(torch.randn(num_labels, dim))
+        self.norm_attn = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
         self.norm_out = nn.LayerNorm(dim)
         self.classifier_weight = nn.Parameter(torch.randn(num_labels, dim) / math.sqrt(dim))
         self.classifier_bias = nn.Parameter(torch.zeros(num_labels))
@@ -59,9 +67,9 @@ class LabelWiseHead(nn.Module):
     def forward(self, features: torch.Tensor):
         tokens = self.norm_kv(self.proj(features).flatten(2).transpose(1, 2))  # [B, HW, D]
         attention = torch.softmax(self.queries @ tokens.transpose(1, 2) / math.sqrt(tokens.shape[-1]), dim=-1)
-        embeddings = attention @ tokens  # [B, C, D]
-        embeddings = embeddings + self.mlp(embeddings)
-        logits = (self.norm_out(embeddings) * self.classifier_weight).sum(-1) + self.classifier_bias
+        embeddings = self.norm_attn(self.queries + attention @ tokens)  # [B, C, D]
+        embeddings = self.norm_out(embeddings + self.mlp(embeddings))
+        logits = (embeddings * self.classifier_weight).sum(-1) + self.classifier_bias
         return embeddings, logits
 
 
