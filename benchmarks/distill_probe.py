@@ -9,9 +9,10 @@ held-out split) against a teacher checkpoint of that command, with one objective
 - ``cd``: 100 CD alone (no BCE), to see whether the student can follow the teacher's class-aware
   distance structure at all.
 
-It prints, at the first step, the gradient norm over the student's parameters of each part of the
-paper's objective (BCE, 10 MLD, 100 CD, 1000 ID), and after every epoch the held-out CD, ID (per
-batch of 64, summed over groups) and MLD ("batchmean") against the teacher; then the held-out mAP.
+It prints, at the first step of every epoch, the gradient norm over the student's parameters of
+each part of the paper's objective (BCE, 10 MLD, 100 CD, 1000 ID), whatever the objective trained;
+after every epoch the held-out CD, ID (per batch of 64, summed over groups) and MLD ("batchmean")
+against the teacher; at the end the held-out mAP.
 The teacher's outputs are computed once (no flips: both students of a comparison see the same
 batches). ``--json FILE`` appends the run's numbers as one JSON line.
 """
@@ -104,7 +105,8 @@ def run(args) -> dict:
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     generator = torch.Generator().manual_seed(args.seed)
     record = dict(objective=args.objective, student=args.student, parameters=sum(p.numel() for p in params),
-                  dim=dim, train_images=args.train_images, epochs=args.epochs, teacher=args.teacher, held_out=[])
+                  dim=dim, train_images=args.train_images, epochs=args.epochs, teacher=args.teacher, grad_norms=[],
+                  held_out=[])
     started = time.perf_counter()
     for epoch in range(args.epochs):
         student.train()
@@ -113,10 +115,10 @@ def run(args) -> dict:
             idx = order[step * args.batch_size : (step + 1) * args.batch_size]
             es, zs = student(xtr[idx])
             parts = _parts(zs, zt_train[idx], es, et_train[idx], ytr[idx])
-            if epoch == 0 and step == 0:
-                record["first_step_grad_norms"] = _grad_norms(parts, params)
-                print("gradient norms at the first step:",
-                      ", ".join(f"{k} {v:.3g}" for k, v in record["first_step_grad_norms"].items()), flush=True)
+            if step == 0:
+                record["grad_norms"].append(_grad_norms(parts, params))
+                print(f"epoch {epoch + 1}, first step: gradient norms",
+                      ", ".join(f"{k} {v:.3g}" for k, v in record["grad_norms"][-1].items()), flush=True)
             if args.objective == "bce":
                 loss = parts["bce"]
             elif args.objective == "l2d":
