@@ -101,3 +101,25 @@ def test_two_gloo_processes_under_torchrun(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["world_size"] == 2 and 0 < results["l2d_map"] <= 1
+
+
+def test_cached_teacher_outputs_are_the_teachers_on_the_returned_image():
+    from l2d_kernels.train.data import TensorImages, make_shapes
+    from l2d_kernels.train.loop import cache_teacher_outputs
+    from l2d_kernels.train.models import LabelWiseNet
+
+    images, labels = make_shapes(40, seed=1)
+    dataset = TensorImages(images, labels, train=True)
+    teacher = LabelWiseNet("cnn-student", 20, 8).eval()
+    cache_teacher_outputs(teacher, dataset, torch.device("cpu"), batch=16)
+    torch.manual_seed(0)
+    flips = 0
+    for i in range(len(dataset)):
+        image, label, emb, logits = dataset[i]
+        flips += not torch.equal(image, images[i].float() / 127.5 - 1)
+        with torch.no_grad():
+            t_emb, t_logits = teacher(image[None])
+        torch.testing.assert_close(emb, t_emb[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits, t_logits[0], rtol=1e-5, atol=1e-5)
+        assert torch.equal(label, labels[i].float())
+    assert 0 < flips < len(dataset)  # both orientations were looked up

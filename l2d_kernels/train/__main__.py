@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..nn import L2DLoss
 from .data import DataError, load_datasets
-from .loop import DistributedL2D, predict, train_model
+from .loop import DistributedL2D, cache_teacher_outputs, predict, train_model
 from .metrics import evaluate
 from .models import LabelWiseNet, parameter_count
 
@@ -136,6 +136,7 @@ def run(args) -> dict:
     vanilla = build(args.student, 2)
     train_model("vanilla", vanilla, train_loader, val_loader, epochs=args.student_epochs, lr=args.lr,
                 loss_scale=world, **common)
+    cache_teacher_outputs(teacher, train_set, device)
     l2d = build(args.student, 2)  # the same initial weights as the vanilla student
     train_model("l2d", l2d, train_loader, val_loader, epochs=args.student_epochs, lr=args.lr, teacher=teacher,
                 criterion=criterion, **common)

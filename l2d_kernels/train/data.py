@@ -111,19 +111,33 @@ def make_shapes(n_images: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class TensorImages(torch.utils.data.Dataset):
-    """Images held in memory as uint8, normalized on access, with horizontal flips when training."""
+    """Images held in memory as uint8, normalized on access, with horizontal flips when training.
+
+    ``teacher_outputs``, when set (``(embeddings [N, 2, C, D], logits [N, 2, C])``, index 1 of the
+    second axis for the flipped image), makes each item ``(image, label, embeddings, logits)``: a
+    frozen teacher's outputs for the image as it is returned, so that distillation need not run
+    the teacher at every step.
+    """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, train: bool):
         self.images, self.labels, self.train = images, labels, train
+        self.teacher_outputs = None
 
     def __len__(self):
         return len(self.images)
 
+    def normalized(self, start: int, stop: int) -> torch.Tensor:
+        return self.images[start:stop].float() / 127.5 - 1
+
     def __getitem__(self, i):
         image = self.images[i].float() / 127.5 - 1
-        if self.train and torch.rand(()) < 0.5:
+        flipped = bool(self.train and torch.rand(()) < 0.5)
+        if flipped:
             image = image.flip(-1)
-        return image, self.labels[i].float()
+        if self.teacher_outputs is None:
+            return image, self.labels[i].float()
+        embeddings, logits = self.teacher_outputs
+        return image, self.labels[i].float(), embeddings[i, int(flipped)], logits[i, int(flipped)]
 
 
 def _open_image(path: pathlib.Path, size: int, train: bool) -> torch.Tensor:

@@ -80,11 +80,29 @@ def _autocast(device: torch.device):
 
 
 @torch.no_grad()
+def cache_teacher_outputs(teacher: nn.Module, dataset, device: torch.device, batch: int = 256) -> None:
+    """Give an in-memory data set (``TensorImages``) the frozen teacher's outputs for every image, as
+    it is and flipped, so that a distilled student's steps read them instead of running the teacher.
+    Other data sets are left as they are (the teacher then runs at every step)."""
+    if not hasattr(dataset, "teacher_outputs"):
+        return
+    teacher.eval()
+    embeddings, logits = [], []
+    for start in range(0, len(dataset), batch):
+        images = dataset.normalized(start, start + batch).to(device)
+        with _autocast(device):
+            pair = [teacher(images), teacher(images.flip(-1))]
+        embeddings.append(torch.stack([e for e, _ in pair], 1).cpu())
+        logits.append(torch.stack([z for _, z in pair], 1).cpu())
+    dataset.teacher_outputs = (torch.cat(embeddings), torch.cat(logits))
+
+
+@torch.no_grad()
 def predict(model: nn.Module, loader, device: torch.device):
     """Scores and bool targets of a whole data set."""
     model.eval()
     scores, targets = [], []
-    for images, y in loader:
+    for images, y, *_ in loader:
         with _autocast(device):
             _, logits = model(images.to(device, non_blocking=True))
         scores.append(logits.float().cpu())
@@ -121,15 +139,18 @@ def train_model(name, model, loader, val_loader, *, epochs, lr, device, out_dir,
             sampler.set_epoch(epoch)
         progress = Progress(len(loader), f"{name:>8} epoch {epoch}/{epochs}", is_main)
         total, start = 0.0, time.perf_counter()
-        for step, (images, y) in enumerate(loader, 1):
+        for step, (images, y, *cached) in enumerate(loader, 1):
             images, y = images.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with _autocast(device):
                 emb, logits = model(images)
                 if teacher is None:
                     loss = loss_scale * reference.bce(logits.float(), y)
                 else:
-                    with torch.no_grad():
-                        t_emb, t_logits = teacher(images)
+                    if cached:  # the teacher's outputs for these images, computed once (cache_teacher_outputs)
+                        t_emb, t_logits = (t.to(device, non_blocking=True) for t in cached)
+                    else:
+                        with torch.no_grad():
+                            t_emb, t_logits = teacher(images)
                     loss = criterion(logits, t_logits, emb, t_emb, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
