@@ -44,6 +44,25 @@ else:
     MLD_SHAPES = [("coco", 64, 80), ("b256-c300", 256, 300)]
     DTYPES = [torch.float32]
 
+
+def led_inputs(B: int, C: int, D: int, dtype: torch.dtype = torch.float32):
+    """Student embeddings (requiring grad), teacher embeddings and COCO-row targets, seeded."""
+    from l2d_kernels.labels import sample_targets
+
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    es = torch.randn(B, C, D, generator=g, device=DEVICE).to(dtype).requires_grad_()
+    et = torch.randn(B, C, D, generator=g, device=DEVICE).to(dtype)
+    return es, et, sample_targets(B, C, seed=0, device=DEVICE)
+
+
+def mld_inputs(B: int, C: int, dtype: torch.dtype = torch.float32):
+    """Student logits (requiring grad) and teacher logits, seeded, spread over about +-9."""
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    zs = (torch.randn(B, C, generator=g, device=DEVICE) * 3).to(dtype).requires_grad_()
+    zt = (torch.randn(B, C, generator=g, device=DEVICE) * 3).to(dtype)
+    return zs, zt
+
+
 # L2D_BENCH=quick (the GPU check script's set, sized for a short lease) keeps every fused case in
 # float32 and the baselines where the specification's anchors were measured; "full" runs all.
 BENCH_SET = os.environ.get("L2D_BENCH", "full")

@@ -3,7 +3,7 @@
     python benchmarks/kernel_profile.py [--backends cuda,triton] [--calls 50] [--out FILE.md]
 
 For each backend and case (LED and MLD, forward + backward, float32 at the issue's shapes; small
-shapes on a machine without a GPU), it runs ``--calls`` calls back to back under
+shapes on a machine without a GPU: the benchmark suite's), it runs ``--calls`` calls back to back under
 ``torch.profiler`` and reports, per call:
 
 - ``wall``: elapsed time of the calls divided by their number (one synchronization at the end);
@@ -26,25 +26,22 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
+from harness import DEVICE, LED_SHAPES, MLD_SHAPES, led_inputs, mld_inputs
 from l2d_kernels import available_backends, fused_led, fused_mld
-from l2d_kernels.labels import sample_targets
 
-GPU_CASES = [("led", (64, 80, 768)), ("led", (32, 1000, 768)), ("led", (16, 9605, 256)), ("led", (1024, 80, 768)),
-             ("mld", (64, 80)), ("mld", (4096, 1000))]
-CPU_CASES = [("led", (8, 12, 16)), ("mld", (8, 12))]
+# The benchmark suite's shapes (the on a GPU, small stand-ins on a CPU), less VOC and
+# NUS-WIDE, whose groups are COCO's sizes.
+CASES = [("led", shape[1:]) for shape in LED_SHAPES if shape[0] not in ("voc", "nus-wide")] + [
+    ("mld", shape[1:]) for shape in MLD_SHAPES]
 
 
-def _case(loss: str, shape, backend: str, device: str):
+def _case(loss: str, shape, backend: str):
     if loss == "led":
-        B, C, D = shape
-        es = torch.randn(B, C, D, device=device, requires_grad=True)
-        et = torch.randn(B, C, D, device=device)
-        y = sample_targets(B, C, seed=0, device=device)
-        return lambda: fused_led(es, et, y, backend=backend).backward()
-    B, C = shape
-    zs = (3 * torch.randn(B, C, device=device)).requires_grad_()
-    zt = 3 * torch.randn(B, C, device=device)
-    return lambda: fused_mld(zs, zt, backend=backend).backward()
+        es, et, y = led_inputs(*shape)
+        return lambda: torch.autograd.grad(fused_led(es, et, y, backend=backend), es)
+    zs, zt = mld_inputs(*shape)
+    # As in the benchmarks, the gradient is returned, not accumulated into .grad (no extra add kernel).
+    return lambda: torch.autograd.grad(fused_mld(zs, zt, backend=backend), zs)
 
 
 def _sync(device: str) -> None:
@@ -92,17 +89,16 @@ def main(argv=None) -> int:
     parser.add_argument("--calls", type=int, default=50)
     parser.add_argument("--out", help="also write the markdown table to this file")
     args = parser.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = DEVICE.type
     if args.backends:
         backends = args.backends.split(",")
     else:
         backends = [b for b in ("cuda", "triton") if device == "cuda" and b in available_backends()] or ["torch"]
     results = []
     for backend in backends:
-        for loss, shape in GPU_CASES if device == "cuda" else CPU_CASES:
+        for loss, shape in CASES:
             try:
-                results.append((backend, loss, shape, profile_case(_case(loss, shape, backend, device), device,
-                                                                   args.calls)))
+                results.append((backend, loss, shape, profile_case(_case(loss, shape, backend), device, args.calls)))
             except torch.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 print(f"{backend} {loss} {shape}: out of memory", file=sys.stderr)

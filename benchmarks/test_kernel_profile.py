@@ -7,7 +7,7 @@ def test_profile_reports_every_case(tmp_path, capsys):
     out = tmp_path / "profile.md"
     assert kernel_profile.main(["--backends", "torch", "--calls", "2", "--out", str(out)]) == 0
     rows = [line for line in out.read_text().splitlines() if line.startswith("| torch |")]
-    assert [row.split(" | ")[1] for row in rows] == [loss for loss, _ in kernel_profile.CPU_CASES]
+    assert [row.split(" | ")[1] for row in rows] == [loss for loss, _ in kernel_profile.CASES]
     for row in rows:
         wall, host = (float(cell) for cell in row.split(" | ")[3:5])
         assert 0 < host <= wall * 1.001

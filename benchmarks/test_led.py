@@ -3,18 +3,10 @@
 import pytest
 import torch
 
-from harness import DEVICE, DTYPES, LED_SHAPES, floor_us, run_case, synced_timer
+from harness import DTYPES, LED_SHAPES, floor_us, led_inputs, run_case, synced_timer
 from forms import led_forms
-from l2d_kernels.labels import sample_targets
 
 FORMS = led_forms()
-
-
-def _inputs(B, C, D, dtype):
-    g = torch.Generator(device=DEVICE).manual_seed(0)
-    es = torch.randn(B, C, D, generator=g, device=DEVICE).to(dtype).requires_grad_()
-    et = torch.randn(B, C, D, generator=g, device=DEVICE).to(dtype)
-    return es, et, sample_targets(B, C, seed=0, device=DEVICE)
 
 
 @pytest.mark.benchmark(group="led", timer=synced_timer)
@@ -24,7 +16,7 @@ def _inputs(B, C, D, dtype):
 @pytest.mark.parametrize("pass_", ["fwd+bwd", "fwd"])
 def test_led(benchmark, request, form, dtype, shape, pass_):
     name, B, C, D = shape
-    es, et, y = _inputs(B, C, D, dtype)
+    es, et, y = led_inputs(B, C, D, dtype)
     loss_fn = FORMS[form]
 
     def fwd():

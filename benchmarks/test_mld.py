@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from harness import DEVICE, DTYPES, MLD_SHAPES, floor_us, run_case, synced_timer
+from harness import DTYPES, MLD_SHAPES, floor_us, mld_inputs, run_case, synced_timer
 from forms import mld_forms
 
 FORMS = mld_forms()
@@ -15,9 +15,7 @@ FORMS = mld_forms()
 @pytest.mark.parametrize("shape", MLD_SHAPES, ids=lambda s: s[0])
 def test_mld(benchmark, request, form, dtype, shape):
     name, B, C = shape
-    g = torch.Generator(device=DEVICE).manual_seed(0)
-    zs = (torch.randn(B, C, generator=g, device=DEVICE) * 3).to(dtype).requires_grad_()
-    zt = (torch.randn(B, C, generator=g, device=DEVICE) * 3).to(dtype)
+    zs, zt = mld_inputs(B, C, dtype)
     loss_fn = FORMS[form]
 
     def fwd_bwd():
