@@ -29,7 +29,8 @@ import time
 import torch
 
 from l2d_kernels import fused_led, fused_mld, reference
-from l2d_kernels.train.data import make_shapes
+from l2d_kernels.train.data import load_datasets, to_unit_range
+from l2d_kernels.train.loop import warmup_cosine
 from l2d_kernels.train.metrics import evaluate
 from l2d_kernels.train.models import CNN_BACKBONES, LabelWiseNet
 
@@ -37,10 +38,9 @@ EVAL_BATCH = 64
 
 
 def _split(args):
-    images, labels = make_shapes(args.train_images + args.val_images, seed=10_000 + args.data_seed)
-    x = images.float() / 127.5 - 1
-    n = args.train_images
-    return x[:n], labels[:n].float(), x[n:], labels[n:].float()
+    """The shapes data of ``python -m l2d_kernels.train --seed DATA_SEED``, as whole tensors."""
+    train, val, _ = load_datasets("shapes", None, 0, args.data_seed, args.train_images, args.val_images)
+    return (to_unit_range(train.images), train.labels.float(), to_unit_range(val.images), val.labels.float())
 
 
 @torch.no_grad()
@@ -99,10 +99,7 @@ def run(args) -> dict:
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
     steps_per_epoch = len(xtr) // args.batch_size
-    steps = args.epochs * steps_per_epoch
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    schedule = warmup_cosine(optimizer, args.epochs * steps_per_epoch)
     generator = torch.Generator().manual_seed(args.seed)
     record = dict(objective=args.objective, student=args.student, parameters=sum(p.numel() for p in params),
                   dim=dim, train_images=args.train_images, epochs=args.epochs, teacher=args.teacher, grad_norms=[],

@@ -110,6 +110,11 @@ def make_shapes(n_images: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(images), torch.from_numpy(labels)
 
 
+def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """0..255 pixel values (any dtype) as float32 in [-1, 1], the range every model here reads."""
+    return pixels.float() / 127.5 - 1
+
+
 class TensorImages(torch.utils.data.Dataset):
     """Images held in memory as uint8, normalized on access, with horizontal flips when training.
 
@@ -127,10 +132,10 @@ class TensorImages(torch.utils.data.Dataset):
         return len(self.images)
 
     def normalized(self, start: int, stop: int) -> torch.Tensor:
-        return self.images[start:stop].float() / 127.5 - 1
+        return to_unit_range(self.images[start:stop])
 
     def __getitem__(self, i):
-        image = self.images[i].float() / 127.5 - 1
+        image = to_unit_range(self.images[i])
         flipped = bool(self.train and torch.rand(()) < 0.5)
         if flipped:
             image = image.flip(-1)
@@ -153,7 +158,7 @@ def _open_image(path: pathlib.Path, size: int, train: bool) -> torch.Tensor:
         raise DataError(f"image file not found: {path}") from err
     except (UnidentifiedImageError, OSError) as err:
         raise DataError(f"cannot read image {path}: {err}") from err
-    image = torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1
+    image = to_unit_range(torch.from_numpy(array).permute(2, 0, 1))
     if train and torch.rand(()) < 0.5:
         image = image.flip(-1)
     return image

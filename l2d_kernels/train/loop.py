@@ -17,6 +17,7 @@ from .. import reference
 from ..api import fused_mld
 from ..distributed import global_fused_led
 from ..nn import L2DLoss
+from .data import TensorImages
 from .metrics import evaluate
 
 
@@ -79,12 +80,21 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+def warmup_cosine(optimizer, steps: int):
+    """The learning rate of every model here: linear warm-up over the first 5% of ``steps``, then a
+    cosine decay to 0 at the last step."""
+    steps = max(1, steps)
+    warmup = max(1, steps // 20)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+
+
 @torch.no_grad()
 def cache_teacher_outputs(teacher: nn.Module, dataset, device: torch.device, batch: int = 256) -> None:
     """Give an in-memory data set (``TensorImages``) the frozen teacher's outputs for every image, as
     it is and flipped, so that a distilled student's steps read them instead of running the teacher.
     Other data sets are left as they are (the teacher then runs at every step)."""
-    if not hasattr(dataset, "teacher_outputs"):
+    if not isinstance(dataset, TensorImages):
         return
     teacher.eval()
     embeddings, logits = [], []
@@ -125,10 +135,7 @@ def train_model(name, model, loader, val_loader, *, epochs, lr, device, out_dir,
     if generator is not None:
         generator.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    steps = max(1, epochs * len(loader))
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    schedule = warmup_cosine(optimizer, epochs * len(loader))
     if teacher is not None:
         teacher.eval()
     metrics = {}
