@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
-# The GPU check, on a machine with a CUDA GPU and no network access, in two phases (each fits one
-# 10-minute call; together they do not):
+# The GPU check, on a machine with a CUDA GPU and no network access: PHASE=all (the default) does
+# everything in one 10-minute call; PHASE=check and PHASE=bench split it in two, with more time for
+# each step.
+#
+#   PHASE=all    install; build the extension in the background while the suite runs on the Triton
+#                backend, then the suite on the CUDA backend, each with compute-sanitizer (memcheck on
+#                the full driver, racecheck on L2D_SANITIZE_SET=small) and the CMake build + CTest
+#                running beside it; then the profile, `pytest benchmarks/` and the report, with
+#                nothing else on the GPU.
 #
 #   PHASE=check  install the project (no downloads); build the CUDA extension wheel for this card in
 #                the background while the test suite runs on the Triton backend; then the suite on
@@ -13,9 +20,10 @@
 #                rerun first), L2D_PROBES="command" (diagnostics), L2D_SANITIZE_AFTER="cuda triton"
 #                (compute-sanitizer after the benchmarks, with the time left).
 #
-#   OUT=/path/to/results PHASE=check bash benchmarks/gpu_check.sh      (default OUT: ./gpu-out)
+#   OUT=/path/to/results bash benchmarks/gpu_check.sh                  (default OUT: ./gpu-out)
 #   L2D_BENCH=full PHASE=bench ...                                     (every case; default: quick)
-#   DEADLINE=300 ...               (seconds: steps are cut short so that the phase ends by then)
+#   DEADLINE=300 ...               (seconds: steps are cut short so that the phase ends by then; the
+#                                   report alone may run 30 s past it)
 #
 # Writes under $OUT: summary.txt (one line per step, failures named), log-<phase>.txt (every step's
 # output), gpu.txt, the built extension (_C*.so, to carry into the next phase), and for bench:
@@ -24,7 +32,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
 PY=${PYTHON:-python3}
-PHASE=${PHASE:-check}
+PHASE=${PHASE:-all}
 export L2D_BENCH=${L2D_BENCH:-quick}
 export PYTHONUNBUFFERED=1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1)}
@@ -91,12 +99,34 @@ pytest_gpu() {  # pytest_gpu BACKENDS NAME TIMEOUT
         --timeout 150 -o addopts=""
 }
 
+sanitize_one() {  # sanitize_one TOOL BACKENDS LIMIT [SET]
+    step "sanitize-$1-$2" "$3" env L2D_TEST_BACKENDS="$2" L2D_SANITIZE_SET="${4:-full}" \
+        compute-sanitizer --tool "$1" --error-exitcode 1 $PY tests/sanitizer_driver.py
+}
+
 sanitize() {  # sanitize BACKENDS
     # Limits from the first H100 run: memcheck of the CUDA kernels took 5-8 s; racecheck of them and
     # both tools over the Triton kernels did not finish in 60 s.
     for tool in memcheck racecheck; do
-        step "sanitize-$tool-$1" "${L2D_SANITIZE_LIMIT:-150}" env L2D_TEST_BACKENDS="$1" compute-sanitizer --tool $tool --error-exitcode 1 \
-            $PY tests/sanitizer_driver.py
+        sanitize_one $tool "$1" "${L2D_SANITIZE_LIMIT:-150}"
+    done
+}
+
+beside() {  # beside NAME COMMAND...: in the background, its log apart until wait_beside appends it
+    ( LOG="$OUT/beside-$1.txt"; : > "$LOG"; shift; "$@" ) > /dev/null &
+    bg="$bg $!"
+}
+
+sanitize_beside() {  # sanitize_beside BACKENDS LIMIT: both tools at once, in the background
+    beside "memcheck-$1" sanitize_one memcheck "$1" "$2"
+    beside "racecheck-$1" sanitize_one racecheck "$1" "$2" small
+}
+
+wait_beside() {  # wait for the background steps; their logs join $LOG (few files may leave the machine)
+    for pid in $bg; do wait "$pid" || failed=1; done
+    bg=""
+    for f in "$OUT"/beside-*.txt; do
+        [ -f "$f" ] && { echo "===== (ran in the background) $(basename "$f" .txt)"; cat "$f"; rm -f "$f"; } >> "$LOG"
     done
 }
 
@@ -104,7 +134,42 @@ cmake_build() {
     step cmake 240 bash -c "cmake -S . -B build/cmake -G Ninja -DCMAKE_PREFIX_PATH=\"\$($PY -c 'import torch; print(torch.utils.cmake_prefix_path)')\" && cmake --build build/cmake -j 8 && ctest --test-dir build/cmake --output-on-failure"
 }
 
-if [ "$PHASE" = check ]; then
+bench_all() {
+    step profile "${L2D_PROFILE_LIMIT:-120}" $PY benchmarks/kernel_profile.py --triton-led-warps 4,16 \
+        --out "$OUT/profile-$card.md"
+    # One pytest run per file, each writing its JSON as it ends, so a deadline cuts one file, not all.
+    rm -rf build/bench && mkdir -p build/bench
+    jsons=()
+    for part in ${L2D_BENCH_FILES:-led mld step l2d}; do
+        step "bench-$part" 300 $PY -m pytest "benchmarks/test_$part.py" -q -rfE -p no:cacheprovider -o addopts="" \
+            --benchmark-json="build/bench/$part.json"
+        jsons+=("build/bench/$part.json")
+    done
+    # The report reads what the benchmarks wrote, so it gets 30 s past the deadline that cut them.
+    DEADLINE=$((DEADLINE + 30)) step report 30 $PY benchmarks/report.py "${jsons[@]}" \
+        --merged "$OUT/bench-$card.json" --out "$OUT"
+}
+
+bg=""
+if [ "$PHASE" = all ]; then
+    install_project
+    ( LOG="$OUT/beside-build.txt"; step build 300 bash -c build_extension ) > /dev/null &
+    build_pid=$!
+    # Sanitizers and the CMake build share the GPU with the tests (they time nothing); the benchmarks
+    # start only once all of them have ended.
+    sanitize_beside triton 150
+    pytest_gpu torch,triton tests-triton 170
+    wait $build_pid || failed=1
+    rm -f "$OUT"/_C*.so  # no later call to carry it to; the returned files are few
+    if ls l2d_kernels/_C*.so > /dev/null 2>&1; then
+        beside cmake cmake_build
+        $PY -c "import l2d_kernels; print('backends here:', l2d_kernels.available_backends())" >> "$OUT/gpu.txt" 2>&1
+        sanitize_beside cuda 80
+        pytest_gpu cuda tests-cuda 100
+    fi
+    wait_beside
+    L2D_PROFILE_LIMIT=${L2D_PROFILE_LIMIT:-90} bench_all
+elif [ "$PHASE" = check ]; then
     install_project
     # nvcc in the background (CPU) while the Triton backend is tested on the GPU.
     ( step build 300 bash -c build_extension ) &
@@ -130,19 +195,10 @@ elif [ "$PHASE" = bench ]; then
     $PY -c "import l2d_kernels; print('backends here:', l2d_kernels.available_backends())" | tee -a "$OUT/gpu.txt"
     [ -n "${L2D_RETEST:-}" ] && step retest 150 $PY -m pytest $L2D_RETEST -q -rfE -p no:cacheprovider -n 8 -o addopts=""
     [ -n "${L2D_PROBES:-}" ] && step probes 60 bash -c "$L2D_PROBES"
-    step profile 120 $PY benchmarks/kernel_profile.py --out "$OUT/profile-$card.md"
-    # One pytest run per file, each writing its JSON as it ends, so a deadline cuts one file, not all.
-    rm -rf build/bench && mkdir -p build/bench
-    jsons=()
-    for part in ${L2D_BENCH_FILES:-led mld step l2d}; do
-        step "bench-$part" 300 $PY -m pytest "benchmarks/test_$part.py" -q -rfE -p no:cacheprovider -o addopts="" \
-            --benchmark-json="build/bench/$part.json"
-        jsons+=("build/bench/$part.json")
-    done
-    step report 60 $PY benchmarks/report.py "${jsons[@]}" --merged "$OUT/bench-$card.json" --out "$OUT"
+    bench_all
     [ -n "${L2D_SANITIZE_AFTER:-}" ] && for b in $L2D_SANITIZE_AFTER; do sanitize "$b"; done
 else
-    echo "PHASE must be check or bench, not $PHASE" >&2
+    echo "PHASE must be all, check or bench, not $PHASE" >&2
     exit 2
 fi
 note "total: $((SECONDS - T0)) s"

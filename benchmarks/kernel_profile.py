@@ -13,12 +13,16 @@ shapes on a machine without a GPU: the benchmark suite's), it runs ``--calls`` c
 
 ``wall`` close to ``device`` means the kernels are the cost; ``wall`` close to ``host`` with
 ``device`` well below it means the launch path is. Targets from real COCO label rows.
+
+``--triton-led-warps 4,16`` adds rows for the Triton LED kernels launched with those warp counts
+(backend ``triton/wN``), to see whether the default (``triton_led.NUM_WARPS``) is the right one.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import sys
 import time
 
@@ -73,6 +77,21 @@ def profile_case(fn, device: str, calls: int) -> dict:
                 device_us=sum(n * t for _, n, t in rows), kernels=rows)
 
 
+@contextlib.contextmanager
+def _triton_led_warps(warps):
+    """The Triton LED kernels launched with ``warps`` warps inside (None: unchanged)."""
+    if warps is None:
+        yield
+        return
+    from l2d_kernels.ops import triton_led
+
+    default, triton_led.NUM_WARPS = triton_led.NUM_WARPS, warps  # read at each launch
+    try:
+        yield
+    finally:
+        triton_led.NUM_WARPS = default
+
+
 def report(results: list) -> str:
     lines = ["| backend | loss | shape | wall us/call | host us/call | device us/call | kernels (launches/call x mean us) |",
              "|---|---|---|---|---|---|---|"]
@@ -88,27 +107,32 @@ def main(argv=None) -> int:
     parser.add_argument("--backends", help="comma-separated (default: the fused backends here, else torch)")
     parser.add_argument("--calls", type=int, default=50)
     parser.add_argument("--out", help="also write the markdown table to this file")
+    parser.add_argument("--triton-led-warps", default="",
+                        help="comma-separated warp counts: extra Triton LED rows launched with each")
     args = parser.parse_args(argv)
     device = DEVICE.type
     if args.backends:
         backends = args.backends.split(",")
     else:
         backends = [b for b in ("cuda", "triton") if device == "cuda" and b in available_backends()] or ["torch"]
+    runs = [(backend, backend, CASES, None) for backend in backends]
+    if "triton" in backends:
+        runs += [(f"triton/w{w}", "triton", [c for c in CASES if c[0] == "led"], int(w))
+                 for w in args.triton_led_warps.split(",") if w]
+    title = f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n\n" if device == "cuda" else ""
     results = []
-    for backend in backends:
-        for loss, shape in CASES:
-            try:
-                results.append((backend, loss, shape, profile_case(_case(loss, shape, backend), device, args.calls)))
-            except torch.OutOfMemoryError:
-                torch.cuda.empty_cache()
-                print(f"{backend} {loss} {shape}: out of memory", file=sys.stderr)
-    table = report(results)
-    if device == "cuda":
-        table = f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n\n" + table
-    print(table)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(table)
+    for label, backend, cases, warps in runs:
+        with _triton_led_warps(warps):
+            for loss, shape in cases:
+                try:
+                    results.append((label, loss, shape, profile_case(_case(loss, shape, backend), device, args.calls)))
+                except torch.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+                    print(f"{label} {loss} {shape}: out of memory", file=sys.stderr)
+                if args.out:  # after every case, so that a run cut short keeps what it measured
+                    with open(args.out, "w") as fh:
+                        fh.write(title + report(results))
+    print(title + report(results))
     return 0
 
 

@@ -19,3 +19,21 @@ def test_report_lists_kernels_by_total_time():
                   kernels=[("main_kernel", 2.0, 10.0), ("finalize", 1.0, 5.0)])
     table = kernel_profile.report([("triton", "led", (64, 80, 768), result)])
     assert "| triton | led | 64 x 80 x 768 | 30.0 | 12.0 | 25.0 | main_kernel 2x10.0; finalize 1x5.0 |" in table
+
+
+def test_triton_led_warp_variants_are_extra_rows_and_leave_the_default(tmp_path):
+    from l2d_kernels import available_backends
+    from l2d_kernels.ops import triton_led
+
+    if "triton" not in available_backends():
+        import pytest
+        pytest.skip(f"no Triton backend here: {available_backends()}")
+    default = triton_led.NUM_WARPS
+    out = tmp_path / "profile.md"
+    assert kernel_profile.main(["--backends", "triton", "--calls", "1", "--triton-led-warps", "2",
+                                "--out", str(out)]) == 0
+    assert triton_led.NUM_WARPS == default
+    labels = [line.split(" | ")[0][2:] + "/" + line.split(" | ")[1] for line in out.read_text().splitlines()
+              if line.startswith("| triton")]
+    n_led = sum(loss == "led" for loss, _ in kernel_profile.CASES)
+    assert labels == [f"triton/{loss}" for loss, _ in kernel_profile.CASES] + ["triton/w2/led"] * n_led
