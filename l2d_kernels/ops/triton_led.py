@@ -76,6 +76,14 @@ def _members_kernel(y_ptr, y_sb, y_sc, B, C, cd_idx, cd_cnt, id_idx, id_cnt, BLO
 
 
 @triton.jit
+def _div(a, b):
+    """a / b rounded to nearest, as IEEE division and the CUDA kernels give (Triton's ``/`` on float32 is
+    an approximate division on GPUs: ``d / mu`` with ``d == mu`` need not be exactly 1, and a group of
+    two, whose loss is exactly 0, would get a residue of about 1e-14 where the float64 oracle has 0)."""
+    return tl.div_rn(a, b)
+
+
+@triton.jit
 def _huber(x):
     ax = tl.abs(x)
     return tl.where(ax < 1.0, 0.5 * x * x, ax - 0.5)
@@ -131,14 +139,14 @@ def _diagonal(m, BLOCK: tl.constexpr):
 def _distances(gram, n_i, n_j):
     """(squared distance before the clamp, clamped distance)."""
     sq = n_i[:, None] + n_j[None, :] - 2.0 * gram
-    return sq, tl.sqrt(at_least(sq, 1e-12))
+    return sq, tl.sqrt_rn(at_least(sq, 1e-12))
 
 
 @triton.jit
 def _pair_weights(x, ds, sq_s, pair, mu_s, k_sum, p_f, n_pairs):
     """w(a, b) of the module docstring on one tile."""
-    g = (clamp(x, -1.0, 1.0) / mu_s - k_sum / (mu_s * mu_s * n_pairs)) / p_f
-    return tl.where(pair & (sq_s > 1e-12), g / ds, 0.0)
+    g = _div(_div(clamp(x, -1.0, 1.0), mu_s) - _div(k_sum, mu_s * mu_s * n_pairs), p_f)
+    return tl.where(pair & (sq_s > 1e-12), _div(g, ds), 0.0)
 
 
 @triton.jit
@@ -175,10 +183,10 @@ def _small_group(S, T, s_m, s_d, t_m, t_d, G, g_m, members, P, loss_ptr, D, scal
     _, dt = _distances(gt, nt_col, nt_row)
     p_f = P.to(tl.float32)
     n_pairs = p_f * (p_f - 1.0)
-    mu_s = _sum2(tl.where(pair, ds, 0.0)) / n_pairs
-    mu_t = _sum2(tl.where(pair, dt, 0.0)) / n_pairs
-    x = ds / mu_s - dt / mu_t
-    tl.store(loss_ptr, _sum2(tl.where(pair, _huber(x), 0.0)) / p_f)
+    mu_s = _div(_sum2(tl.where(pair, ds, 0.0)), n_pairs)
+    mu_t = _div(_sum2(tl.where(pair, dt, 0.0)), n_pairs)
+    x = _div(ds, mu_s) - _div(dt, mu_t)
+    tl.store(loss_ptr, _div(_sum2(tl.where(pair, _huber(x), 0.0)), p_f))
     k_sum = _sum2(tl.where(pair, clamp(x, -1.0, 1.0) * ds, 0.0))
     w = _pair_weights(x, ds, sq_s, pair, mu_s, k_sum, p_f, n_pairs)
     _write_grad(S, s_m, s_d, G, g_m, rows, ok, rows, ok, w, tl.sum(w, axis=1), D, scale, ADD, BLOCK_D, True)
@@ -297,7 +305,7 @@ def _group_scalars(part1, P, TILE: tl.constexpr):
     sum_s, sum_t = _sum_pairs(part1, tl.cdiv(P, TILE))
     p_f = P.to(tl.float32)
     n_pairs = p_f * (p_f - 1.0)
-    return sum_s / n_pairs, sum_t / n_pairs, p_f, n_pairs
+    return _div(sum_s, n_pairs), _div(sum_t, n_pairs), p_f, n_pairs
 
 
 @triton.jit
@@ -317,7 +325,7 @@ def _stats_kernel(
         for j in range(0, tl.cdiv(P, TILE)):
             sq_s, ds, dt, pair, ok_i, rows_i, ok_j, rows_j = _tile_distances(
                 S_g, T_g, s_m, s_d, t_m, t_d, members, norms_g, P, i, j, D, TILE, BLOCK_D)
-            x = ds / mu_s - dt / mu_t
+            x = _div(ds, mu_s) - _div(dt, mu_t)
             huber_sum += _sum2(tl.where(pair, _huber(x), 0.0))
             k_sum += _sum2(tl.where(pair, clamp(x, -1.0, 1.0) * ds, 0.0))
         tl.store(part2 + slot + 2 * i, huber_sum)
@@ -338,13 +346,13 @@ def _grad_kernel(
         mu_s, mu_t, p_f, n_pairs = _group_scalars(part1 + slot, P, TILE)
         huber_sum, k_sum = _sum_pairs(part2 + slot, tl.cdiv(P, TILE))
         if i == 0:
-            tl.store(loss_ptr + g, huber_sum / p_f)
+            tl.store(loss_ptr + g, _div(huber_sum, p_f))
         # grad = 2 sum_b w(a, b) (s_a - s_b), one column tile at a time, each tile's part kept in that
         # difference form (its own row sums) so that a half-precision gradient stays well conditioned.
         for j in range(0, tl.cdiv(P, TILE)):
             sq_s, ds, dt, pair, ok_i, rows_i, ok_j, rows_j = _tile_distances(
                 S_g, T_g, s_m, s_d, t_m, t_d, members, norms_g, P, i, j, D, TILE, BLOCK_D)
-            w = _pair_weights(ds / mu_s - dt / mu_t, ds, sq_s, pair, mu_s, k_sum, p_f, n_pairs)
+            w = _pair_weights(_div(ds, mu_s) - _div(dt, mu_t), ds, sq_s, pair, mu_s, k_sum, p_f, n_pairs)
             if j == 0:
                 _write_grad(S_g, s_m, s_d, G_g, g_m, rows_i, ok_i, rows_j, ok_j, w, tl.sum(w, axis=1), D, scale,
                             ADD, BLOCK_D)
