@@ -53,8 +53,7 @@ def fused_mld(
         dtype = _compute_dtype(student_logits, teacher_logits)
         zs, zt = (t.to(dtype).contiguous() for t in (student_logits, teacher_logits))
         return reference.mld(zs, zt, reduction, eps, temperature)
-    loss, _ = library.mld_op(name)(student_logits, teacher_logits, reduction, float(eps), float(temperature))
-    return loss
+    return library.mld(name, student_logits, teacher_logits, reduction, float(eps), float(temperature))
 
 
 def fused_led(
@@ -90,6 +89,6 @@ def fused_led(
         es, et = (t.to(dtype).contiguous() for t in (student_emb, teacher_emb))
         total, cd, id_ = reference.led_vectorized(es, et, targets.contiguous(), lambda_cd, lambda_id, return_components=True)
     else:
-        losses, _ = library.led_op(name)(student_emb, teacher_emb, targets, float(lambda_cd), float(lambda_id))
-        total, cd, id_ = losses[0], losses[1], losses[2]
+        total, losses = library.led(name, student_emb, teacher_emb, targets, float(lambda_cd), float(lambda_id))
+        cd, id_ = losses[1], losses[2]
     return (total, cd.detach(), id_.detach()) if return_components else total

@@ -100,7 +100,10 @@ def mld_forward(zs: torch.Tensor, zt: torch.Tensor, reduction: str, eps: float, 
     per_label = reduction == "none"
     n_partials = grid[0] * grid[1]
     loss_scale = scale * temperature**2
-    out = torch.empty((B, C) if per_label else n_partials, dtype=torch.float32, device=zs.device)
+    # A single partial is the loss itself: allocated 0-dim, so that the loss is no view (autograd
+    # refuses in-place changes to a view made inside a custom Function, such as ``loss *= 2``).
+    out_shape = (B, C) if per_label else (() if n_partials == 1 else (n_partials,))
+    out = torch.empty(out_shape, dtype=torch.float32, device=zs.device)
     _mld_kernel[grid](
         zs, zt, grad, out, B, C, zs.stride(0), zs.stride(1), zt.stride(0), zt.stride(1),
         1.0 / temperature, loss_scale, loss_scale if n_partials == 1 else 1.0, scale * temperature,
@@ -110,5 +113,5 @@ def mld_forward(zs: torch.Tensor, zt: torch.Tensor, reduction: str, eps: float, 
     if per_label:
         return out, grad
     if n_partials == 1:
-        return out.view(()), grad
+        return out, grad
     return finalize_sum(out, loss_scale), grad
