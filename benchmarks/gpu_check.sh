@@ -22,6 +22,7 @@
 #
 #   OUT=/path/to/results bash benchmarks/gpu_check.sh                  (default OUT: ./gpu-out)
 #   L2D_BENCH=full PHASE=bench ...                                     (every case; default: quick)
+#   L2D_PROFILE_WARPS=4,16 ...     (the kernel profile adds Triton LED rows at those warp counts)
 #   DEADLINE=300 ...               (seconds: steps are cut short so that the phase ends by then; the
 #                                   report alone may run 30 s past it)
 #
@@ -136,8 +137,8 @@ cmake_build() {
 }
 
 bench_all() {
-    step profile "${L2D_PROFILE_LIMIT:-120}" $PY benchmarks/kernel_profile.py --triton-led-warps 4,16 \
-        --out "$OUT/profile-$card.md"
+    step profile "${L2D_PROFILE_LIMIT:-120}" $PY benchmarks/kernel_profile.py \
+        --triton-led-warps "${L2D_PROFILE_WARPS:-}" --out "$OUT/profile-$card.md"
     # One pytest run per file, each writing its JSON as it ends, so a deadline cuts one file, not all.
     rm -rf build/bench && mkdir -p build/bench
     jsons=()
@@ -146,10 +147,11 @@ bench_all() {
             --benchmark-json="build/bench/$part.json"
         jsons+=("build/bench/$part.json")
     done
-    step step-profile 90 bash -c "cd benchmarks && $PY step_profile.py --out '$OUT/step-profile-$card.md'"
     # The report reads what the benchmarks wrote, so it gets 30 s past the deadline that cut them.
     DEADLINE=$((DEADLINE + 30)) step report 30 $PY benchmarks/report.py "${jsons[@]}" \
         --merged "$OUT/bench-$card.json" --out "$OUT"
+    # A diagnostic, last: it runs only if the phase has time left.
+    step step-profile 60 bash -c "cd benchmarks && $PY step_profile.py --out '$OUT/step-profile-$card.md'"
 }
 
 bg=""
@@ -172,7 +174,7 @@ if [ "$PHASE" = all ]; then
         pytest_gpu cuda tests-cuda 100
     fi
     wait_beside
-    L2D_PROFILE_LIMIT=${L2D_PROFILE_LIMIT:-90} bench_all
+    L2D_PROFILE_LIMIT=${L2D_PROFILE_LIMIT:-75} bench_all
 elif [ "$PHASE" = check ]; then
     install_project
     # nvcc in the background (CPU) while the Triton backend is tested on the GPU.
