@@ -10,10 +10,10 @@ the calls without a graph break.
 
 Eager calls (everything outside ``torch.compile``) skip the operator's Python dispatch: ``mld`` and
 ``led`` below call the kernels' launcher under one ``torch.autograd.Function`` with the same
-backward. On a 2-core CPU, with the launchers stubbed out so that only the host path is timed, a
-forward + ``autograd.grad`` of ``fused_mld`` took 99 us through the operator and 54 us this way,
-``fused_led`` 165 us and 77 us (its total no longer goes through an indexing node, whose backward
-launched two more kernels).
+backward. On a 2-core CPU, with the launchers stubbed out so that only the host path is timed
+(``benchmarks/host_overhead.py``), a forward + ``autograd.grad`` of ``fused_mld`` took 97-108 us
+through the operator and 52-57 us this way, ``fused_led`` 132-140 us and 72-87 us (its total no
+longer goes through an indexing node, whose backward launched two more kernels).
 
     l2d_kernels::mld_<backend>(zs, zt, reduction, eps, temperature) -> (loss, d loss / d zs)
     l2d_kernels::led_<backend>(es, et, targets, lambda_cd, lambda_id)

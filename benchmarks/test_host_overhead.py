@@ -1,0 +1,23 @@
+"""The host-path measurement, in its own process (it replaces the Triton launchers with stubs)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from l2d_kernels import available_backends
+
+
+@pytest.mark.skipif("triton" not in available_backends(), reason="needs the Triton backend (or its interpreter)")
+def test_reports_every_case(tmp_path):
+    out = tmp_path / "host.txt"
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    subprocess.run([sys.executable, str(root / "benchmarks" / "host_overhead.py"), "--calls", "20", "--out", str(out)],
+                   check=True, env=env, timeout=300)
+    lines = out.read_text().splitlines()[1:]
+    assert [line.split(":")[0] for line in lines] == [
+        "fused_mld forward + autograd.grad", "fused_mld forward", "fused_led forward + autograd.grad"]
+    assert all(float(line.split(": ")[1].split()[0]) > 0 for line in lines)
