@@ -75,9 +75,9 @@ def make_step(pair, loss_fn):
 
 def settle(pair, forms: dict, steps: int = 3, baseline_s: float = 1.0) -> None:
     """Run every form a few steps (cuDNN's algorithm search, Triton compilation, the allocator), then
-    the BCE-only step for ``baseline_s`` (clocks), before any form is timed. Without it the first
-    forms timed carried the warm-up (H100: a fused step's rounds at 34.3 ms and at 42.5 ms in one
-    run, the BCE-only step, timed last, at 34.1 ms throughout)."""
+    the BCE-only step for ``baseline_s`` (clocks), before any form is timed, so that no form's
+    rounds carry another's warm-up. (It does not explain an H100 run where one fused step's rounds
+    were 34.3 ms, then ten at 42.5 ms, then 34.5 ms again; the 30 rounds make such a shift show.)"""
     for form in forms.values():
         step = make_step(pair, form)
         for _ in range(steps):
