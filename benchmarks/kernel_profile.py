@@ -9,7 +9,9 @@ shapes on a machine without a GPU: the benchmark suite's), it runs ``--calls`` c
 - ``wall``: elapsed time of the calls divided by their number (one synchronization at the end);
 - ``host``: the time the Python thread spent issuing one call (launch overhead, input checks);
 - ``device``: the sum of the device time of every kernel the call ran;
-- one row per kernel: its name, launches per call and mean device time.
+- one row per kernel: its name, launches per call and mean device time (for a kernel launched
+  several times per call, also the mean of each launch in order, e.g. Triton LED's CD and ID
+  launches of one kernel).
 
 ``wall`` close to ``device`` means the kernels are the cost; ``wall`` close to ``host`` with
 ``device`` well below it means the launch path is. Targets from real COCO label rows.
@@ -67,14 +69,20 @@ def profile_case(fn, device: str, calls: int) -> dict:
             host += time.perf_counter() - issued
         _sync(device)
         wall = time.perf_counter() - start
-    kernels = collections.defaultdict(lambda: [0, 0.0])
-    for event in prof.events():
-        if event.device_type == DeviceType.CUDA:
-            kernels[event.name][0] += 1
-            kernels[event.name][1] += event.device_time
-    rows = sorted(((name, n / calls, total / n) for name, (n, total) in kernels.items()), key=lambda r: -r[1] * r[2])
+    launches = collections.defaultdict(list)  # kernel name -> device time of each launch, in launch order
+    events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    for event in sorted(events, key=lambda e: e.time_range.start):
+        launches[event.name].append(event.device_time)
+    rows = []
+    for name, times in launches.items():
+        per_call = len(times) // calls
+        # A kernel launched k times per call (Triton's LED kernel: once per family) gets the mean of
+        # each of its k launches, so that the CD and ID launches are told apart.
+        slots = [sum(times[j::per_call]) / len(times[j::per_call]) for j in range(per_call)] if per_call > 1 else []
+        rows.append((name, len(times) / calls, sum(times) / len(times), slots))
+    rows.sort(key=lambda r: -r[1] * r[2])
     return dict(wall_us=1e6 * wall / calls, host_us=1e6 * host / calls,
-                device_us=sum(n * t for _, n, t in rows), kernels=rows)
+                device_us=sum(r[1] * r[2] for r in rows), kernels=rows)
 
 
 @contextlib.contextmanager
@@ -92,11 +100,16 @@ def _triton_led_warps(warps):
         triton_led.NUM_WARPS = default
 
 
+def _kernel_cell(name: str, n: float, mean_us: float, slots=()) -> str:
+    cell = f"{name[:48]} {n:g}x{mean_us:.1f}"
+    return cell + (f" ({' + '.join(f'{t:.1f}' for t in slots)})" if slots else "")
+
+
 def report(results: list) -> str:
-    lines = ["| backend | loss | shape | wall us/call | host us/call | device us/call | kernels (launches/call x mean us) |",
+    lines = ["| backend | loss | shape | wall us/call | host us/call | device us/call | kernels (launches/call x mean us, each launch in parentheses) |",
              "|---|---|---|---|---|---|---|"]
     for backend, loss, shape, r in results:
-        detail = "; ".join(f"{name[:48]} {n:g}x{t:.1f}" for name, n, t in r["kernels"]) or "-"
+        detail = "; ".join(_kernel_cell(*row) for row in r["kernels"]) or "-"
         lines.append(f"| {backend} | {loss} | {' x '.join(map(str, shape))} | {r['wall_us']:.1f} | {r['host_us']:.1f} | "
                      f"{r['device_us']:.1f} | {detail} |")
     return "\n".join(lines) + "\n"

@@ -19,6 +19,9 @@ def test_report_lists_kernels_by_total_time():
                   kernels=[("main_kernel", 2.0, 10.0), ("finalize", 1.0, 5.0)])
     table = kernel_profile.report([("triton", "led", (64, 80, 768), result)])
     assert "| triton | led | 64 x 80 x 768 | 30.0 | 12.0 | 25.0 | main_kernel 2x10.0; finalize 1x5.0 |" in table
+    result["kernels"][0] = ("main_kernel", 2.0, 10.0, [16.0, 4.0])
+    table = kernel_profile.report([("triton", "led", (64, 80, 768), result)])
+    assert "main_kernel 2x10.0 (16.0 + 4.0); finalize 1x5.0 |" in table
 
 
 def test_triton_led_warp_variants_are_extra_rows_and_leave_the_default(tmp_path):
