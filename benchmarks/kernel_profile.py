@@ -85,6 +85,37 @@ def profile_case(fn, device: str, calls: int) -> dict:
                 device_us=sum(r[1] * r[2] for r in rows), kernels=rows)
 
 
+def _per_call_us(fn, device: str, calls: int) -> float:
+    for _ in range(max(1, calls // 20)):
+        fn()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    _sync(device)
+    return 1e6 * (time.perf_counter() - start) / calls
+
+
+def launch_costs(device: str = "cuda", calls: int = 2000) -> str:
+    """What one launch costs the host, against which the fused calls' host time reads: a Triton
+    kernel that does nothing, with as many arguments as the LED kernel takes, and one PyTorch
+    elementwise op. Back to back with one synchronization, so each is max(host, device) per call."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _empty(p0, p1, p2, p3, p4, p5, i0, i1, i2, i3, i4, i5, i6, i7, i8, i9, i10, i11, f0,
+               A: tl.constexpr, B: tl.constexpr):
+        pass
+
+    x = torch.zeros(64, device=device)
+    ints = list(range(1, 13))
+    empty = _per_call_us(lambda: _empty[(1,)](x, x, x, x, x, x, *ints, 0.5, A=True, B=False), device, calls)
+    torch_op = _per_call_us(lambda: x.mul_(1.0), device, calls)
+    return (f"Host cost of one launch: an empty Triton kernel with 19 arguments {empty:.1f} us; "
+            f"one PyTorch elementwise op {torch_op:.1f} us.\n")
+
+
 @contextlib.contextmanager
 def _triton_led_warps(warps):
     """The Triton LED kernels launched with ``warps`` warps inside (None: unchanged)."""
@@ -133,6 +164,8 @@ def main(argv=None) -> int:
         runs += [(f"triton/w{w}", "triton", [c for c in CASES if c[0] == "led"], int(w))
                  for w in args.triton_led_warps.split(",") if w]
     title = f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n\n" if device == "cuda" else ""
+    if device == "cuda" and "triton" in backends:
+        title += launch_costs(device) + "\n"
     results = []
     for label, backend, cases, warps in runs:
         with _triton_led_warps(warps):

@@ -40,3 +40,14 @@ def test_triton_led_warp_variants_are_extra_rows_and_leave_the_default(tmp_path)
               if line.startswith("| triton")]
     n_led = sum(loss == "led" for loss, _ in kernel_profile.CASES)
     assert labels == [f"triton/{loss}" for loss, _ in kernel_profile.CASES] + ["triton/w2/led"] * n_led
+
+
+def test_launch_costs_line():
+    from l2d_kernels import available_backends
+
+    if "triton" not in available_backends():
+        import pytest
+        pytest.skip(f"no Triton backend here: {available_backends()}")
+    line = kernel_profile.launch_costs(kernel_profile.DEVICE.type, calls=3)
+    assert line.startswith("Host cost of one launch: an empty Triton kernel with 19 arguments ")
+    assert line.count(" us") == 2
