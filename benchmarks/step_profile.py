@@ -10,9 +10,10 @@ than in the BCE-only step (what the form's losses launch), largest first. Profil
 (``Optimizer.step#...``) are not kernels and are left out.
 
 Every form is timed before any is profiled, in interleaved rounds (one step of each form per
-round), so that neither drift nor the profiler's lasting effect on launches (CUPTI stays attached
-once a profile has run) favours one form: the first H100 run timed each form after profiling the
-one before, and its walls (BCE-only 36.8 ms, the fused step 68.7 ms) disagreed with the benchmark's.
+round), so that neither drift nor anything a profiling session leaves behind favours one form: an
+earlier version timed each form right after profiling the one before, and on an H100 its walls
+(BCE-only 36.8 ms, eager vectorized 46.8, fused Triton 68.7) disagreed with the benchmark's of the
+same lease (34.1, 35.6, 42.3); which of the two causes it was, that run could not tell.
 """
 
 from __future__ import annotations
