@@ -45,6 +45,14 @@ else:
     DTYPES = [torch.float32]
 
 
+def emit(text: str, out: str | None) -> None:
+    """A diagnostic's report: printed, and written to ``out`` when one is given."""
+    print(text, end="" if text.endswith("\n") else "\n")
+    if out:
+        with open(out, "w") as fh:
+            fh.write(text)
+
+
 def led_inputs(B: int, C: int, D: int, dtype: torch.dtype = torch.float32):
     """Student embeddings (requiring grad), teacher embeddings and COCO-row targets, seeded."""
     from l2d_kernels.labels import sample_targets

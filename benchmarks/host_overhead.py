@@ -21,6 +21,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
 
+from harness import emit  # noqa: E402
 from l2d_kernels import fused_led, fused_mld  # noqa: E402
 from l2d_kernels.ops import triton_led, triton_mld  # noqa: E402
 
@@ -62,10 +63,7 @@ def main(argv=None) -> int:
     }
     lines = [f"{name}: {_us_per_call(fn, args.calls):.1f} us" for name, fn in cases.items()]
     text = f"host path per call, launchers stubbed (torch {torch.__version__}, one CPU thread)\n" + "\n".join(lines) + "\n"
-    print(text, end="")
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text)
+    emit(text, args.out)
     return 0
 
 

@@ -29,6 +29,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 import test_step
+from harness import emit
 
 
 def _kernels_per_step(step, steps: int) -> dict:
@@ -86,11 +87,7 @@ def main(argv=None) -> int:
         shown = "; ".join(f"{name[:60]} +{dt:.1f} us" for dt, name in extra[:8] if dt > 1.0)
         total = sum(kernels[form].values()) - sum(base.values())
         lines.append(f"- {form}: device time over BCE-only {total / 1e3:.2f} ms/step; largest: {shown or '-'}")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text)
+    emit("\n".join(lines) + "\n", args.out)
     return 0
 
 

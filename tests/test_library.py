@@ -71,25 +71,6 @@ class _NewBuffers(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("loss", ["mld", "led"])
-def test_backward_allocates_no_second_gradient(fused_backend, loss):
-    """Backward scales the forward's gradient buffer and hands it on: no op in it makes a tensor of
-    the gradient's size (autograd's zero-filled gradient for the op's gradient output included),
-    and a leaf's .grad is that very buffer."""
-    if loss == "mld":
-        x = logits(7, 9, device=DEVICE)[0].requires_grad_()
-        out = fused_mld(x, logits(7, 9, seed=1, device=DEVICE)[1], backend=fused_backend)
-    else:
-        es, et, y = embeddings(6, 5, 8, device=DEVICE, density=0.6)
-        x = es.clone().requires_grad_()
-        out = fused_led(x, et, y, backend=fused_backend)
-    buffer_ptr = out.grad_fn.saved_tensors[0].data_ptr()
-    with _NewBuffers(x.numel()) as mode:
-        (out * 0.5).backward()
-    assert mode.ops == []
-    assert x.grad.data_ptr() == buffer_ptr
-
-
 def _fused_call(loss, backend, x=None):
     if loss == "mld":
         zs, zt = logits(7, 9, device=DEVICE)
@@ -98,6 +79,19 @@ def _fused_call(loss, backend, x=None):
     es, et, y = embeddings(6, 5, 8, device=DEVICE, density=0.6)
     x = es.clone().requires_grad_() if x is None else x
     return x, fused_led(x, et, y, backend=backend)
+
+
+@pytest.mark.parametrize("loss", ["mld", "led"])
+def test_backward_allocates_no_second_gradient(fused_backend, loss):
+    """Backward scales the forward's gradient buffer and hands it on: no op in it makes a tensor of
+    the gradient's size (autograd's zero-filled gradient for the op's gradient output included),
+    and a leaf's .grad is that very buffer."""
+    x, out = _fused_call(loss, fused_backend)
+    buffer_ptr = out.grad_fn.saved_tensors[0].data_ptr()
+    with _NewBuffers(x.numel()) as mode:
+        (out * 0.5).backward()
+    assert mode.ops == []
+    assert x.grad.data_ptr() == buffer_ptr
 
 
 @pytest.mark.parametrize("loss", ["mld", "led"])

@@ -22,6 +22,8 @@ longer goes through an indexing node, whose backward launched two more kernels).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -96,8 +98,10 @@ def led_op(backend: str):
     return getattr(torch.ops.l2d_kernels, f"led_{backend}")
 
 
+@functools.lru_cache(maxsize=None)
 def _launcher(loss: str, backend: str):
-    """The function that launches a backend's kernels: (student, *rest) -> (loss, d loss / d student)."""
+    """The function that launches a backend's kernels: (student, *rest) -> (loss, d loss / d student).
+    Looked up once per (loss, backend): it is on every call's path."""
     if backend == "triton":
         if loss == "mld":
             from .triton_mld import mld_forward
