@@ -18,6 +18,9 @@ shapes on a machine without a GPU: the benchmark suite's), it runs ``--calls`` c
 
 ``--triton-led-warps 4,16`` adds rows for the Triton LED kernels launched with those warp counts
 (backend ``triton/wN``), to see whether the default (``triton_led.NUM_WARPS``) is the right one.
+``--cuda-led-tiled`` adds CUDA LED rows with ``L2D_CUDA_LED_WIDE=0`` (backend ``cuda/tiled``: groups
+of 33 to 64 members in four passes over 32 x 32 tiles), to compare with the ``cuda`` rows, which
+follow the environment (the GPU check sets ``L2D_CUDA_LED_WIDE=1``: one 64 x 64 tile, two passes).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import os
 import sys
 import time
 
@@ -118,10 +122,7 @@ def launch_costs(device: str = "cuda", calls: int = 2000) -> str:
 
 @contextlib.contextmanager
 def _triton_led_warps(warps):
-    """The Triton LED kernels launched with ``warps`` warps inside (None: unchanged)."""
-    if warps is None:
-        yield
-        return
+    """The Triton LED kernels launched with ``warps`` warps inside."""
     from l2d_kernels.ops import triton_led
 
     default, triton_led.NUM_WARPS = triton_led.NUM_WARPS, warps  # read at each launch
@@ -129,6 +130,20 @@ def _triton_led_warps(warps):
         yield
     finally:
         triton_led.NUM_WARPS = default
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str):
+    """``os.environ[name] = value`` inside (the CUDA extension reads L2D_CUDA_LED_WIDE at each call)."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
 
 
 def _kernel_cell(name: str, n: float, mean_us: float, slots=()) -> str:
@@ -153,22 +168,27 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="also write the markdown table to this file")
     parser.add_argument("--triton-led-warps", default="",
                         help="comma-separated warp counts: extra Triton LED rows launched with each")
+    parser.add_argument("--cuda-led-tiled", action="store_true",
+                        help="extra CUDA LED rows with L2D_CUDA_LED_WIDE=0 (the tiled path for groups of 33-64)")
     args = parser.parse_args(argv)
     device = DEVICE.type
     if args.backends:
         backends = args.backends.split(",")
     else:
         backends = [b for b in ("cuda", "triton") if device == "cuda" and b in available_backends()] or ["torch"]
-    runs = [(backend, backend, CASES, None) for backend in backends]
+    led_cases = [c for c in CASES if c[0] == "led"]
+    runs = [(backend, backend, CASES, contextlib.nullcontext) for backend in backends]
     if "triton" in backends:
-        runs += [(f"triton/w{w}", "triton", [c for c in CASES if c[0] == "led"], int(w))
+        runs += [(f"triton/w{w}", "triton", led_cases, lambda w=int(w): _triton_led_warps(w))
                  for w in args.triton_led_warps.split(",") if w]
+    if "cuda" in backends and args.cuda_led_tiled:
+        runs.append(("cuda/tiled", "cuda", led_cases, lambda: _environment("L2D_CUDA_LED_WIDE", "0")))
     title = f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n\n" if device == "cuda" else ""
     if device == "cuda" and "triton" in backends:
         title += launch_costs(device) + "\n"
     results = []
-    for label, backend, cases, warps in runs:
-        with _triton_led_warps(warps):
+    for label, backend, cases, variant in runs:
+        with variant():
             for loss, shape in cases:
                 try:
                     results.append((label, loss, shape, profile_case(_case(loss, shape, backend), device, args.calls)))

@@ -8,11 +8,17 @@
 // Gram and one gradient pass; a larger one takes four passes (norms, means, Huber and K sums,
 // gradient). Every sum runs in a fixed order and no float atomics are used: results are bitwise
 // reproducible. Squared norms are the Gram's own diagonal, so identical rows are exactly 0 apart.
+//
+// Experimental, off unless L2D_CUDA_LED_WIDE=1 is set when the op is called: a group of 33 to 64
+// members (COCO's largest at a batch of 64) in one 64 x 64 tile, one Gram pass and one gradient pass
+// instead of four passes over four tiles (wide_group). Written without a GPU at hand: it stays off
+// until the GPU check (which turns it on) has passed with it.
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cub/block/block_scan.cuh>
+#include <cstdlib>
 #include <torch/library.h>
 
 #include "common.cuh"
@@ -23,6 +29,7 @@ namespace {
 
 constexpr int kTile = 32;   // members per tile (rows and columns of a Gram tile)
 constexpr int kChunk = 32;  // embedding width per shared-memory chunk
+constexpr int kWide = 64;   // members of the one-tile path for groups above kTile (wide_group)
 constexpr float kDistEps = 1e-12f;
 
 __global__ void members_kernel(const bool* __restrict__ pos, int64_t y_sb, int64_t y_sc, int64_t B, int64_t C,
@@ -59,6 +66,7 @@ struct FamilyArgs {
   int64_t n_members, width;
   float scale;                           // 2 lambda
   bool zero_outside, add;
+  bool wide;                             // groups of kTile < P <= kWide take wide_group
 };
 
 struct Shared {
@@ -69,6 +77,38 @@ struct Shared {
   int rows_i[kTile], rows_j[kTile];
   float reduce[kThreads / 32];
 };
+
+struct WideShared {
+  float s[kWide][kChunk + 1], t[kWide][kChunk + 1];  // a width chunk of every member row
+  float w[kWide][kWide + 1];                         // pair weights
+  float ns[kWide], nt[kWide], rowsum[kWide];
+  int rows[kWide];
+  float reduce[kThreads / 32];
+};
+
+union BlockShared {
+  Shared tiled;
+  WideShared wide;
+};
+
+// Distance from a squared distance: sqrt(max(sq, eps)), NaN kept.
+__device__ __forceinline__ float pair_dist(float sq) { return sqrtf(sq != sq ? sq : fmaxf(sq, kDistEps)); }
+
+__device__ __forceinline__ float huber(float x) {
+  const float ax = fabsf(x);
+  return ax < 1.f ? 0.5f * x * x : ax - 0.5f;
+}
+
+// w(a, b) of one ordered pair (0 for a non-pair or a coincident pair, NaN kept).
+__device__ __forceinline__ float pair_weight(bool pair, float sq, float ds, float dt, float mu_s, float mu_t,
+                                             float k_sum, float p_f, float n_pairs) {
+  if (pair && sq > kDistEps) {
+    const float x = ds / mu_s - dt / mu_t;
+    const float gpair = (clamp_keep_nan(x, -1.f, 1.f) / mu_s - k_sum / (mu_s * mu_s * n_pairs)) / p_f;
+    return gpair / ds;
+  }
+  return (pair && sq != sq) ? sq : 0.f;  // NaN in, NaN out
+}
 
 template <typename TS, typename TT>
 struct Group {
@@ -113,8 +153,6 @@ struct Group {
     }
   }
 
-  __device__ static float dist(float sq) { return sqrtf(sq != sq ? sq : fmaxf(sq, kDistEps)); }
-
   // Distances of this thread's entries of tile (i0, j0); tile norms must be in shared memory.
   __device__ void distances(int i0, int j0, const float gs[2][2], const float gt[2][2], float sq[2][2],
                             float ds[2][2], float dt[2][2], bool pair[2][2]) {
@@ -123,8 +161,8 @@ struct Group {
         const int a = i0 + r0() + u, b = j0 + c0() + v;
         pair[u][v] = a < P && b < P && a != b;
         sq[u][v] = sh.ns_i[r0() + u] + sh.ns_j[c0() + v] - 2.f * gs[u][v];
-        ds[u][v] = dist(sq[u][v]);
-        dt[u][v] = dist(sh.nt_i[r0() + u] + sh.nt_j[c0() + v] - 2.f * gt[u][v]);
+        ds[u][v] = pair_dist(sq[u][v]);
+        dt[u][v] = pair_dist(sh.nt_i[r0() + u] + sh.nt_j[c0() + v] - 2.f * gt[u][v]);
       }
   }
 
@@ -202,9 +240,139 @@ struct Group {
   }
 };
 
-__device__ __forceinline__ float huber(float x) {
-  const float ax = fabsf(x);
-  return ax < 1.f ? 0.5f * x * x : ax - 0.5f;
+// A group of kTile < P <= kWide members as one 64 x 64 tile. Thread (tr, tc) = (tid / 16, tid % 16) holds
+// the entries (tr + 16 u, tc + 16 v), u, v < 4, of both Grams in registers: one pass over the width
+// gives every distance, the means, the Huber and K sums and the pair weights on chip; a second pass
+// writes the gradient, each thread 8 widths of one member row per chunk. The Gram entries are the
+// same fmaf chain in width order as the tiled path's, so the distances are bitwise those of the tiled
+// path; sums are per thread in (u, v) order, then block_sum.
+template <typename TS, typename TT>
+__device__ void wide_group(const TS* __restrict__ s, const TT* __restrict__ t, const int* __restrict__ members,
+                           int P, const FamilyArgs& f, WideShared& sh, TS* __restrict__ grad,
+                           float* __restrict__ loss_out) {
+  const int tr = threadIdx.x / 16, tc = threadIdx.x % 16;
+  if (threadIdx.x < kWide) sh.rows[threadIdx.x] = static_cast<int>(threadIdx.x) < P ? members[threadIdx.x] : -1;
+  __syncthreads();
+
+  float gs[4][4], gt[4][4];
+  #pragma unroll
+  for (int u = 0; u < 4; ++u)
+    #pragma unroll
+    for (int v = 0; v < 4; ++v) gs[u][v] = gt[u][v] = 0.f;
+  for (int64_t d0 = 0; d0 < f.width; d0 += kChunk) {
+    for (int e = threadIdx.x; e < kWide * kChunk; e += kThreads) {
+      const int r = e / kChunk, c = e % kChunk;
+      const int64_t d = d0 + c;
+      const int row = sh.rows[r];
+      const bool ok = row >= 0 && d < f.width;
+      sh.s[r][c] = ok ? to_float(s[row * f.s_m + d * f.s_d]) : 0.f;
+      sh.t[r][c] = ok ? to_float(t[row * f.t_m + d * f.t_d]) : 0.f;
+    }
+    __syncthreads();
+    for (int c = 0; c < kChunk; ++c) {
+      float as[4], at[4], bs[4], bt[4];
+      #pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        as[u] = sh.s[tr + 16 * u][c];
+        at[u] = sh.t[tr + 16 * u][c];
+        bs[u] = sh.s[tc + 16 * u][c];
+        bt[u] = sh.t[tc + 16 * u][c];
+      }
+      #pragma unroll
+      for (int u = 0; u < 4; ++u)
+        #pragma unroll
+        for (int v = 0; v < 4; ++v) {
+          gs[u][v] = fmaf(as[u], bs[v], gs[u][v]);
+          gt[u][v] = fmaf(at[u], bt[v], gt[u][v]);
+        }
+    }
+    __syncthreads();
+  }
+  if (tr == tc) {
+    #pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      sh.ns[tr + 16 * u] = gs[u][u];
+      sh.nt[tr + 16 * u] = gt[u][u];
+    }
+  }
+  __syncthreads();
+
+  float sq[4][4], ds[4][4], dt[4][4];
+  bool pair[4][4];
+  float sum_s = 0.f, sum_t = 0.f;
+  #pragma unroll
+  for (int u = 0; u < 4; ++u)
+    #pragma unroll
+    for (int v = 0; v < 4; ++v) {
+      const int a = tr + 16 * u, b = tc + 16 * v;
+      pair[u][v] = a < P && b < P && a != b;
+      sq[u][v] = sh.ns[a] + sh.ns[b] - 2.f * gs[u][v];
+      ds[u][v] = pair_dist(sq[u][v]);
+      dt[u][v] = pair_dist(sh.nt[a] + sh.nt[b] - 2.f * gt[u][v]);
+      if (pair[u][v]) sum_s += ds[u][v], sum_t += dt[u][v];
+    }
+  const float p_f = static_cast<float>(P), n_pairs = p_f * (p_f - 1.f);
+  const float mu_s = block_sum(sum_s, sh.reduce) / n_pairs;
+  const float mu_t = block_sum(sum_t, sh.reduce) / n_pairs;
+
+  float huber_sum = 0.f, k_part = 0.f;
+  #pragma unroll
+  for (int u = 0; u < 4; ++u)
+    #pragma unroll
+    for (int v = 0; v < 4; ++v)
+      if (pair[u][v]) {
+        const float x = ds[u][v] / mu_s - dt[u][v] / mu_t;
+        huber_sum += huber(x);
+        k_part += clamp_keep_nan(x, -1.f, 1.f) * ds[u][v];
+      }
+  const float loss = block_sum(huber_sum, sh.reduce) / p_f;
+  const float k_sum = block_sum(k_part, sh.reduce);
+  if (threadIdx.x == 0) *loss_out = loss;
+
+  #pragma unroll
+  for (int u = 0; u < 4; ++u)
+    #pragma unroll
+    for (int v = 0; v < 4; ++v)
+      sh.w[tr + 16 * u][tc + 16 * v] =
+          pair_weight(pair[u][v], sq[u][v], ds[u][v], dt[u][v], mu_s, mu_t, k_sum, p_f, n_pairs);
+  __syncthreads();
+  if (threadIdx.x < kWide) {
+    float total = 0.f;
+    for (int c = 0; c < kWide; ++c) total += sh.w[threadIdx.x][c];
+    sh.rowsum[threadIdx.x] = total;
+  }
+
+  // grad[a] (+)= scale * (rowsum[a] s_a - sum_b w(a, b) s_b): thread -> member row tid / 4, widths
+  // (tid % 4) * 8 .. + 8 of each chunk.
+  const int gr = threadIdx.x / 4, gc = (threadIdx.x % 4) * 8;
+  for (int64_t d0 = 0; d0 < f.width; d0 += kChunk) {
+    __syncthreads();  // the previous chunk's rows (and, first, the row sums) are done with
+    for (int e = threadIdx.x; e < kWide * kChunk; e += kThreads) {
+      const int r = e / kChunk, c = e % kChunk;
+      const int64_t d = d0 + c;
+      const int row = sh.rows[r];
+      sh.s[r][c] = (row >= 0 && d < f.width) ? to_float(s[row * f.s_m + d * f.s_d]) : 0.f;
+    }
+    __syncthreads();
+    const int row = sh.rows[gr];
+    if (row < 0) continue;
+    float acc[8];
+    #pragma unroll
+    for (int j = 0; j < 8; ++j) acc[j] = 0.f;
+    for (int k = 0; k < kWide; ++k) {
+      const float w = sh.w[gr][k];
+      #pragma unroll
+      for (int j = 0; j < 8; ++j) acc[j] = fmaf(w, sh.s[k][gc + j], acc[j]);
+    }
+    #pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int64_t d = d0 + gc + j;
+      if (d >= f.width) break;
+      TS* out = grad + row * f.g_m + d;
+      const float value = f.scale * (sh.rowsum[gr] * sh.s[gr][gc + j] - acc[j]);
+      *out = from_float<TS>(f.add ? to_float(*out) + value : value);
+    }
+  }
 }
 
 template <typename TS, typename TT>
@@ -213,7 +381,8 @@ __global__ void __launch_bounds__(kThreads) group_kernel(const TS* __restrict__ 
                                                          const int* __restrict__ idx, const int* __restrict__ cnt,
                                                          float* __restrict__ norms, float* __restrict__ group_loss,
                                                          FamilyArgs f) {
-  __shared__ Shared sh;
+  __shared__ BlockShared shared;
+  Shared& sh = shared.tiled;
   const int64_t g = blockIdx.x;
   const int P = cnt[g];
   TS* grad_g = grad + g * f.g_g;
@@ -230,6 +399,10 @@ __global__ void __launch_bounds__(kThreads) group_kernel(const TS* __restrict__ 
     return;
   }
 
+  if (f.wide && P > kTile && P <= kWide) {
+    wide_group(es + g * f.s_g, et + g * f.t_g, idx + g * f.n_members, P, f, shared.wide, grad_g, group_loss + g);
+    return;
+  }
   Group<TS, TT> grp{es + g * f.s_g, et + g * f.t_g, idx + g * f.n_members, norms + g * f.n_members * 2, P, f, sh};
   const float p_f = static_cast<float>(P), n_pairs = p_f * (p_f - 1.f);
   float sq[2][2], ds[2][2], dt[2][2];
@@ -298,15 +471,8 @@ __global__ void __launch_bounds__(kThreads) group_kernel(const TS* __restrict__ 
   auto weights = [&]() {
     for (int u = 0; u < 2; ++u)
       for (int v = 0; v < 2; ++v) {
-        float w = 0.f;
-        if (pair[u][v] && sq[u][v] > kDistEps) {
-          const float x = ds[u][v] / mu_s - dt[u][v] / mu_t;
-          const float gpair = (clamp_keep_nan(x, -1.f, 1.f) / mu_s - k_sum / (mu_s * mu_s * n_pairs)) / p_f;
-          w = gpair / ds[u][v];
-        } else if (sq[u][v] != sq[u][v] && pair[u][v]) {
-          w = sq[u][v];  // NaN in, NaN out
-        }
-        sh.w[grp.r0() + u][grp.c0() + v] = w;
+        sh.w[grp.r0() + u][grp.c0() + v] =
+            pair_weight(pair[u][v], sq[u][v], ds[u][v], dt[u][v], mu_s, mu_t, k_sum, p_f, n_pairs);
       }
     __syncthreads();
   };
@@ -354,6 +520,8 @@ std::tuple<at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in, const at::T
   const at::Tensor pos = targets.gt(0.5);
   const int64_t B = es.size(0), C = es.size(1), D = es.size(2);
   auto stream = c10::cuda::getCurrentCUDAStream();
+  const char* wide_env = std::getenv("L2D_CUDA_LED_WIDE");
+  const bool wide = wide_env != nullptr && wide_env[0] == '1';
   auto i32 = es.options().dtype(at::kInt), f32 = es.options().dtype(at::kFloat);
 
   at::Tensor grad = at::empty({B, C, D}, es.options());
@@ -378,13 +546,13 @@ std::tuple<at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in, const at::T
     // CD: groups are labels, members are images. ID: the other way round.
     const FamilyArgs cd{es.stride(1), es.stride(0), es.stride(2), et.stride(1), et.stride(0), et.stride(2),
                         grad.stride(1), grad.stride(0), pos.stride(1), pos.stride(0), B, D,
-                        static_cast<float>(2.0 * lambda_cd), true, false};
+                        static_cast<float>(2.0 * lambda_cd), true, false, wide};
     group_kernel<T, T><<<static_cast<unsigned>(C), kThreads, 0, stream>>>(
         s, t, g, pos.data_ptr<bool>(), cd_idx, cd_cnt, norms.data_ptr<float>(), group_loss.data_ptr<float>(), cd);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const FamilyArgs id{es.stride(0), es.stride(1), es.stride(2), et.stride(0), et.stride(1), et.stride(2),
                         grad.stride(0), grad.stride(1), pos.stride(0), pos.stride(1), C, D,
-                        static_cast<float>(2.0 * lambda_id), false, true};
+                        static_cast<float>(2.0 * lambda_id), false, true, wide};
     group_kernel<T, T><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
         s, t, g, pos.data_ptr<bool>(), id_idx, id_cnt, norms.data_ptr<float>() + 2 * B * C,
         group_loss.data_ptr<float>() + C, id);

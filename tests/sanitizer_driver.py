@@ -3,7 +3,9 @@
     compute-sanitizer --tool memcheck --error-exitcode 1 python tests/sanitizer_driver.py
 
 Shapes cover ragged group sizes (0 to 200 members), groups that take the tiled large-group passes,
-widths that are not multiples of the block width, non-contiguous inputs and every input dtype.
+groups of 33 to 64 members (the CUDA kernel's one-tile path when L2D_CUDA_LED_WIDE=1: CD at a batch
+of 200, ID at 150 labels), widths that are not multiples of the block width, non-contiguous inputs
+and every input dtype.
 ``L2D_SANITIZE_SET=small`` keeps one float and one half-precision dtype, contiguous inputs and the
 shapes that reach every code path (small groups, the tiled large-group passes of both families): for
 racecheck, whose hazards depend on the kernels' synchronization structure, not on strides or sizes.
