@@ -5,7 +5,8 @@
 Trains one student on the shapes data of ``python -m l2d_kernels.train`` (same data seed, same
 held-out split) against a teacher checkpoint of that command, with one objective:
 
-- ``bce``: BCE alone;  ``l2d``: BCE + 10 MLD + LED(100, 1000), the paper's;
+- ``bce``: BCE alone;  ``l2d``: BCE + 10 MLD + LED(100, 1000), the paper's (other weights with
+  ``--lambda-mld/--lambda-cd/--lambda-id``);
 - ``cd``: 100 CD alone (no BCE), to see whether the student can follow the teacher's class-aware
   distance structure at all.
 
@@ -13,8 +14,18 @@ It prints, at the first step of every epoch, the gradient norm over the student'
 each part of the paper's objective (BCE, 10 MLD, 100 CD, 1000 ID), whatever the objective trained;
 after every epoch the held-out CD, ID (per batch of 64, summed over groups) and MLD ("batchmean")
 against the teacher; at the end the held-out mAP.
-The teacher's outputs are computed once (no flips: both students of a comparison see the same
-batches). ``--json FILE`` appends the run's numbers as one JSON line.
+By default the teacher's outputs are computed once (no augmentation: both students of a comparison
+see the same batches). ``--augment flip`` flips each image with probability 1/2, as the training
+loop does; ``--augment flip+cutout`` also paints a square of ``--cutout`` pixels (default 16, half
+the image side, the size of the L2D authors' Cutout) at a random centre in one random colour. With
+augmentation the teacher runs on every augmented batch, so it sees the student's view.
+``--json FILE`` appends the run's numbers as one JSON line.
+
+    python benchmarks/distill_probe.py --teacher RUN/teacher.pt --agreement OTHER/teacher.pt
+
+trains nothing: it prints the held-out CD and ID between two teachers' embeddings (OTHER in the
+student's place) and those of an "equidistant" student whose rows in every group are equally far
+apart (one-hot rows), the value of a student that knows nothing of the teacher's structure.
 """
 
 from __future__ import annotations
@@ -50,6 +61,21 @@ def _outputs(model, x, batch=500):
     return torch.cat([e for e, _ in parts]), torch.cat([z for _, z in parts])
 
 
+def augment(x: torch.Tensor, kind: str, cutout: int, generator: torch.Generator) -> torch.Tensor:
+    """A batch of images ``[N, 3, H, W]`` in [-1, 1], flipped and (``flip+cutout``) with one square painted."""
+    n, _, h, w = x.shape
+    flip = torch.rand(n, generator=generator) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    if kind == "flip+cutout":
+        cy, cx = torch.randint(0, h, (n,), generator=generator), torch.randint(0, w, (n,), generator=generator)
+        colour = torch.rand(n, 3, generator=generator) * 2 - 1
+        rows = (torch.arange(h)[None, :] - cy[:, None]).abs() <= cutout // 2
+        cols = (torch.arange(w)[None, :] - cx[:, None]).abs() <= cutout // 2
+        square = rows[:, None, :, None] & cols[:, None, None, :]
+        x = torch.where(square, colour[:, :, None, None], x)
+    return x
+
+
 def _parts(zs, zt, es, et, y):
     """The paper's objective, part by part, each with its weight."""
     return {
@@ -83,14 +109,52 @@ def held_out_distances(student, x, y, et, zt) -> dict:
     return sums
 
 
+def _load_teacher(path: str, labels: int) -> LabelWiseNet:
+    checkpoint = torch.load(path, map_location="cpu")["model"]
+    teacher = LabelWiseNet("cnn-teacher", labels, checkpoint["head.queries"].shape[1])
+    teacher.load_state_dict(checkpoint)
+    return teacher.eval()
+
+
+def agreement(args) -> dict:
+    """Held-out CD and ID between two teachers, and those of an equidistant student, per batch of 64."""
+    _, _, xva, yva = _split(args)
+    teacher, other = _load_teacher(args.teacher, yva.shape[1]), _load_teacher(args.agreement, yva.shape[1])
+    et, zt = _outputs(teacher, xva)
+    eo, _ = _outputs(other, xva)
+    B, C, D = EVAL_BATCH, yva.shape[1], et.shape[2]
+    # CD groups hold rows of different images, ID groups rows of different labels: rows one-hot by
+    # image (for CD) and by label (for ID) make every group's rows equidistant.
+    by_image = torch.eye(D)[:B, None, :].expand(B, C, D).contiguous() if B <= D else None
+    by_label = torch.eye(D)[None, :C, :].expand(B, C, D).contiguous() if C <= D else None
+    sums = {"teachers_cd": 0.0, "teachers_id": 0.0, "equidistant_cd": 0.0 if by_image is not None else float("nan"),
+            "equidistant_id": 0.0 if by_label is not None else float("nan")}
+    n = len(xva) // B
+    for k in range(n):
+        s = slice(k * B, (k + 1) * B)
+        _, cd, id_ = fused_led(eo[s], et[s], yva[s], return_components=True)
+        sums["teachers_cd"] += float(cd) / n
+        sums["teachers_id"] += float(id_) / n
+        if by_image is not None:
+            sums["equidistant_cd"] += float(fused_led(by_image, et[s], yva[s], lambda_cd=1.0, lambda_id=0.0)) / n
+        if by_label is not None:
+            sums["equidistant_id"] += float(fused_led(by_label, et[s], yva[s], lambda_cd=0.0, lambda_id=1.0)) / n
+    record = dict(mode="agreement", teacher=args.teacher, other=args.agreement, **sums)
+    print(", ".join(f"{k} {v:.4g}" for k, v in sums.items()))
+    if args.json:
+        with open(args.json, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+    return record
+
+
 def run(args) -> dict:
+    if args.agreement:
+        return agreement(args)
     torch.manual_seed(args.seed)
     xtr, ytr, xva, yva = _split(args)
-    checkpoint = torch.load(args.teacher, map_location="cpu")["model"]
-    dim = checkpoint["head.queries"].shape[1]
-    teacher = LabelWiseNet("cnn-teacher", ytr.shape[1], dim)
-    teacher.load_state_dict(checkpoint)
-    et_train, zt_train = _outputs(teacher, xtr)
+    teacher = _load_teacher(args.teacher, ytr.shape[1])
+    dim = teacher.head.queries.shape[1]
+    et_train, zt_train = _outputs(teacher, xtr) if args.augment == "none" else (None, None)
     et_val, zt_val = _outputs(teacher, xva)
 
     CNN_BACKBONES["probe-student"] = ast.literal_eval(args.student)
@@ -101,17 +165,29 @@ def run(args) -> dict:
     steps_per_epoch = len(xtr) // args.batch_size
     schedule = warmup_cosine(optimizer, args.epochs * steps_per_epoch)
     generator = torch.Generator().manual_seed(args.seed)
+    weights = {"bce": 1.0, "10 mld": args.lambda_mld / 10, "100 cd": args.lambda_cd / 100,
+               "1000 id": args.lambda_id / 1000}
     record = dict(objective=args.objective, student=args.student, parameters=sum(p.numel() for p in params),
-                  dim=dim, train_images=args.train_images, epochs=args.epochs, teacher=args.teacher, grad_norms=[],
-                  held_out=[])
+                  dim=dim, train_images=args.train_images, epochs=args.epochs, teacher=args.teacher,
+                  augment=args.augment, seed=args.seed, grad_norms=[], held_out=[])
+    if args.objective == "l2d":
+        record.update(lambda_mld=args.lambda_mld, lambda_cd=args.lambda_cd, lambda_id=args.lambda_id)
+    if args.augment == "flip+cutout":
+        record["cutout"] = args.cutout
     started = time.perf_counter()
     for epoch in range(args.epochs):
         student.train()
         order = torch.randperm(len(xtr), generator=generator)
         for step in range(steps_per_epoch):
             idx = order[step * args.batch_size : (step + 1) * args.batch_size]
-            es, zs = student(xtr[idx])
-            parts = _parts(zs, zt_train[idx], es, et_train[idx], ytr[idx])
+            if args.augment == "none":
+                x, et, zt = xtr[idx], et_train[idx], zt_train[idx]
+            else:
+                x = augment(xtr[idx], args.augment, args.cutout, generator)
+                with torch.no_grad():
+                    et, zt = teacher(x)
+            es, zs = student(x)
+            parts = _parts(zs, zt, es, et, ytr[idx])
             if step == 0:
                 record["grad_norms"].append(_grad_norms(parts, params))
                 print(f"epoch {epoch + 1}, first step: gradient norms",
@@ -119,7 +195,7 @@ def run(args) -> dict:
             if args.objective == "bce":
                 loss = parts["bce"]
             elif args.objective == "l2d":
-                loss = sum(parts.values())
+                loss = sum(weights[name] * part for name, part in parts.items())
             else:
                 loss = parts["100 cd"]
             optimizer.zero_grad(set_to_none=True)
@@ -152,6 +228,14 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lambda-mld", type=float, default=10.0, help="objective l2d: weight of MLD")
+    p.add_argument("--lambda-cd", type=float, default=100.0, help="objective l2d: weight of CD")
+    p.add_argument("--lambda-id", type=float, default=1000.0, help="objective l2d: weight of ID")
+    p.add_argument("--augment", choices=["none", "flip", "flip+cutout"], default="none",
+                   help="training-image augmentation (the teacher then runs on every augmented batch)")
+    p.add_argument("--cutout", type=int, default=16, help="side of the cutout square, pixels")
+    p.add_argument("--agreement", metavar="OTHER_TEACHER",
+                   help="train nothing: held-out CD and ID between --teacher and this teacher, and an equidistant student's")
     p.add_argument("--json", help="append the run's numbers to this file (one JSON line)")
     return p.parse_args(argv)
 
