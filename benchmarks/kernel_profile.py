@@ -177,12 +177,14 @@ def main(argv=None) -> int:
     else:
         backends = [b for b in ("cuda", "triton") if device == "cuda" and b in available_backends()] or ["torch"]
     led_cases = [c for c in CASES if c[0] == "led"]
-    runs = [(backend, backend, CASES, contextlib.nullcontext) for backend in backends]
-    if "triton" in backends:
-        runs += [(f"triton/w{w}", "triton", led_cases, lambda w=int(w): _triton_led_warps(w))
-                 for w in args.triton_led_warps.split(",") if w]
-    if "cuda" in backends and args.cuda_led_tiled:
-        runs.append(("cuda/tiled", "cuda", led_cases, lambda: _environment("L2D_CUDA_LED_WIDE", "0")))
+    runs = []
+    for backend in backends:  # each backend's variants right after it: a run cut short keeps the pairs
+        runs.append((backend, backend, CASES, contextlib.nullcontext))
+        if backend == "cuda" and args.cuda_led_tiled:
+            runs.append(("cuda/tiled", "cuda", led_cases, lambda: _environment("L2D_CUDA_LED_WIDE", "0")))
+        if backend == "triton":
+            runs += [(f"triton/w{w}", "triton", led_cases, lambda w=int(w): _triton_led_warps(w))
+                     for w in args.triton_led_warps.split(",") if w]
     title = f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n\n" if device == "cuda" else ""
     if device == "cuda" and "triton" in backends:
         title += launch_costs(device) + "\n"
