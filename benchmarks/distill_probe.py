@@ -94,19 +94,32 @@ def _grad_norms(parts: dict, params) -> dict:
     return norms
 
 
+def _append_json(path, record: dict) -> None:
+    if path:
+        with open(path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+
+def _mean_over_batches(n_images: int, values) -> dict:
+    """Mean over the held-out batches of 64 of each value that ``values(batch slice)`` returns."""
+    n = n_images // EVAL_BATCH
+    sums = {}
+    for k in range(n):
+        for name, value in values(slice(k * EVAL_BATCH, (k + 1) * EVAL_BATCH)).items():
+            sums[name] = sums.get(name, 0.0) + float(value) / n
+    return sums
+
+
 @torch.no_grad()
 def held_out_distances(student, x, y, et, zt) -> dict:
     """Mean over held-out batches of 64 of CD, ID (unweighted group sums) and MLD against the teacher."""
     es, zs = _outputs(student, x)
-    sums = {"cd": 0.0, "id": 0.0, "mld": 0.0}
-    n = len(x) // EVAL_BATCH
-    for k in range(n):
-        s = slice(k * EVAL_BATCH, (k + 1) * EVAL_BATCH)
+
+    def values(s):
         _, cd, id_ = fused_led(es[s], et[s], y[s], return_components=True)
-        sums["cd"] += float(cd) / n
-        sums["id"] += float(id_) / n
-        sums["mld"] += float(fused_mld(zs[s], zt[s])) / n
-    return sums
+        return {"cd": cd, "id": id_, "mld": fused_mld(zs[s], zt[s])}
+
+    return _mean_over_batches(len(x), values)
 
 
 def _load_teacher(path: str, labels: int) -> LabelWiseNet:
@@ -120,30 +133,29 @@ def agreement(args) -> dict:
     """Held-out CD and ID between two teachers, and those of an equidistant student, per batch of 64."""
     _, _, xva, yva = _split(args)
     teacher, other = _load_teacher(args.teacher, yva.shape[1]), _load_teacher(args.agreement, yva.shape[1])
-    et, zt = _outputs(teacher, xva)
+    et, _ = _outputs(teacher, xva)
     eo, _ = _outputs(other, xva)
     B, C, D = EVAL_BATCH, yva.shape[1], et.shape[2]
     # CD groups hold rows of different images, ID groups rows of different labels: rows one-hot by
     # image (for CD) and by label (for ID) make every group's rows equidistant.
     by_image = torch.eye(D)[:B, None, :].expand(B, C, D).contiguous() if B <= D else None
     by_label = torch.eye(D)[None, :C, :].expand(B, C, D).contiguous() if C <= D else None
-    sums = {"teachers_cd": 0.0, "teachers_id": 0.0, "equidistant_cd": 0.0 if by_image is not None else float("nan"),
-            "equidistant_id": 0.0 if by_label is not None else float("nan")}
-    n = len(xva) // B
-    for k in range(n):
-        s = slice(k * B, (k + 1) * B)
+
+    def values(s):
         _, cd, id_ = fused_led(eo[s], et[s], yva[s], return_components=True)
-        sums["teachers_cd"] += float(cd) / n
-        sums["teachers_id"] += float(id_) / n
+        out = {"teachers_cd": cd, "teachers_id": id_}
         if by_image is not None:
-            sums["equidistant_cd"] += float(fused_led(by_image, et[s], yva[s], lambda_cd=1.0, lambda_id=0.0)) / n
+            out["equidistant_cd"] = fused_led(by_image, et[s], yva[s], lambda_cd=1.0, lambda_id=0.0)
         if by_label is not None:
-            sums["equidistant_id"] += float(fused_led(by_label, et[s], yva[s], lambda_cd=0.0, lambda_id=1.0)) / n
+            out["equidistant_id"] = fused_led(by_label, et[s], yva[s], lambda_cd=0.0, lambda_id=1.0)
+        return out
+
+    sums = _mean_over_batches(len(xva), values)
+    for name in ("equidistant_cd", "equidistant_id"):
+        sums.setdefault(name, float("nan"))
     record = dict(mode="agreement", teacher=args.teacher, other=args.agreement, **sums)
     print(", ".join(f"{k} {v:.4g}" for k, v in sums.items()))
-    if args.json:
-        with open(args.json, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+    _append_json(args.json, record)
     return record
 
 
@@ -209,9 +221,7 @@ def run(args) -> dict:
     record["mAP"] = evaluate(scores, yva > 0.5)["mAP"]
     record["seconds"] = time.perf_counter() - started
     print(f"{args.objective}: held-out mAP {100 * record['mAP']:.2f} ({record['seconds']:.0f} s)")
-    if args.json:
-        with open(args.json, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+    _append_json(args.json, record)
     return record
 
 
