@@ -11,7 +11,7 @@
 //
 // Experimental, off unless L2D_CUDA_LED_WIDE=1 is set when the op is called: a group of 33 to 64
 // members (COCO's largest at a batch of 64) in one 64 x 64 tile, one Gram pass and one gradient pass
-// instead of four passes over four tiles (wide_group). Written without a GPU at hand: it stays off
+// instead of four passes over four tiles (wide_group). It has not run on a GPU yet: it stays off
 // until the GPU check (which turns it on) has passed with it.
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAStream.h>
