@@ -31,6 +31,7 @@ import contextlib
 import os
 import sys
 import time
+from unittest import mock
 
 import torch
 from torch.autograd import DeviceType
@@ -132,18 +133,10 @@ def _triton_led_warps(warps):
         triton_led.NUM_WARPS = default
 
 
-@contextlib.contextmanager
-def _environment(name: str, value: str):
-    """``os.environ[name] = value`` inside (the CUDA extension reads L2D_CUDA_LED_WIDE at each call)."""
-    before = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = before
+def _cuda_led_tiled():
+    """The CUDA LED kernel's tiled path for every group above 32 members inside (the extension reads
+    L2D_CUDA_LED_WIDE at each call)."""
+    return mock.patch.dict(os.environ, {"L2D_CUDA_LED_WIDE": "0"})
 
 
 def _kernel_cell(name: str, n: float, mean_us: float, slots=()) -> str:
@@ -181,7 +174,7 @@ def main(argv=None) -> int:
     for backend in backends:  # each backend's variants right after it: a run cut short keeps the pairs
         runs.append((backend, backend, CASES, contextlib.nullcontext))
         if backend == "cuda" and args.cuda_led_tiled:
-            runs.append(("cuda/tiled", "cuda", led_cases, lambda: _environment("L2D_CUDA_LED_WIDE", "0")))
+            runs.append(("cuda/tiled", "cuda", led_cases, _cuda_led_tiled))
         if backend == "triton":
             runs += [(f"triton/w{w}", "triton", led_cases, lambda w=int(w): _triton_led_warps(w))
                      for w in args.triton_led_warps.split(",") if w]

@@ -53,14 +53,14 @@ def test_launch_costs_line():
     assert line.count(" us") == 2
 
 
-def test_environment_variant_is_set_inside_and_restored(monkeypatch):
+def test_cuda_tiled_variant_sets_the_switch_inside_and_restores_it(monkeypatch):
     import os
 
     monkeypatch.delenv("L2D_CUDA_LED_WIDE", raising=False)
-    with kernel_profile._environment("L2D_CUDA_LED_WIDE", "0"):
+    with kernel_profile._cuda_led_tiled():
         assert os.environ["L2D_CUDA_LED_WIDE"] == "0"
     assert "L2D_CUDA_LED_WIDE" not in os.environ
     monkeypatch.setenv("L2D_CUDA_LED_WIDE", "1")
-    with kernel_profile._environment("L2D_CUDA_LED_WIDE", "0"):
+    with kernel_profile._cuda_led_tiled():
         assert os.environ["L2D_CUDA_LED_WIDE"] == "0"
     assert os.environ["L2D_CUDA_LED_WIDE"] == "1"

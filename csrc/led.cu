@@ -240,6 +240,21 @@ struct Group {
   }
 };
 
+// Width chunk d0 .. d0 + kChunk of every member row into sh.s (and sh.t, unless t is null); rows past
+// the group and widths past the end are 0.
+template <typename TS, typename TT>
+__device__ void load_wide_chunk(const TS* __restrict__ s, const TT* __restrict__ t, const FamilyArgs& f,
+                                WideShared& sh, int64_t d0) {
+  for (int e = threadIdx.x; e < kWide * kChunk; e += kThreads) {
+    const int r = e / kChunk, c = e % kChunk;
+    const int64_t d = d0 + c;
+    const int row = sh.rows[r];
+    const bool ok = row >= 0 && d < f.width;
+    sh.s[r][c] = ok ? to_float(s[row * f.s_m + d * f.s_d]) : 0.f;
+    if (t != nullptr) sh.t[r][c] = ok ? to_float(t[row * f.t_m + d * f.t_d]) : 0.f;
+  }
+}
+
 // A group of kTile < P <= kWide members as one 64 x 64 tile. Thread (tr, tc) = (tid / 16, tid % 16) holds
 // the entries (tr + 16 u, tc + 16 v), u, v < 4, of both Grams in registers: one pass over the width
 // gives every distance, the means, the Huber and K sums and the pair weights on chip; a second pass
@@ -260,14 +275,7 @@ __device__ void wide_group(const TS* __restrict__ s, const TT* __restrict__ t, c
     #pragma unroll
     for (int v = 0; v < 4; ++v) gs[u][v] = gt[u][v] = 0.f;
   for (int64_t d0 = 0; d0 < f.width; d0 += kChunk) {
-    for (int e = threadIdx.x; e < kWide * kChunk; e += kThreads) {
-      const int r = e / kChunk, c = e % kChunk;
-      const int64_t d = d0 + c;
-      const int row = sh.rows[r];
-      const bool ok = row >= 0 && d < f.width;
-      sh.s[r][c] = ok ? to_float(s[row * f.s_m + d * f.s_d]) : 0.f;
-      sh.t[r][c] = ok ? to_float(t[row * f.t_m + d * f.t_d]) : 0.f;
-    }
+    load_wide_chunk(s, t, f, sh, d0);
     __syncthreads();
     for (int c = 0; c < kChunk; ++c) {
       float as[4], at[4], bs[4], bt[4];
@@ -347,12 +355,7 @@ __device__ void wide_group(const TS* __restrict__ s, const TT* __restrict__ t, c
   const int gr = threadIdx.x / 4, gc = (threadIdx.x % 4) * 8;
   for (int64_t d0 = 0; d0 < f.width; d0 += kChunk) {
     __syncthreads();  // the previous chunk's rows (and, first, the row sums) are done with
-    for (int e = threadIdx.x; e < kWide * kChunk; e += kThreads) {
-      const int r = e / kChunk, c = e % kChunk;
-      const int64_t d = d0 + c;
-      const int row = sh.rows[r];
-      sh.s[r][c] = (row >= 0 && d < f.width) ? to_float(s[row * f.s_m + d * f.s_d]) : 0.f;
-    }
+    load_wide_chunk(s, static_cast<const TT*>(nullptr), f, sh, d0);
     __syncthreads();
     const int row = sh.rows[gr];
     if (row < 0) continue;
