@@ -82,3 +82,40 @@ def test_triton_interpreter_with_a_numpy_it_cannot_use_is_refused_with_the_fix()
     assert interpreter_problem("3.6.0", "2.3.5") is None
     assert interpreter_problem("3.8.0", "2.4.6") is None
     assert interpreter_problem("3.10.1", "2.10.0") is None
+
+
+class _OnGpu:
+    """Stands in for a tensor on a given GPU (this test runs without one)."""
+
+    is_cuda = True
+
+    def __init__(self, index):
+        self.device = torch.device("cuda", index)
+
+
+@pytest.mark.parametrize("current, index, switched", [(0, 1, True), (1, 1, False)])
+def test_triton_launches_on_the_inputs_gpu(monkeypatch, current, index, switched):
+    # Triton launches on torch's current device; the launchers make it the inputs' device first.
+    from l2d_kernels.ops import triton_common
+
+    entered = []
+
+    class Device:
+        def __init__(self, device):
+            self.index = device.index
+
+        def __enter__(self):
+            entered.append(self.index)
+
+        def __exit__(self, *exc):
+            entered.append(None)
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    seen = []
+    launch = triton_common.on_input_device(lambda x, *rest: seen.append((list(entered), rest)) or "done")
+    assert launch(_OnGpu(index), 2, 3) == "done"
+    assert seen == [([index] if switched else [], (2, 3))]
+    assert entered == ([index, None] if switched else [])
+    assert launch(torch.zeros(1), 4) == "done"  # CPU tensors (the interpreter) are left alone
+    assert seen[-1] == ([index, None] if switched else [], (4,))

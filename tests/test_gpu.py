@@ -201,3 +201,25 @@ def test_losses_and_gradients_replay_in_a_cuda_graph(gpu_backend):
         torch.cuda.synchronize()
         eager = step()
         assert all(torch.equal(c, e) for c, e in zip(captured, eager)), f"replay differs from eager (data {seed})"
+
+
+@pytest.mark.skipif(not ON_GPU or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_losses_on_a_gpu_that_is_not_the_current_one(gpu_backend):
+    """Tensors on cuda:1 while cuda:0 is current: the kernels run where the tensors are (Triton would
+    otherwise launch on the current device with pointers into another GPU's memory)."""
+    other = torch.device("cuda", 1)
+    es, et, y = (t.to(other) for t in _embeddings(16, 20, 64, seed=3))
+    zs, zt = torch.randn(16, 20, device=other), torch.randn(16, 20, device=other)
+    with torch.cuda.device(0):
+        x = es.clone().requires_grad_()
+        total = fused_led(x, et, y, backend=gpu_backend)
+        total.backward()
+        m = zs.clone().requires_grad_()
+        mld = fused_mld(m, zt, backend=gpu_backend)
+        mld.backward()
+    exact, _, _, exact_grad = _exact(es, et, y)  # the gradient of 0.75 * total
+    assert rel_err(total.double(), exact) < 1e-4 and rel_err(x.grad.double(), exact_grad / 0.75) < 1e-4
+    m_ref = zs.double().clone().requires_grad_()
+    reference.mld(m_ref, zt.double()).backward()
+    assert rel_err(mld.double(), reference.mld(zs.double(), zt.double())) < 1e-4
+    assert rel_err(m.grad.double(), m_ref.grad) < 1e-4

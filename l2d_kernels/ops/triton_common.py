@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 SUM_BLOCK = 1024
+
+
+def on_input_device(launcher):
+    """Run ``launcher(x, ...)`` with ``x``'s GPU as torch's current device.
+
+    Triton launches on torch's current CUDA device, not on the device of the tensors it is given:
+    a call on tensors of ``cuda:1`` while ``cuda:0`` is current would run there with pointers into
+    another GPU's memory. The device is switched only when it differs (one lookup per call).
+    """
+
+    @functools.wraps(launcher)
+    def launch(x: torch.Tensor, *args):
+        if x.is_cuda and x.device.index != torch.cuda.current_device():
+            with torch.cuda.device(x.device):
+                return launcher(x, *args)
+        return launcher(x, *args)
+
+    return launch
 
 
 @triton.jit

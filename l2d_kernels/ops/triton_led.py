@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpreted
-from .triton_common import SUM_BLOCK, at_least, clamp, sum_vector
+from .triton_common import SUM_BLOCK, at_least, clamp, on_input_device, sum_vector
 
 SMALL_MAX = 128
 TILE = 64
@@ -394,6 +394,7 @@ def _run_family(es, et, grad, targets, idx, cnt, group_loss, groups_dim: int, sc
                            norms, part1, part2, ADD=not first, **common)
 
 
+@on_input_device
 def led_forward(es: torch.Tensor, et: torch.Tensor, targets: torch.Tensor, lambda_cd: float, lambda_id: float):
     """Launch the LED kernels: returns (float32 [total, cd, id], d total / d es in es's dtype)."""
     B, C, _ = es.shape

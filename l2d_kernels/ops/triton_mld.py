@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import clamp, finalize_sum
+from .triton_common import clamp, finalize_sum, on_input_device
 
 BLOCK_B = 8
 BLOCK_C = 128
@@ -90,6 +90,7 @@ def _mld_kernel(
         tl.store(out_ptr + pid_b * tl.num_programs(1) + pid_c, partial * partial_scale)
 
 
+@on_input_device
 def mld_forward(zs: torch.Tensor, zt: torch.Tensor, reduction: str, eps: float, temperature: float):
     """Launch the MLD kernel: returns (loss in float32, d loss / d zs in zs's dtype)."""
     B, C = zs.shape
