@@ -6,13 +6,13 @@
 #   PHASE=all    install; build the extension in the background while the suite runs on the Triton
 #                backend, then the suite on the CUDA backend, each with compute-sanitizer (memcheck and
 #                racecheck; the driver's small set where the full one takes too long) and CMake + CTest
-#                running beside it; then the profile, `pytest benchmarks/` and the report, with
+#                and the training loop's --quick run (bf16 autocast) beside it; then the profile, `pytest benchmarks/` and the report, with
 #                nothing else on the GPU.
 #
 #   PHASE=check  install the project (no downloads); build the CUDA extension wheel for this card in
 #                the background while the test suite runs on the Triton backend; then the suite on
 #                the CUDA backend; compute-sanitizer (memcheck, racecheck) over the kernels of both;
-#                the CMake build and its C++ test (CTest).
+#                the CMake build and its C++ test (CTest); the training loop's --quick run.
 #   PHASE=bench  install (reusing a carried extension when L2D_PREBUILT_C names one, else building
 #                it), then a per-kernel profile of the fused calls (benchmarks/kernel_profile.py), then
 #                `pytest benchmarks/` one file at a time and the report (markdown table,
@@ -142,6 +142,14 @@ cmake_build() {
     step cmake 240 bash -c "cmake -S . -B build/cmake -G Ninja -DCMAKE_PREFIX_PATH=\"\$($PY -c 'import torch; print(torch.utils.cmake_prefix_path)')\" && cmake --build build/cmake -j 8 && ctest --test-dir build/cmake --output-on-failure"
 }
 
+train_quick() {  # the training loop's short run on the GPU: bf16 autocast, the fused losses in training
+    step train-quick "${1:-120}" bash -c "rm -rf build/train-quick && $PY -m l2d_kernels.train --quick --device cuda \
+        --out build/train-quick && cp build/train-quick/results.json '$OUT/train-quick-results.json' &&
+        $PY -c \"import json, math; r = json.load(open('$OUT/train-quick-results.json'));
+assert r['precision'] == 'bfloat16 autocast', r['precision'];
+assert all(math.isfinite(r[k]) for k in ('teacher_map', 'vanilla_map', 'l2d_map')), r\""
+}
+
 bench_all() {
     step profile "${L2D_PROFILE_LIMIT:-120}" $PY benchmarks/kernel_profile.py \
         --triton-led-warps "${L2D_PROFILE_WARPS:-}" --cuda-led-tiled --out "$OUT/profile-$card.md"
@@ -177,6 +185,7 @@ if [ "$PHASE" = all ]; then
         beside cmake cmake_build
         $PY -c "import l2d_kernels; print('backends here:', l2d_kernels.available_backends())" >> "$OUT/gpu.txt" 2>&1
         sanitize_beside cuda 80 full
+        beside train-quick train_quick 120
         pytest_gpu cuda tests-cuda 100
     fi
     wait_beside
@@ -195,6 +204,7 @@ elif [ "$PHASE" = check ]; then
         $PY -c "import l2d_kernels; print('backends here:', l2d_kernels.available_backends())" >> "$OUT/gpu.txt" 2>&1
         pytest_gpu cuda tests-cuda 100
         sanitize cuda
+        train_quick
         wait $cmake_pid || failed=1
     fi
 elif [ "$PHASE" = bench ]; then

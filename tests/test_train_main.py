@@ -31,6 +31,7 @@ def test_quick_run_writes_results_and_is_reproducible(tmp_path, capsys):
     results = json.loads((tmp_path / "a" / "results.json").read_text())
     for key in ("teacher_map", "vanilla_map", "l2d_map"):
         assert 0 < results[key] <= 1
+    assert results["precision"] == "float32"  # bf16 autocast only on a GPU
     log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert [r["model"] for r in log] == ["teacher"] * 2 + ["vanilla"] * 2 + ["l2d"] * 2
     for name in ("teacher", "vanilla", "l2d"):

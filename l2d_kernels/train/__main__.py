@@ -148,6 +148,7 @@ def run(args) -> dict:
                           **evaluate(*predict(model, val_loader, device)))
     results = dict(teacher_map=rows["teacher"]["mAP"], vanilla_map=rows["vanilla"]["mAP"], l2d_map=rows["l2d"]["mAP"],
                    models=rows, seconds=time.perf_counter() - started, world_size=world,
+                   precision="bfloat16 autocast" if device.type == "cuda" else "float32",
                    args={k: v for k, v in vars(args).items()})
     if is_main:
         tmp = out / ".results.json.tmp"
