@@ -23,6 +23,9 @@ import torch
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 TOO_LONG_S = 5.0
+# A form named "<form>+graph" is <form> captured in a CUDA graph and replayed: the time without the
+# host (Python, autograd, launches), what a user gets by graphing the training step.
+GRAPHED = "+graph"
 ROUND_S = 0.02
 UNMEASURED: list[dict] = []
 
@@ -72,7 +75,8 @@ def mld_inputs(B: int, C: int, dtype: torch.dtype = torch.float32):
 
 
 # L2D_BENCH=quick (the GPU check script's set, sized for a short lease) keeps every fused case in
-# float32 and the baselines where the specification's anchors were measured; "full" runs all.
+# float32 (graph replays: forward + backward only) and the baselines where the specification's
+# anchors were measured; "full" runs all.
 BENCH_SET = os.environ.get("L2D_BENCH", "full")
 _QUICK_BASELINE_SHAPES = {"coco", "c1000", "openimages", "b4096-c1000"}
 
@@ -80,6 +84,8 @@ _QUICK_BASELINE_SHAPES = {"coco", "c1000", "openimages", "b4096-c1000"}
 def selected(form: str, shape: str, dtype: torch.dtype | None, pass_: str) -> bool:
     if BENCH_SET != "quick" or pass_ == "train step":
         return True
+    if form.endswith(GRAPHED):
+        return dtype == torch.float32 and pass_ == "fwd+bwd"
     if form.startswith("fused-"):
         return dtype == torch.float32 or shape in ("coco", "c1000")
     if dtype != torch.float32 or pass_ != "fwd+bwd":
@@ -127,8 +133,24 @@ def peak_extra_mib(fn) -> float | None:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def cuda_graphed(fn):
+    """``fn`` captured in a CUDA graph (warmed up on a side stream first); returns the graph's replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def run_case(benchmark, request, fn, info: dict, rounds: int = 20):
-    """Warm up, measure memory, then time ``fn``; record an out-of-memory or too-slow case instead."""
+    """Warm up, measure memory, then time ``fn``; record an out-of-memory or too-slow case instead.
+    For a ``+graph`` form, memory is that of an eager call (the graph holds the same buffers) and the
+    timed call is a replay."""
     if not selected(info["form"], info["shape"], _dtype(info["dtype"]), info["pass_"]):
         pytest.skip(f"not in the {BENCH_SET!r} benchmark set")
     benchmark.extra_info.update(info)
@@ -144,6 +166,11 @@ def run_case(benchmark, request, fn, info: dict, rounds: int = 20):
             return _unmeasured(request, info, f"too long: {second_s:.1f} s per call")
         benchmark.extra_info["peak_extra_mib"] = peak_extra_mib(fn)
         benchmark.extra_info["first_call_s"] = first_s
+        if info["form"].endswith(GRAPHED):
+            fn = cuda_graphed(fn)
+            start = synced_timer()
+            fn()
+            second_s = synced_timer() - start
     except torch.cuda.OutOfMemoryError:
         return _unmeasured(request, info, "out of memory")
     per_call = max(second_s, 1e-6)

@@ -17,8 +17,9 @@ from collections import defaultdict
 
 BASELINES = {"led": "eager-vectorized", "mld": "eager-authors", "l2d": "eager-authors"}
 LOOPS = {"led": "eager-loops", "mld": None, "l2d": None}
-FORM_ORDER = ["fused-cuda", "fused-triton", "torch.compile", "eager-vectorized", "eager-stable", "eager-authors",
-              "eager-loops"]
+FORM_ORDER = ["fused-cuda", "fused-triton", "fused-cuda+graph", "fused-triton+graph", "torch.compile",
+              "eager-vectorized", "eager-stable", "eager-authors", "eager-loops"]
+GRAPHED = "+graph"  # a form replayed from a CUDA graph (benchmarks/harness.py): its time without the host
 
 
 def _fmt_time(seconds: float | None) -> str:
@@ -66,8 +67,10 @@ def _forms_present(cells: dict) -> list[str]:
     return [f for f in FORM_ORDER if f in cells] + sorted(f for f in cells if f not in FORM_ORDER)
 
 
-def _best_fused(cells: dict):
-    timed = [(c["median"], f) for f, c in cells.items() if f.startswith("fused-") and "median" in c]
+def _best_fused(cells: dict, graphed: bool = False):
+    """(median, form) of the fastest fused form called eagerly (or, ``graphed``, replayed from a graph)."""
+    timed = [(c["median"], f) for f, c in cells.items()
+             if f.startswith("fused-") and f.endswith(GRAPHED) == graphed and "median" in c]
     return min(timed) if timed else (None, None)
 
 
@@ -82,8 +85,10 @@ def markdown(cases, shapes, meta) -> str:
              f"torch {meta['torch']}; {meta['datetime']}; commit {meta['commit'] or '?'}; "
              + (f"measured copy bandwidth {meta['copy_tbps']:.2f} TB/s." if meta["copy_tbps"] else "no GPU."),
              "", "Median time per call (peak extra device memory in brackets). Ratios: how many times faster "
-             "the fastest fused backend is than the form named; floor: the HBM floor (bytes that must move "
-             "over the copy bandwidth) as a fraction of the fused time.", ""]
+             "the fastest fused backend, called eagerly, is than the form named; floor: the HBM floor (bytes "
+             "that must move over the copy bandwidth) as a fraction of the fused time. A `+graph` form is "
+             "the fused call captured in a CUDA graph and replayed: the time without the host's share "
+             "(Python, autograd, launches); floor, graphed: the floor as a fraction of that time.", ""]
     groups = defaultdict(list)
     for key in cases:
         groups[key[:2]].append(key)
@@ -97,7 +102,9 @@ def markdown(cases, shapes, meta) -> str:
         for key in keys:
             forms += [f for f in _forms_present(cases[key]) if f not in forms]
         baseline, loops = BASELINES[loss], LOOPS[loss]
-        ratio_cols = [f"vs {baseline}", "vs torch.compile"] + ([f"vs {loops}"] if loops else []) + ["floor"]
+        graphed = any(f.endswith(GRAPHED) for f in forms)
+        ratio_cols = ([f"vs {baseline}", "vs torch.compile"] + ([f"vs {loops}"] if loops else []) + ["floor"]
+                      + (["floor, graphed"] if graphed else []))
         lines += [f"## {loss.upper()} {pass_}", "",
                   "| shape | B x C x D | dtype | " + " | ".join(forms) + " | " + " | ".join(ratio_cols) + " |",
                   "|" + "---|" * (3 + len(forms) + len(ratio_cols))]
@@ -121,6 +128,10 @@ def markdown(cases, shapes, meta) -> str:
                 row.append(_fmt_ratio(_ratio(cells, loops, fused_time)))
             floor = cells.get(fused_form, {}).get("floor_us") if fused_form else None
             row.append(f"{floor * 1e-6 / fused_time:.0%}" if floor and fused_time else "-")
+            if graphed:
+                graph_time, graph_form = _best_fused(cells, graphed=True)
+                floor = cells.get(graph_form, {}).get("floor_us") if graph_form else None
+                row.append(f"{floor * 1e-6 / graph_time:.0%}" if floor and graph_time else "-")
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -172,7 +183,8 @@ def plot(cases, shapes, meta, path: pathlib.Path) -> None:
             xs = [i for i, k in enumerate(keys) if "median" in cases[k].get(form, {})]
             ys = [cases[keys[i]][form]["median"] * 1e3 for i in xs]
             if xs:
-                ax.plot(xs, ys, marker="o", label=form, linewidth=2.5 if form.startswith("fused") else 1.2)
+                ax.plot(xs, ys, marker="o", label=form, linewidth=2.5 if form.startswith("fused") else 1.2,
+                        linestyle="--" if form.endswith(GRAPHED) else "-")
         ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
         ax.set_yscale("log")
         ax.set_ylabel("median time per call (ms, log)")

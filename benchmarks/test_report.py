@@ -62,3 +62,16 @@ def test_split_runs_are_merged_into_one_report(results, tmp_path):
                  "--merged", str(merged), "--no-plot"])
     assert len(json.loads(merged.read_text())["benchmarks"]) == len(data["benchmarks"])
     assert "| 75x | 30x | 5000x | 25% |" in (tmp_path / "out" / "bench-merged.md").read_text()
+
+
+def test_graphed_forms_get_their_own_floor_and_leave_the_ratios_to_eager_calls(results, tmp_path):
+    data = json.loads(results.read_text())
+    data["benchmarks"].append(_bench("fused-triton+graph", 20e-6, peak=5.0))
+    results.write_text(json.dumps(data))
+    report.main([str(results), "--out", str(tmp_path), "--no-plot"])
+    text = (tmp_path / "bench-test.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| shape") and "eager-loops" in line)
+    assert header.index("fused-triton") < header.index("fused-triton+graph") < header.index("torch.compile")
+    assert header.endswith("| floor | floor, graphed |")
+    # Ratios from the eager fused call (40 us), the graphed floor from the replay (10 us / 20 us).
+    assert "| 20.0 us [5 MiB] |" in text and "| 75x | 30x | 5000x | 25% | 50% |" in text
