@@ -27,7 +27,8 @@
 #                                   report alone may run 30 s past it)
 #   L2D_CUDA_LED_WIDE=0 ...        (the check runs the CUDA LED kernel with its experimental one-tile
 #                                   path for groups of 33-64 members on, default 1; the profile adds
-#                                   cuda/tiled rows with it off, to compare)
+#                                   cuda/tiled rows with it off, to compare, and triton/no-ahead rows
+#                                   with the Triton LED kernels' chunks loaded one at a time)
 #
 # Writes under $OUT: summary.txt (one line per step, failures named), log-<phase>.txt (every step's
 # output), gpu.txt, the built extension (_C*.so, to carry into the next phase), and for bench:
@@ -152,7 +153,7 @@ assert all(math.isfinite(r[k]) for k in ('teacher_map', 'vanilla_map', 'l2d_map'
 
 bench_all() {
     step profile "${L2D_PROFILE_LIMIT:-120}" $PY benchmarks/kernel_profile.py \
-        --triton-led-warps "${L2D_PROFILE_WARPS:-}" --cuda-led-tiled --out "$OUT/profile-$card.md"
+        --triton-led-warps "${L2D_PROFILE_WARPS:-}" --cuda-led-tiled --triton-led-no-ahead --out "$OUT/profile-$card.md"
     # One pytest run per file, each writing its JSON as it ends, so a deadline cuts one file, not all.
     rm -rf build/bench && mkdir -p build/bench
     jsons=()

@@ -133,6 +133,18 @@ def _triton_led_warps(warps):
         triton_led.NUM_WARPS = default
 
 
+@contextlib.contextmanager
+def _triton_led_one_chunk_at_a_time():
+    """The Triton LED kernels as before width chunks were loaded one ahead (LOAD_AHEAD, read at each launch)."""
+    from l2d_kernels.ops import triton_led
+
+    default, triton_led.LOAD_AHEAD = triton_led.LOAD_AHEAD, False
+    try:
+        yield
+    finally:
+        triton_led.LOAD_AHEAD = default
+
+
 def _cuda_led_tiled():
     """The CUDA LED kernel's tiled path for every group above 32 members inside (the extension reads
     L2D_CUDA_LED_WIDE at each call)."""
@@ -161,6 +173,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="also write the markdown table to this file")
     parser.add_argument("--triton-led-warps", default="",
                         help="comma-separated warp counts: extra Triton LED rows launched with each")
+    parser.add_argument("--triton-led-no-ahead", action="store_true",
+                        help="extra Triton LED rows with each width chunk loaded when it is used (LOAD_AHEAD off)")
     parser.add_argument("--cuda-led-tiled", action="store_true",
                         help="extra CUDA LED rows with L2D_CUDA_LED_WIDE=0 (the tiled path for groups of 33-64)")
     args = parser.parse_args(argv)
@@ -175,6 +189,8 @@ def main(argv=None) -> int:
         runs.append((backend, backend, CASES, contextlib.nullcontext))
         if backend == "cuda" and args.cuda_led_tiled:
             runs.append(("cuda/tiled", "cuda", led_cases, _cuda_led_tiled))
+        if backend == "triton" and args.triton_led_no_ahead:
+            runs.append(("triton/no-ahead", "triton", led_cases, _triton_led_one_chunk_at_a_time))
         if backend == "triton":
             runs += [(f"triton/w{w}", "triton", led_cases, lambda w=int(w): _triton_led_warps(w))
                      for w in args.triton_led_warps.split(",") if w]

@@ -24,22 +24,32 @@ def test_report_lists_kernels_by_total_time():
     assert "main_kernel 2x10.0 (16.0 + 4.0); finalize 1x5.0 |" in table
 
 
-def test_triton_led_warp_variants_are_extra_rows_and_leave_the_default(tmp_path):
+def test_triton_led_variants_are_extra_rows_and_leave_the_default(tmp_path):
     from l2d_kernels import available_backends
     from l2d_kernels.ops import triton_led
 
     if "triton" not in available_backends():
         import pytest
         pytest.skip(f"no Triton backend here: {available_backends()}")
-    default = triton_led.NUM_WARPS
+    default = triton_led.NUM_WARPS, triton_led.LOAD_AHEAD
     out = tmp_path / "profile.md"
     assert kernel_profile.main(["--backends", "triton", "--calls", "1", "--triton-led-warps", "2",
-                                "--out", str(out)]) == 0
-    assert triton_led.NUM_WARPS == default
+                                "--triton-led-no-ahead", "--out", str(out)]) == 0
+    assert (triton_led.NUM_WARPS, triton_led.LOAD_AHEAD) == default
     labels = [line.split(" | ")[0][2:] + "/" + line.split(" | ")[1] for line in out.read_text().splitlines()
               if line.startswith("| triton")]
     n_led = sum(loss == "led" for loss, _ in kernel_profile.CASES)
-    assert labels == [f"triton/{loss}" for loss, _ in kernel_profile.CASES] + ["triton/w2/led"] * n_led
+    assert labels == ([f"triton/{loss}" for loss, _ in kernel_profile.CASES] + ["triton/no-ahead/led"] * n_led
+                      + ["triton/w2/led"] * n_led)
+
+
+def test_no_ahead_variant_turns_the_switch_off_inside_and_restores_it():
+    from l2d_kernels.ops import triton_led
+
+    assert triton_led.LOAD_AHEAD
+    with kernel_profile._triton_led_one_chunk_at_a_time():
+        assert not triton_led.LOAD_AHEAD
+    assert triton_led.LOAD_AHEAD
 
 
 def test_launch_costs_line():

@@ -68,6 +68,33 @@ def test_ragged_groups_mix_both_paths(small_tiles):
     _check(es, et, y.to(DEVICE))
 
 
+@pytest.mark.parametrize("ahead", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("transpose", [False, True], ids=["cd-groups", "id-groups"])
+def test_single_program_groups_of_every_size_class(monkeypatch, ahead, dtype, transpose):
+    """Groups of 0-2, 3-16, 17-64 and 65-128 members, the single-program sizes (both families: the
+    CD launch writes the gradient, the ID launch adds to it), with the width chunks loaded one ahead
+    (the default) and one at a time; a width of 40 leaves a partial last chunk."""
+    from l2d_kernels.ops import triton_led
+
+    monkeypatch.setattr(triton_led, "LOAD_AHEAD", ahead)
+    sizes = torch.tensor([0, 1, 2, 9, 16, 17, 40, 64, 66])
+    y = torch.arange(70)[:, None] < sizes[None, :]
+    if transpose:
+        y = y.T.contiguous()
+    es, et, _ = embeddings(*y.shape, 40, dtype=dtype, device=DEVICE, seed=13)
+    if dtype == torch.float32:
+        _check(es, et, y.to(DEVICE))
+        return
+    n = lambda t: t.detach().double().cpu().numpy()  # noqa: E731
+    _, _, _, w_grad = oracle.led(n(es), n(et), n(y))
+    x = es.clone().requires_grad_()
+    fused_led(x, et, y.to(DEVICE), backend="triton").backward()
+    eager_x = es.clone().requires_grad_()
+    reference.led_vectorized(eager_x, et, y.to(DEVICE)).backward()
+    assert rel_err(x.grad, w_grad) <= half_tol(rel_err(eager_x.grad, w_grad), dtype)
+
+
 def test_tiled_path_is_bitwise_reproducible(small_tiles):
     es, et, y = embeddings(34, 4, 10, density=0.8, device=DEVICE, seed=8)
     first = _check(es, et, y)

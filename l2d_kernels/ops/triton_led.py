@@ -19,7 +19,8 @@ Launches, all on the device, none waiting for the host:
 
 1. ``_members_kernel``: compacts each group's members (targets > 0.5) into an index list.
 2. per family, ``_main_kernel`` over ``(group, row tile)``: a group of at most ``SMALL_MAX`` members
-   is done entirely by one program (one Gram per side, on chip); a larger one gets its row tiles'
+   is done entirely by one program (one Gram per side, on chip; up to 64 members, each width chunk
+   is loaded while the previous one is multiplied, ``LOAD_AHEAD``); a larger one gets its row tiles'
    squared norms. The CD launch also writes the zero gradient of every row outside a group, so the
    gradient buffer needs no separate fill.
 3. only when a family can hold groups larger than ``SMALL_MAX``, three passes over ``(group, row
@@ -45,6 +46,11 @@ TILE = 64
 TILE_BLOCK_D = 32
 NUM_WARPS = 8
 MEMBERS_BLOCK = 1024
+# Groups of up to 64 members load each width chunk one chunk ahead, so that the loads' latency passes
+# during the previous chunk's products; a group of 17-64 members then takes 16-wide chunks (32-wide
+# ones and a second chunk in flight leave its loops spilling registers, by the sm_90 compile). Read at
+# each launch; False gives the kernel as before (one chunk at a time, 32 wide).
+LOAD_AHEAD = True
 # Triton's CPU interpreter multiplies bfloat16 dot operands wrongly; there, the Gram runs in float32
 # (exact either way: bfloat16 products are exact in float32). Decided once, like triton.jit itself.
 _GRAM_IN_FP32 = tl.constexpr(triton_interpreted())
@@ -169,13 +175,56 @@ def _write_grad(S, s_m, s_d, G, g_m, rows_i, ok_i, rows_j, ok_j, w, rowsum, D, s
 
 
 @triton.jit
+def _gram_ahead(S, T, s_m, s_d, t_m, t_d, rows, ok, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``_gram`` of a group with itself, each width chunk's rows loaded one chunk ahead, so that their
+    memory latency passes during the previous chunk's products (the same products in the same order:
+    bitwise the same Grams). The load past the last chunk is masked off entirely."""
+    gs = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    gt = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    a = _load_rows(S, rows, ok, 0, D, s_m, s_d, BLOCK_D)
+    ta = _load_rows(T, rows, ok, 0, D, t_m, t_d, BLOCK_D)
+    for d0 in range(0, D, BLOCK_D):
+        a_next = _load_rows(S, rows, ok, d0 + BLOCK_D, D, s_m, s_d, BLOCK_D)
+        ta_next = _load_rows(T, rows, ok, d0 + BLOCK_D, D, t_m, t_d, BLOCK_D)
+        gs = _dot_nt(a, a, gs)
+        gt = _dot_nt(ta, ta, gt)
+        a = a_next
+        ta = ta_next
+    return gs, gt
+
+
+@triton.jit
+def _write_grad_ahead(S, s_m, s_d, G, g_m, rows, ok, w, rowsum, D, scale, ADD: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``_write_grad`` of a group with itself (``SAME``), each chunk's rows (and, adding, its gradient
+    so far) loaded one chunk ahead; the same arithmetic."""
+    s_cur = _load_rows(S, rows, ok, 0, D, s_m, s_d, BLOCK_D).to(tl.float32)
+    if ADD:
+        g_cur = _load_rows(G, rows, ok, 0, D, g_m, 1, BLOCK_D).to(tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        s_next = _load_rows(S, rows, ok, d0 + BLOCK_D, D, s_m, s_d, BLOCK_D).to(tl.float32)
+        if ADD:
+            g_next = _load_rows(G, rows, ok, d0 + BLOCK_D, D, g_m, 1, BLOCK_D).to(tl.float32)
+        out = scale * (rowsum[:, None] * s_cur - tl.dot(w, s_cur, input_precision="ieee"))
+        if ADD:
+            out += g_cur
+            g_cur = g_next
+        dd = d0 + tl.arange(0, BLOCK_D)
+        tl.store(G + rows[:, None] * g_m + dd[None, :], out.to(G.dtype.element_ty), mask=ok[:, None] & (dd < D)[None, :])
+        s_cur = s_next
+
+
+@triton.jit
 def _small_group(S, T, s_m, s_d, t_m, t_d, G, g_m, members, P, loss_ptr, D, scale,
-                 ADD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A whole group of at most BLOCK members: one Gram per side, then loss and gradient."""
+                 ADD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, AHEAD: tl.constexpr):
+    """A whole group of at most BLOCK members: one Gram per side, then loss and gradient (``AHEAD``:
+    width chunks loaded one ahead, for block sizes whose registers have room for two chunks)."""
     r = tl.arange(0, BLOCK)
     ok = r < P
     rows = tl.load(members + r, mask=ok, other=0).to(tl.int64)
-    gs, gt = _gram(S, T, s_m, s_d, t_m, t_d, rows, ok, rows, ok, D, BLOCK, BLOCK, BLOCK_D, True)
+    if AHEAD:
+        gs, gt = _gram_ahead(S, T, s_m, s_d, t_m, t_d, rows, ok, D, BLOCK, BLOCK_D)
+    else:
+        gs, gt = _gram(S, T, s_m, s_d, t_m, t_d, rows, ok, rows, ok, D, BLOCK, BLOCK, BLOCK_D, True)
     ns_col, ns_row = _diagonal(gs, BLOCK)
     nt_col, nt_row = _diagonal(gt, BLOCK)
     pair = ok[:, None] & ok[None, :] & (r[:, None] != r[None, :])
@@ -189,7 +238,10 @@ def _small_group(S, T, s_m, s_d, t_m, t_d, G, g_m, members, P, loss_ptr, D, scal
     tl.store(loss_ptr, _div(_sum2(tl.where(pair, _huber(x), 0.0)), p_f))
     k_sum = _sum2(tl.where(pair, clamp(x, -1.0, 1.0) * ds, 0.0))
     w = _pair_weights(x, ds, sq_s, pair, mu_s, k_sum, p_f, n_pairs)
-    _write_grad(S, s_m, s_d, G, g_m, rows, ok, rows, ok, w, tl.sum(w, axis=1), D, scale, ADD, BLOCK_D, True)
+    if AHEAD:
+        _write_grad_ahead(S, s_m, s_d, G, g_m, rows, ok, w, tl.sum(w, axis=1), D, scale, ADD, BLOCK_D)
+    else:
+        _write_grad(S, s_m, s_d, G, g_m, rows, ok, rows, ok, w, tl.sum(w, axis=1), D, scale, ADD, BLOCK_D, True)
 
 
 @triton.jit
@@ -227,7 +279,7 @@ def _group(S, T, G, s_g, t_g, g_g, idx, cnt, N, norms, g):
 def _main_kernel(
     S, T, s_g, s_m, s_d, t_g, t_m, t_d, G, g_g, g_m,
     Y, y_g, y_m, idx, cnt, N, D, scale, loss_ptr, norms,
-    ZERO_OUTSIDE: tl.constexpr, ADD: tl.constexpr,
+    ZERO_OUTSIDE: tl.constexpr, ADD: tl.constexpr, AHEAD: tl.constexpr, MID_BLOCK_D: tl.constexpr,
     SMALL_MAX: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     g = tl.program_id(0)
@@ -251,12 +303,14 @@ def _main_kernel(
         elif P <= SMALL_MAX:
             # Three sizes, so that a group of a few members does not pay for a large padded tile.
             if P <= 16:
-                _small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, P, loss_ptr + g, D, scale, ADD, 16, 64)
+                _small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, P, loss_ptr + g, D, scale, ADD, 16, 64,
+                             AHEAD)
             elif P <= 64:
-                _small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, P, loss_ptr + g, D, scale, ADD, 64, 32)
+                _small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, P, loss_ptr + g, D, scale, ADD, 64,
+                             MID_BLOCK_D, AHEAD)
             else:
                 _small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, P, loss_ptr + g, D, scale, ADD,
-                             SMALL_MAX, 16)
+                             SMALL_MAX, 16, False)
     if (P > SMALL_MAX) & (i * TILE < P):
         rank, ok, rows = _tile_rows(members, i, P, TILE)
         gs, gt = _gram(S_g, T_g, s_m, s_d, t_m, t_d, rows, ok, rows, ok, D, TILE, TILE, BLOCK_D, True)
@@ -383,7 +437,8 @@ def _run_family(es, et, grad, targets, idx, cnt, group_loss, groups_dim: int, sc
     g_g, g_m = grad.stride(groups_dim), grad.stride(members_dim)
     _main_kernel[grid](
         es, et, *strides, grad, g_g, g_m, targets, targets.stride(groups_dim), targets.stride(members_dim),
-        idx, cnt, n_members, width, scale, group_loss, norms, ZERO_OUTSIDE=first, ADD=not first, **common,
+        idx, cnt, n_members, width, scale, group_loss, norms, ZERO_OUTSIDE=first, ADD=not first, AHEAD=LOAD_AHEAD,
+        MID_BLOCK_D=16 if LOAD_AHEAD else 32, **common,
     )
     if large:
         part1 = torch.empty(grid[0] * grid[1] * 2, dtype=torch.float32, device=es.device)
