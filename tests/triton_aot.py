@@ -78,9 +78,12 @@ def _launchers():
             zs = torch.zeros(70, 130, dtype=dtype)
             for reduction in ("batchmean", "none"):
                 triton_mld.mld_forward(zs, zs, reduction, 1e-8, 1.0)
-            # 130 members > SMALL_MAX, so the large-group passes launch too.
-            es = torch.zeros(130, 3, 40, dtype=dtype)
-            triton_led.led_forward(es, es, torch.zeros(130, 3, dtype=torch.bool), 100.0, 1000.0)
+            # 130 members > SMALL_MAX, so the large-group passes launch too; then launches whose groups
+            # hold at most 64 and at most 32 members (the main kernel is compiled for the sizes a
+            # launch can need: 130 / 3, 64 / 40 and 32 / 20 possible members).
+            for B, C in ((130, 3), (64, 40), (32, 20)):
+                es = torch.zeros(B, C, 40, dtype=dtype)
+                triton_led.led_forward(es, es, torch.zeros(B, C, dtype=torch.bool), 100.0, 1000.0)
 
     return run
 

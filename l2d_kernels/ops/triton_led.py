@@ -19,9 +19,11 @@ Launches, all on the device, none waiting for the host:
 
 1. ``_members_kernel``: compacts each group's members (targets > 0.5) into an index list.
 2. per family, ``_main_kernel`` over ``(group, row tile)``: a group of at most ``SMALL_MAX`` members
-   is done entirely by one program (one Gram per side, on chip; up to 64 members, each width chunk
-   is loaded while the previous one is multiplied, ``LOAD_AHEAD``); a larger one gets its row tiles'
-   squared norms. The CD launch also writes the zero gradient of every row outside a group, so the
+   is done entirely by one program (one Gram per side, on chip, in a tile of 16, 32, 64 or 128 rows;
+   up to 64 members, each width chunk is loaded while the previous one is multiplied, ``LOAD_AHEAD``);
+   a larger one gets its row tiles' squared norms. Each launch compiles only the tile sizes its
+   groups can need (``MAX_P``, from the number of possible members), so that the registers of the
+   largest do not limit how many programs of a launch of small groups share an SM. The CD launch also writes the zero gradient of every row outside a group, so the
    gradient buffer needs no separate fill.
 3. only when a family can hold groups larger than ``SMALL_MAX``, three passes over ``(group, row
    tile, column tile)`` that recompute their Gram tiles instead of storing them: ``_means_kernel``
@@ -47,10 +49,12 @@ TILE_BLOCK_D = 32
 NUM_WARPS = 8
 MEMBERS_BLOCK = 1024
 # Groups of up to 64 members load each width chunk one chunk ahead, so that the loads' latency passes
-# during the previous chunk's products; a group of 17-64 members then takes 16-wide chunks (32-wide
-# ones and a second chunk in flight leave its loops spilling registers, by the sm_90 compile). Read at
-# each launch; False gives the kernel as before (one chunk at a time, 32 wide).
+# during the previous chunk's products; groups of 17-32 and of 33-64 members then take tiles of 32 and
+# 64 rows with 16-wide chunks (32-wide ones and a second chunk in flight leave the 64-row loops
+# spilling registers, by the sm_90 compile). Read at each launch; False loads one chunk at a time,
+# groups of 17-64 members in one 64-row size with 32-wide chunks, as in the first H100 runs.
 LOAD_AHEAD = True
+SMALL32_BLOCK_D = 16
 # Triton's CPU interpreter multiplies bfloat16 dot operands wrongly; there, the Gram runs in float32
 # (exact either way: bfloat16 products are exact in float32). Decided once, like triton.jit itself.
 _GRAM_IN_FP32 = tl.constexpr(triton_interpreted())
@@ -279,7 +283,7 @@ def _group(S, T, G, s_g, t_g, g_g, idx, cnt, N, norms, g):
 def _main_kernel(
     S, T, s_g, s_m, s_d, t_g, t_m, t_d, G, g_g, g_m,
     Y, y_g, y_m, idx, cnt, N, D, scale, loss_ptr, norms,
-    ZERO_OUTSIDE: tl.constexpr, ADD: tl.constexpr, AHEAD: tl.constexpr, MID_BLOCK_D: tl.constexpr,
+    ZERO_OUTSIDE: tl.constexpr, ADD: tl.constexpr, AHEAD: tl.constexpr, MAX_P: tl.constexpr, LARGE: tl.constexpr, BD32: tl.constexpr,
     SMALL_MAX: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     g = tl.program_id(0)
@@ -301,16 +305,35 @@ def _main_kernel(
         if P < 2:
             tl.store(loss_ptr + g, 0.0)
         elif P <= SMALL_MAX:
-            # Three sizes, so that a group of a few members does not pay for a large padded tile.
+            # Sizes of tile, so that a group of a few members does not pay for a large padded one; a
+            # size no group of this launch can reach (MAX_P) is not compiled, so that its registers do
+            # not weigh on the others.
             if P <= 16:
                 _small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, P, loss_ptr + g, D, scale, ADD, 16, 64,
                              AHEAD)
             elif P <= 64:
-                _small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, P, loss_ptr + g, D, scale, ADD, 64,
-                             MID_BLOCK_D, AHEAD)
-            else:
+                if AHEAD:
+                    if P <= 32:
+                        if MAX_P >= 32:
+                            _small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, P, loss_ptr + g, D, scale,
+                                         ADD, 32, BD32, True)
+                    elif MAX_P >= 64:
+                        _small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, P, loss_ptr + g, D, scale,
+                                     ADD, 64, 16, True)
+                elif MAX_P >= 32:  # one chunk at a time (as before LOAD_AHEAD): 17-64 members in one size
+                    _small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, P, loss_ptr + g, D, scale, ADD,
+                                 64, 32, False)
+            elif MAX_P >= 128:
                 _small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, P, loss_ptr + g, D, scale, ADD,
                              SMALL_MAX, 16, False)
+    if LARGE:
+        _large_group_norms(S_g, T_g, s_m, s_d, t_m, t_d, members, norms_g, P, i, D, SMALL_MAX, TILE, BLOCK_D)
+
+
+@triton.jit
+def _large_group_norms(S_g, T_g, s_m, s_d, t_m, t_d, members, norms_g, P, i, D,
+                       SMALL_MAX: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A large group's squared norms, row tile i (the tiled passes read them)."""
     if (P > SMALL_MAX) & (i * TILE < P):
         rank, ok, rows = _tile_rows(members, i, P, TILE)
         gs, gt = _gram(S_g, T_g, s_m, s_d, t_m, t_d, rows, ok, rows, ok, D, TILE, TILE, BLOCK_D, True)
@@ -438,7 +461,8 @@ def _run_family(es, et, grad, targets, idx, cnt, group_loss, groups_dim: int, sc
     _main_kernel[grid](
         es, et, *strides, grad, g_g, g_m, targets, targets.stride(groups_dim), targets.stride(members_dim),
         idx, cnt, n_members, width, scale, group_loss, norms, ZERO_OUTSIDE=first, ADD=not first, AHEAD=LOAD_AHEAD,
-        MID_BLOCK_D=16 if LOAD_AHEAD else 32, **common,
+        MAX_P=max(16, min(triton.next_power_of_2(n_members), SMALL_MAX)), LARGE=large, BD32=SMALL32_BLOCK_D,
+        **common,
     )
     if large:
         part1 = torch.empty(grid[0] * grid[1] * 2, dtype=torch.float32, device=es.device)
