@@ -60,8 +60,12 @@ def test_large_groups_take_the_tiled_path(small_tiles, shape):
     _check(es, et, y)
 
 
-def test_ragged_groups_mix_both_paths(small_tiles):
+@pytest.mark.parametrize("ahead", [True, False], ids=["chunks-ahead", "chunk-at-a-time"])
+def test_ragged_groups_mix_both_paths(small_tiles, monkeypatch, ahead):
     # Group sizes from 0 to 36 in both families: single-program groups and tiled ones in one launch.
+    from l2d_kernels.ops import triton_led
+
+    monkeypatch.setattr(triton_led, "LOAD_AHEAD", ahead)
     B, C = 36, 9
     y = torch.arange(B)[:, None] < torch.tensor([0, 1, 2, 3, 15, 16, 17, 33, 36])[None, :]
     es, et, _ = embeddings(B, C, 12, device=DEVICE, seed=6)
@@ -128,10 +132,14 @@ def test_matches_the_formula_on_random_shapes_and_targets(B, C, D, density, seed
     _check(es * scale, et, y)
 
 
+@pytest.mark.parametrize("ahead", [True, False], ids=["chunks-ahead", "chunk-at-a-time"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_tiled_path_half_precision(small_tiles, dtype):
+def test_tiled_path_half_precision(small_tiles, monkeypatch, dtype, ahead):
     """The tiled gradient accumulates over column tiles in the gradient's dtype; each tile's part is in
     difference form, so the error stays within twice eager PyTorch's at the same dtype."""
+    from l2d_kernels.ops import triton_led
+
+    monkeypatch.setattr(triton_led, "LOAD_AHEAD", ahead)
     es, et, y = embeddings(40, 3, 24, density=1.0, dtype=dtype, device=DEVICE, seed=12)
     n = lambda t: t.detach().double().cpu().numpy()  # noqa: E731
     w_total, _, _, w_grad = oracle.led(n(es), n(et), n(y))

@@ -48,11 +48,12 @@ TILE = 64
 TILE_BLOCK_D = 32
 NUM_WARPS = 8
 MEMBERS_BLOCK = 1024
-# Groups of up to 64 members load each width chunk one chunk ahead, so that the loads' latency passes
-# during the previous chunk's products; groups of 17-32 and of 33-64 members then take tiles of 32 and
-# 64 rows with 16-wide chunks (32-wide ones and a second chunk in flight leave the 64-row loops
-# spilling registers, by the sm_90 compile). Read at each launch; False loads one chunk at a time,
-# groups of 17-64 members in one 64-row size with 32-wide chunks, as in the first H100 runs.
+# Groups of up to 64 members, and the tiles of large groups, load each width chunk one chunk ahead, so
+# that the loads' latency passes during the previous chunk's products; groups of 17-32 and of 33-64
+# members then take tiles of 32 and 64 rows, and every 64-row tile 16-wide chunks (32-wide ones and a
+# second chunk in flight leave those loops spilling registers, by the sm_90 compile). Read at each
+# launch; False loads one chunk at a time, groups of 17-64 members in one 64-row size and 64-row
+# tiles with 32-wide chunks, as in the first H100 runs.
 LOAD_AHEAD = True
 SMALL32_BLOCK_D = 16
 # Triton's CPU interpreter multiplies bfloat16 dot operands wrongly; there, the Gram runs in float32
@@ -179,42 +180,63 @@ def _write_grad(S, s_m, s_d, G, g_m, rows_i, ok_i, rows_j, ok_j, w, rowsum, D, s
 
 
 @triton.jit
-def _gram_ahead(S, T, s_m, s_d, t_m, t_d, rows, ok, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``_gram`` of a group with itself, each width chunk's rows loaded one chunk ahead, so that their
-    memory latency passes during the previous chunk's products (the same products in the same order:
-    bitwise the same Grams). The load past the last chunk is masked off entirely."""
-    gs = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-    gt = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-    a = _load_rows(S, rows, ok, 0, D, s_m, s_d, BLOCK_D)
-    ta = _load_rows(T, rows, ok, 0, D, t_m, t_d, BLOCK_D)
+def _gram_ahead(S, T, s_m, s_d, t_m, t_d, rows_i, ok_i, rows_j, ok_j, D,
+                BI: tl.constexpr, BJ: tl.constexpr, BLOCK_D: tl.constexpr, SAME: tl.constexpr):
+    """``_gram`` with each width chunk's rows loaded one chunk ahead, so that their memory latency
+    passes during the previous chunk's products (the same products in the same order). The load past
+    the last chunk is masked off entirely."""
+    gs = tl.zeros((BI, BJ), dtype=tl.float32)
+    gt = tl.zeros((BI, BJ), dtype=tl.float32)
+    a = _load_rows(S, rows_i, ok_i, 0, D, s_m, s_d, BLOCK_D)
+    ta = _load_rows(T, rows_i, ok_i, 0, D, t_m, t_d, BLOCK_D)
+    if not SAME:
+        b = _load_rows(S, rows_j, ok_j, 0, D, s_m, s_d, BLOCK_D)
+        tb = _load_rows(T, rows_j, ok_j, 0, D, t_m, t_d, BLOCK_D)
     for d0 in range(0, D, BLOCK_D):
-        a_next = _load_rows(S, rows, ok, d0 + BLOCK_D, D, s_m, s_d, BLOCK_D)
-        ta_next = _load_rows(T, rows, ok, d0 + BLOCK_D, D, t_m, t_d, BLOCK_D)
-        gs = _dot_nt(a, a, gs)
-        gt = _dot_nt(ta, ta, gt)
+        a_next = _load_rows(S, rows_i, ok_i, d0 + BLOCK_D, D, s_m, s_d, BLOCK_D)
+        ta_next = _load_rows(T, rows_i, ok_i, d0 + BLOCK_D, D, t_m, t_d, BLOCK_D)
+        if SAME:
+            gs = _dot_nt(a, a, gs)
+            gt = _dot_nt(ta, ta, gt)
+        else:
+            b_next = _load_rows(S, rows_j, ok_j, d0 + BLOCK_D, D, s_m, s_d, BLOCK_D)
+            tb_next = _load_rows(T, rows_j, ok_j, d0 + BLOCK_D, D, t_m, t_d, BLOCK_D)
+            gs = _dot_nt(a, b, gs)
+            gt = _dot_nt(ta, tb, gt)
+            b = b_next
+            tb = tb_next
         a = a_next
         ta = ta_next
     return gs, gt
 
 
 @triton.jit
-def _write_grad_ahead(S, s_m, s_d, G, g_m, rows, ok, w, rowsum, D, scale, ADD: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``_write_grad`` of a group with itself (``SAME``), each chunk's rows (and, adding, its gradient
-    so far) loaded one chunk ahead; the same arithmetic."""
-    s_cur = _load_rows(S, rows, ok, 0, D, s_m, s_d, BLOCK_D).to(tl.float32)
+def _write_grad_ahead(S, s_m, s_d, G, g_m, rows_i, ok_i, rows_j, ok_j, w, rowsum, D, scale,
+                      ADD: tl.constexpr, BLOCK_D: tl.constexpr, SAME: tl.constexpr):
+    """``_write_grad`` with each chunk's rows (and, adding, the gradient so far) loaded one chunk
+    ahead; the same arithmetic."""
+    si = _load_rows(S, rows_i, ok_i, 0, D, s_m, s_d, BLOCK_D).to(tl.float32)
+    if not SAME:
+        sj = _load_rows(S, rows_j, ok_j, 0, D, s_m, s_d, BLOCK_D).to(tl.float32)
     if ADD:
-        g_cur = _load_rows(G, rows, ok, 0, D, g_m, 1, BLOCK_D).to(tl.float32)
+        g_cur = _load_rows(G, rows_i, ok_i, 0, D, g_m, 1, BLOCK_D).to(tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        s_next = _load_rows(S, rows, ok, d0 + BLOCK_D, D, s_m, s_d, BLOCK_D).to(tl.float32)
+        si_next = _load_rows(S, rows_i, ok_i, d0 + BLOCK_D, D, s_m, s_d, BLOCK_D).to(tl.float32)
         if ADD:
-            g_next = _load_rows(G, rows, ok, d0 + BLOCK_D, D, g_m, 1, BLOCK_D).to(tl.float32)
-        out = scale * (rowsum[:, None] * s_cur - tl.dot(w, s_cur, input_precision="ieee"))
+            g_next = _load_rows(G, rows_i, ok_i, d0 + BLOCK_D, D, g_m, 1, BLOCK_D).to(tl.float32)
+        if SAME:
+            out = scale * (rowsum[:, None] * si - tl.dot(w, si, input_precision="ieee"))
+        else:
+            sj_next = _load_rows(S, rows_j, ok_j, d0 + BLOCK_D, D, s_m, s_d, BLOCK_D).to(tl.float32)
+            out = scale * (rowsum[:, None] * si - tl.dot(w, sj, input_precision="ieee"))
+            sj = sj_next
         if ADD:
             out += g_cur
             g_cur = g_next
         dd = d0 + tl.arange(0, BLOCK_D)
-        tl.store(G + rows[:, None] * g_m + dd[None, :], out.to(G.dtype.element_ty), mask=ok[:, None] & (dd < D)[None, :])
-        s_cur = s_next
+        tl.store(G + rows_i[:, None] * g_m + dd[None, :], out.to(G.dtype.element_ty),
+                 mask=ok_i[:, None] & (dd < D)[None, :])
+        si = si_next
 
 
 @triton.jit
@@ -226,7 +248,7 @@ def _small_group(S, T, s_m, s_d, t_m, t_d, G, g_m, members, P, loss_ptr, D, scal
     ok = r < P
     rows = tl.load(members + r, mask=ok, other=0).to(tl.int64)
     if AHEAD:
-        gs, gt = _gram_ahead(S, T, s_m, s_d, t_m, t_d, rows, ok, D, BLOCK, BLOCK_D)
+        gs, gt = _gram_ahead(S, T, s_m, s_d, t_m, t_d, rows, ok, rows, ok, D, BLOCK, BLOCK, BLOCK_D, True)
     else:
         gs, gt = _gram(S, T, s_m, s_d, t_m, t_d, rows, ok, rows, ok, D, BLOCK, BLOCK, BLOCK_D, True)
     ns_col, ns_row = _diagonal(gs, BLOCK)
@@ -243,7 +265,8 @@ def _small_group(S, T, s_m, s_d, t_m, t_d, G, g_m, members, P, loss_ptr, D, scal
     k_sum = _sum2(tl.where(pair, clamp(x, -1.0, 1.0) * ds, 0.0))
     w = _pair_weights(x, ds, sq_s, pair, mu_s, k_sum, p_f, n_pairs)
     if AHEAD:
-        _write_grad_ahead(S, s_m, s_d, G, g_m, rows, ok, w, tl.sum(w, axis=1), D, scale, ADD, BLOCK_D)
+        _write_grad_ahead(S, s_m, s_d, G, g_m, rows, ok, rows, ok, w, tl.sum(w, axis=1), D, scale, ADD, BLOCK_D,
+                          True)
     else:
         _write_grad(S, s_m, s_d, G, g_m, rows, ok, rows, ok, w, tl.sum(w, axis=1), D, scale, ADD, BLOCK_D, True)
 
@@ -257,11 +280,15 @@ def _tile_rows(members, i, P, TILE: tl.constexpr):
 
 
 @triton.jit
-def _tile_distances(S, T, s_m, s_d, t_m, t_d, members, norms, P, i, j, D, TILE: tl.constexpr, BLOCK_D: tl.constexpr):
+def _tile_distances(S, T, s_m, s_d, t_m, t_d, members, norms, P, i, j, D, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
+                    AHEAD: tl.constexpr):
     """Distances of row tile i against column tile j of a large group, with their pair mask."""
     rank_i, ok_i, rows_i = _tile_rows(members, i, P, TILE)
     rank_j, ok_j, rows_j = _tile_rows(members, j, P, TILE)
-    gs, gt = _gram(S, T, s_m, s_d, t_m, t_d, rows_i, ok_i, rows_j, ok_j, D, TILE, TILE, BLOCK_D, False)
+    if AHEAD:
+        gs, gt = _gram_ahead(S, T, s_m, s_d, t_m, t_d, rows_i, ok_i, rows_j, ok_j, D, TILE, TILE, BLOCK_D, False)
+    else:
+        gs, gt = _gram(S, T, s_m, s_d, t_m, t_d, rows_i, ok_i, rows_j, ok_j, D, TILE, TILE, BLOCK_D, False)
     ns_i = tl.load(norms + 2 * rank_i, mask=ok_i, other=0.0)
     nt_i = tl.load(norms + 2 * rank_i + 1, mask=ok_i, other=0.0)
     ns_j = tl.load(norms + 2 * rank_j, mask=ok_j, other=0.0)
@@ -327,16 +354,19 @@ def _main_kernel(
                 _small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, P, loss_ptr + g, D, scale, ADD,
                              SMALL_MAX, 16, False)
     if LARGE:
-        _large_group_norms(S_g, T_g, s_m, s_d, t_m, t_d, members, norms_g, P, i, D, SMALL_MAX, TILE, BLOCK_D)
+        _large_group_norms(S_g, T_g, s_m, s_d, t_m, t_d, members, norms_g, P, i, D, SMALL_MAX, TILE, BLOCK_D, AHEAD)
 
 
 @triton.jit
 def _large_group_norms(S_g, T_g, s_m, s_d, t_m, t_d, members, norms_g, P, i, D,
-                       SMALL_MAX: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr):
+                       SMALL_MAX: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, AHEAD: tl.constexpr):
     """A large group's squared norms, row tile i (the tiled passes read them)."""
     if (P > SMALL_MAX) & (i * TILE < P):
         rank, ok, rows = _tile_rows(members, i, P, TILE)
-        gs, gt = _gram(S_g, T_g, s_m, s_d, t_m, t_d, rows, ok, rows, ok, D, TILE, TILE, BLOCK_D, True)
+        if AHEAD:
+            gs, gt = _gram_ahead(S_g, T_g, s_m, s_d, t_m, t_d, rows, ok, rows, ok, D, TILE, TILE, BLOCK_D, True)
+        else:
+            gs, gt = _gram(S_g, T_g, s_m, s_d, t_m, t_d, rows, ok, rows, ok, D, TILE, TILE, BLOCK_D, True)
         ns, _ = _diagonal(gs, TILE)
         nt, _ = _diagonal(gt, TILE)
         tl.store(norms_g + 2 * rank, ns, mask=ok)
@@ -357,7 +387,7 @@ def _sum_pairs(ptr, n):
 @triton.jit
 def _means_kernel(
     S, T, s_g, s_m, s_d, t_g, t_m, t_d, G, g_g, idx, cnt, N, D, norms, part1,
-    SMALL_MAX: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
+    SMALL_MAX: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, AHEAD: tl.constexpr,
 ):
     """Large groups, pass 1: student and teacher distance sums of row tile i."""
     g = tl.program_id(0)
@@ -368,7 +398,7 @@ def _means_kernel(
         sum_t = tl.zeros((), dtype=tl.float32)
         for j in range(0, tl.cdiv(P, TILE)):
             sq_s, ds, dt, pair, ok_i, rows_i, ok_j, rows_j = _tile_distances(
-                S_g, T_g, s_m, s_d, t_m, t_d, members, norms_g, P, i, j, D, TILE, BLOCK_D)
+                S_g, T_g, s_m, s_d, t_m, t_d, members, norms_g, P, i, j, D, TILE, BLOCK_D, AHEAD)
             sum_s += _sum2(tl.where(pair, ds, 0.0))
             sum_t += _sum2(tl.where(pair, dt, 0.0))
         slot = part1 + (g.to(tl.int64) * tl.num_programs(1) + i) * 2
@@ -388,7 +418,7 @@ def _group_scalars(part1, P, TILE: tl.constexpr):
 @triton.jit
 def _stats_kernel(
     S, T, s_g, s_m, s_d, t_g, t_m, t_d, G, g_g, idx, cnt, N, D, norms, part1, part2,
-    SMALL_MAX: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
+    SMALL_MAX: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, AHEAD: tl.constexpr,
 ):
     """Large groups, pass 2: the Huber and K partial sums of row tile i."""
     g = tl.program_id(0)
@@ -401,7 +431,7 @@ def _stats_kernel(
         k_sum = tl.zeros((), dtype=tl.float32)
         for j in range(0, tl.cdiv(P, TILE)):
             sq_s, ds, dt, pair, ok_i, rows_i, ok_j, rows_j = _tile_distances(
-                S_g, T_g, s_m, s_d, t_m, t_d, members, norms_g, P, i, j, D, TILE, BLOCK_D)
+                S_g, T_g, s_m, s_d, t_m, t_d, members, norms_g, P, i, j, D, TILE, BLOCK_D, AHEAD)
             x = _div(ds, mu_s) - _div(dt, mu_t)
             huber_sum += _sum2(tl.where(pair, _huber(x), 0.0))
             k_sum += _sum2(tl.where(pair, clamp(x, -1.0, 1.0) * ds, 0.0))
@@ -412,7 +442,7 @@ def _stats_kernel(
 @triton.jit
 def _grad_kernel(
     S, T, s_g, s_m, s_d, t_g, t_m, t_d, G, g_g, g_m, idx, cnt, N, D, scale, loss_ptr, norms, part1, part2,
-    ADD: tl.constexpr, SMALL_MAX: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
+    ADD: tl.constexpr, SMALL_MAX: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, AHEAD: tl.constexpr,
 ):
     """Large groups, pass 3: the gradient of row tile i (and, from tile 0, the group's loss)."""
     g = tl.program_id(0)
@@ -428,9 +458,16 @@ def _grad_kernel(
         # difference form (its own row sums) so that a half-precision gradient stays well conditioned.
         for j in range(0, tl.cdiv(P, TILE)):
             sq_s, ds, dt, pair, ok_i, rows_i, ok_j, rows_j = _tile_distances(
-                S_g, T_g, s_m, s_d, t_m, t_d, members, norms_g, P, i, j, D, TILE, BLOCK_D)
+                S_g, T_g, s_m, s_d, t_m, t_d, members, norms_g, P, i, j, D, TILE, BLOCK_D, AHEAD)
             w = _pair_weights(_div(ds, mu_s) - _div(dt, mu_t), ds, sq_s, pair, mu_s, k_sum, p_f, n_pairs)
-            if j == 0:
+            if AHEAD:
+                if j == 0:
+                    _write_grad_ahead(S_g, s_m, s_d, G_g, g_m, rows_i, ok_i, rows_j, ok_j, w, tl.sum(w, axis=1), D,
+                                      scale, ADD, BLOCK_D, False)
+                else:
+                    _write_grad_ahead(S_g, s_m, s_d, G_g, g_m, rows_i, ok_i, rows_j, ok_j, w, tl.sum(w, axis=1), D,
+                                      scale, True, BLOCK_D, False)
+            elif j == 0:
                 _write_grad(S_g, s_m, s_d, G_g, g_m, rows_i, ok_i, rows_j, ok_j, w, tl.sum(w, axis=1), D, scale,
                             ADD, BLOCK_D)
             else:
@@ -454,13 +491,15 @@ def _run_family(es, et, grad, targets, idx, cnt, group_loss, groups_dim: int, sc
     large = n_members > SMALL_MAX
     norms = torch.empty(n_groups * n_members * 2 if large else 1, dtype=torch.float32, device=es.device)
     grid = (n_groups, triton.cdiv(n_members, TILE))
-    common = dict(SMALL_MAX=SMALL_MAX, TILE=TILE, BLOCK_D=TILE_BLOCK_D, num_warps=NUM_WARPS)
+    # Large groups' tiles: 16-wide chunks when loaded ahead (registers, as for the 64-row small tile).
+    common = dict(SMALL_MAX=SMALL_MAX, TILE=TILE, BLOCK_D=16 if LOAD_AHEAD else TILE_BLOCK_D, AHEAD=LOAD_AHEAD,
+                  num_warps=NUM_WARPS)
     strides = (es.stride(groups_dim), es.stride(members_dim), es.stride(2),
                et.stride(groups_dim), et.stride(members_dim), et.stride(2))
     g_g, g_m = grad.stride(groups_dim), grad.stride(members_dim)
     _main_kernel[grid](
         es, et, *strides, grad, g_g, g_m, targets, targets.stride(groups_dim), targets.stride(members_dim),
-        idx, cnt, n_members, width, scale, group_loss, norms, ZERO_OUTSIDE=first, ADD=not first, AHEAD=LOAD_AHEAD,
+        idx, cnt, n_members, width, scale, group_loss, norms, ZERO_OUTSIDE=first, ADD=not first,
         MAX_P=max(16, min(triton.next_power_of_2(n_members), SMALL_MAX)), LARGE=large, BD32=SMALL32_BLOCK_D,
         **common,
     )
