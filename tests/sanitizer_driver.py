@@ -4,8 +4,9 @@
 
 Shapes cover ragged group sizes (0 to 200 members), groups that take the tiled large-group passes,
 groups of 33 to 64 members (the CUDA kernel's one-tile path when L2D_CUDA_LED_WIDE=1: CD at a batch
-of 200, ID at 150 labels), widths that are not multiples of the block width, non-contiguous inputs
-and every input dtype.
+of 200, ID at 150 labels), the Triton kernel's 32-row tile for 17 to 32 members in launches compiled
+for at most 32 members (32 x 20), widths that are not multiples of the block width, non-contiguous
+inputs and every input dtype.
 ``L2D_SANITIZE_SET=small`` keeps one float and one half-precision dtype, contiguous inputs and the
 shapes that reach every code path (small groups, the tiled large-group passes of both families): for
 racecheck, whose hazards depend on the kernels' synchronization structure, not on strides or sizes.
@@ -32,7 +33,7 @@ def main():
     backends = [b for b in available_backends() if b in ("triton", "cuda") and b in chosen]
     small = os.environ.get("L2D_SANITIZE_SET", "full") == "small"
     dtypes = (torch.float32, torch.bfloat16) if small else (torch.float32, torch.bfloat16, torch.float16)
-    led_shapes = ((5, 7, 33), (200, 6, 40), (3, 150, 24)) + (() if small else ((64, 80, 64),))
+    led_shapes = ((5, 7, 33), (32, 20, 40), (200, 6, 40), (3, 150, 24)) + (() if small else ((64, 80, 64),))
     for backend in backends:
         for dtype in dtypes:
             for B, C, D in led_shapes:
