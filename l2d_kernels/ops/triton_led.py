@@ -17,14 +17,18 @@ rounding residue of about ``1e-7 |s|^2``, a spurious distance of ``3e-4 |s|`` in
 
 Launches, all on the device, none waiting for the host:
 
-1. ``_members_kernel``: compacts each group's members (targets > 0.5) into an index list.
+1. only when a family can hold groups of more than ``SMALL_MAX`` members: ``_members_kernel``
+   compacts each group's members (targets > 0.5) into an index list for the tiled passes. Otherwise
+   each program of step 2 finds its group's members in the targets itself (a prefix sum over at most
+   ``SMALL_MAX`` flags), one launch fewer per call.
 2. per family, ``_main_kernel`` over ``(group, row tile)``: a group of at most ``SMALL_MAX`` members
    is done entirely by one program (one Gram per side, on chip, in a tile of 16, 32, 64 or 128 rows;
    up to 64 members, each width chunk is loaded while the previous one is multiplied, ``LOAD_AHEAD``);
    a larger one gets its row tiles' squared norms. Each launch compiles only the tile sizes its
    groups can need (``MAX_P``, from the number of possible members), so that the registers of the
-   largest do not limit how many programs of a launch of small groups share an SM. The CD launch also writes the zero gradient of every row outside a group, so the
-   gradient buffer needs no separate fill.
+   largest do not limit how many programs of a launch of small groups share an SM. The CD launch
+   also writes the zero gradient of every row outside a group, so the gradient buffer needs no
+   separate fill.
 3. only when a family can hold groups larger than ``SMALL_MAX``, three passes over ``(group, row
    tile, column tile)`` that recompute their Gram tiles instead of storing them: ``_means_kernel``
    (distance sums), ``_stats_kernel`` (Huber and ``K`` sums), ``_grad_kernel`` (the gradient).
@@ -240,13 +244,27 @@ def _write_grad_ahead(S, s_m, s_d, G, g_m, rows_i, ok_i, rows_j, ok_j, w, rowsum
 
 
 @triton.jit
-def _small_group(S, T, s_m, s_d, t_m, t_d, G, g_m, members, P, loss_ptr, D, scale,
-                 ADD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, AHEAD: tl.constexpr):
-    """A whole group of at most BLOCK members: one Gram per side, then loss and gradient (``AHEAD``:
-    width chunks loaded one ahead, for block sizes whose registers have room for two chunks)."""
+def _member_rows(members, hit, rank, k, P, BLOCK: tl.constexpr, OWN: tl.constexpr):
+    """(rank r < BLOCK, its member row, r < P): from the member list, or (``OWN``) from this program's
+    own flags: the r-th member is the position k with a hit of rank r."""
     r = tl.arange(0, BLOCK)
     ok = r < P
-    rows = tl.load(members + r, mask=ok, other=0).to(tl.int64)
+    if OWN:
+        chosen = hit[None, :] & (rank[None, :] == r[:, None])
+        rows = tl.sum(tl.where(chosen, k[None, :], 0), axis=1).to(tl.int64)
+    else:
+        rows = tl.load(members + r, mask=ok, other=0).to(tl.int64)
+    return r, rows, ok
+
+
+@triton.jit
+def _small_group(S, T, s_m, s_d, t_m, t_d, G, g_m, members, hit, rank, k, P, loss_ptr, D, scale,
+                 ADD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, AHEAD: tl.constexpr,
+                 OWN: tl.constexpr):
+    """A whole group of at most BLOCK members: one Gram per side, then loss and gradient (``AHEAD``:
+    width chunks loaded one ahead, for block sizes whose registers have room for two chunks; ``OWN``:
+    members from the program's own flags, see ``_main_kernel``)."""
+    r, rows, ok = _member_rows(members, hit, rank, k, P, BLOCK, OWN)
     if AHEAD:
         gs, gt = _gram_ahead(S, T, s_m, s_d, t_m, t_d, rows, ok, rows, ok, D, BLOCK, BLOCK, BLOCK_D, True)
     else:
@@ -310,12 +328,27 @@ def _group(S, T, G, s_g, t_g, g_g, idx, cnt, N, norms, g):
 def _main_kernel(
     S, T, s_g, s_m, s_d, t_g, t_m, t_d, G, g_g, g_m,
     Y, y_g, y_m, idx, cnt, N, D, scale, loss_ptr, norms,
-    ZERO_OUTSIDE: tl.constexpr, ADD: tl.constexpr, AHEAD: tl.constexpr, MAX_P: tl.constexpr, LARGE: tl.constexpr, BD32: tl.constexpr,
+    ZERO_OUTSIDE: tl.constexpr, ADD: tl.constexpr, AHEAD: tl.constexpr, MAX_P: tl.constexpr, LARGE: tl.constexpr,
+    BD32: tl.constexpr, OWN: tl.constexpr, N_PAD: tl.constexpr,
     SMALL_MAX: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     g = tl.program_id(0)
     i = tl.program_id(1)
-    S_g, T_g, G_g, members, norms_g, P = _group(S, T, G, s_g, t_g, g_g, idx, cnt, N, norms, g)
+    if OWN:
+        # At most SMALL_MAX possible members: the program finds its group's members in the targets
+        # itself (their ranks by a prefix sum), so no member lists are written or read.
+        k = tl.arange(0, N_PAD)
+        flags = tl.load(Y + g.to(tl.int64) * y_g + k.to(tl.int64) * y_m, mask=k < N, other=0).to(tl.float32)
+        hit = (flags > 0.5) & (k < N)
+        rank = tl.cumsum(hit.to(tl.int32), axis=0) - 1
+        P = tl.sum(hit.to(tl.int32), axis=0)
+        g64 = g.to(tl.int64)
+        S_g, T_g, G_g, members, norms_g = S + g64 * s_g, T + g64 * t_g, G + g64 * g_g, idx, norms
+    else:
+        S_g, T_g, G_g, members, norms_g, P = _group(S, T, G, s_g, t_g, g_g, idx, cnt, N, norms, g)
+        k = tl.arange(0, 16)  # unused without OWN
+        hit = k < 0
+        rank = k
 
     if ZERO_OUTSIDE:
         # Rows i*TILE.. of this group's axis that are not in a group of two or more get zero gradient.
@@ -336,23 +369,23 @@ def _main_kernel(
             # size no group of this launch can reach (MAX_P) is not compiled, so that its registers do
             # not weigh on the others.
             if P <= 16:
-                _small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, P, loss_ptr + g, D, scale, ADD, 16, 64,
-                             AHEAD)
+                _small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr + g, D,
+                             scale, ADD, 16, 64, AHEAD, OWN)
             elif P <= 64:
                 if AHEAD:
                     if P <= 32:
                         if MAX_P >= 32:
-                            _small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, P, loss_ptr + g, D, scale,
-                                         ADD, 32, BD32, True)
+                            _small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P,
+                                         loss_ptr + g, D, scale, ADD, 32, BD32, True, OWN)
                     elif MAX_P >= 64:
-                        _small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, P, loss_ptr + g, D, scale,
-                                     ADD, 64, 16, True)
+                        _small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P,
+                                     loss_ptr + g, D, scale, ADD, 64, 16, True, OWN)
                 elif MAX_P >= 32:  # one chunk at a time (as before LOAD_AHEAD): 17-64 members in one size
-                    _small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, P, loss_ptr + g, D, scale, ADD,
-                                 64, 32, False)
+                    _small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr + g,
+                                 D, scale, ADD, 64, 32, False, OWN)
             elif MAX_P >= 128:
-                _small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, P, loss_ptr + g, D, scale, ADD,
-                             SMALL_MAX, 16, False)
+                _small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr + g, D,
+                             scale, ADD, SMALL_MAX, 16, False, OWN)
     if LARGE:
         _large_group_norms(S_g, T_g, s_m, s_d, t_m, t_d, members, norms_g, P, i, D, SMALL_MAX, TILE, BLOCK_D, AHEAD)
 
@@ -485,11 +518,11 @@ def _finalize_kernel(group_loss, C, B, out, lambda_cd, lambda_id, BLOCK: tl.cons
 
 
 def _run_family(es, et, grad, targets, idx, cnt, group_loss, groups_dim: int, scale: float, first: bool):
-    """All groups of one family; ``groups_dim`` is 1 for CD (groups are labels), 0 for ID."""
+    """All groups of one family; ``groups_dim`` is 1 for CD (groups are labels), 0 for ID. ``idx`` and
+    ``cnt``: the member lists, needed only when a group can exceed SMALL_MAX members (else None)."""
     members_dim = 1 - groups_dim
     n_groups, n_members, width = es.shape[groups_dim], es.shape[members_dim], es.shape[2]
     large = n_members > SMALL_MAX
-    norms = torch.empty(n_groups * n_members * 2 if large else 1, dtype=torch.float32, device=es.device)
     grid = (n_groups, triton.cdiv(n_members, TILE))
     # Large groups' tiles: 16-wide chunks when loaded ahead (registers, as for the 64-row small tile).
     common = dict(SMALL_MAX=SMALL_MAX, TILE=TILE, BLOCK_D=16 if LOAD_AHEAD else TILE_BLOCK_D, AHEAD=LOAD_AHEAD,
@@ -497,11 +530,15 @@ def _run_family(es, et, grad, targets, idx, cnt, group_loss, groups_dim: int, sc
     strides = (es.stride(groups_dim), es.stride(members_dim), es.stride(2),
                et.stride(groups_dim), et.stride(members_dim), et.stride(2))
     g_g, g_m = grad.stride(groups_dim), grad.stride(members_dim)
+    if large:
+        norms = torch.empty(n_groups * n_members * 2, dtype=torch.float32, device=es.device)
+    else:  # the pointers the kernel does not read without large groups: any tensor will do
+        idx = cnt = norms = group_loss
     _main_kernel[grid](
         es, et, *strides, grad, g_g, g_m, targets, targets.stride(groups_dim), targets.stride(members_dim),
         idx, cnt, n_members, width, scale, group_loss, norms, ZERO_OUTSIDE=first, ADD=not first,
         MAX_P=max(16, min(triton.next_power_of_2(n_members), SMALL_MAX)), LARGE=large, BD32=SMALL32_BLOCK_D,
-        **common,
+        OWN=not large, N_PAD=max(16, triton.next_power_of_2(n_members)) if not large else 16, **common,
     )
     if large:
         part1 = torch.empty(grid[0] * grid[1] * 2, dtype=torch.float32, device=es.device)
@@ -518,15 +555,16 @@ def led_forward(es: torch.Tensor, et: torch.Tensor, targets: torch.Tensor, lambd
     B, C, _ = es.shape
     device = es.device
     grad = torch.empty(es.shape, dtype=es.dtype, device=device)
-    lists = torch.empty(2 * B * C + B + C, dtype=torch.int32, device=device)
-    cd_idx, id_idx = lists[: B * C], lists[B * C : 2 * B * C]
-    cd_cnt, id_cnt = lists[2 * B * C : 2 * B * C + C], lists[2 * B * C + C :]
     group_loss = torch.empty(C + B, dtype=torch.float32, device=device)
     out = torch.empty(3, dtype=torch.float32, device=device)
-
-    block = min(MEMBERS_BLOCK, triton.next_power_of_2(max(B, C)))
-    _members_kernel[(C + B,)](targets, targets.stride(0), targets.stride(1), B, C, cd_idx, cd_cnt, id_idx, id_cnt,
-                              BLOCK=block)
+    cd_idx = cd_cnt = id_idx = id_cnt = None
+    if max(B, C) > SMALL_MAX:  # a family can hold large groups: member lists for the tiled passes
+        lists = torch.empty(2 * B * C + B + C, dtype=torch.int32, device=device)
+        cd_idx, id_idx = lists[: B * C], lists[B * C : 2 * B * C]
+        cd_cnt, id_cnt = lists[2 * B * C : 2 * B * C + C], lists[2 * B * C + C :]
+        block = min(MEMBERS_BLOCK, triton.next_power_of_2(max(B, C)))
+        _members_kernel[(C + B,)](targets, targets.stride(0), targets.stride(1), B, C, cd_idx, cd_cnt, id_idx,
+                                  id_cnt, BLOCK=block)
     _run_family(es, et, grad, targets, cd_idx, cd_cnt, group_loss[:C], 1, 2.0 * lambda_cd, first=True)
     _run_family(es, et, grad, targets, id_idx, id_cnt, group_loss[C:], 0, 2.0 * lambda_id, first=False)
     _finalize_kernel[(1,)](group_loss, C, B, out, lambda_cd, lambda_id, BLOCK=SUM_BLOCK)
