@@ -22,7 +22,8 @@
 #
 #   OUT=/path/to/results bash benchmarks/gpu_check.sh                  (default OUT: ./gpu-out)
 #   L2D_BENCH=full PHASE=bench ...                                     (every case; default: quick)
-#   L2D_PROFILE_WARPS=4,16 ...     (the kernel profile adds Triton LED rows at those warp counts)
+#   L2D_PROFILE_WARPS=4,16 ...     (the kernel profile adds Triton LED rows at those warp counts; default
+#                                   16, after the no-ahead rows; empty for none)
 #   DEADLINE=300 ...               (seconds: steps are cut short so that the phase ends by then; the
 #                                   report alone may run 30 s past it)
 #   L2D_CUDA_LED_WIDE=0 ...        (the check runs the CUDA LED kernel with its experimental one-tile
@@ -153,7 +154,7 @@ assert all(math.isfinite(r[k]) for k in ('teacher_map', 'vanilla_map', 'l2d_map'
 
 bench_all() {
     step profile "${L2D_PROFILE_LIMIT:-120}" $PY benchmarks/kernel_profile.py \
-        --triton-led-warps "${L2D_PROFILE_WARPS:-}" --cuda-led-tiled --triton-led-no-ahead --out "$OUT/profile-$card.md"
+        --triton-led-warps "${L2D_PROFILE_WARPS-16}" --cuda-led-tiled --triton-led-no-ahead --out "$OUT/profile-$card.md"
     # One pytest run per file, each writing its JSON as it ends, so a deadline cuts one file, not all.
     rm -rf build/bench && mkdir -p build/bench
     jsons=()
