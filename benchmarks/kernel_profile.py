@@ -18,6 +18,8 @@ shapes on a machine without a GPU: the benchmark suite's), it runs ``--calls`` c
 
 ``--triton-led-warps 4,16`` adds rows for the Triton LED kernels launched with those warp counts
 (backend ``triton/wN``), to see whether the default (``triton_led.NUM_WARPS``) is the right one.
+``--triton-led-no-ahead`` adds Triton LED rows with ``triton_led.LOAD_AHEAD`` off (backend
+``triton/no-ahead``: each width chunk loaded when it is used, as in the first H100 runs).
 ``--cuda-led-tiled`` adds CUDA LED rows with ``L2D_CUDA_LED_WIDE=0`` (backend ``cuda/tiled``: groups
 of 33 to 64 members in four passes over 32 x 32 tiles), to compare with the ``cuda`` rows, which
 follow the environment (the GPU check sets ``L2D_CUDA_LED_WIDE=1``: one 64 x 64 tile, two passes).
