@@ -1,6 +1,6 @@
 """The host cost of a fused call, without its kernels: what the Python path adds to every call.
 
-    python benchmarks/host_overhead.py [--calls 1000] [--out FILE]
+    python benchmarks/host_overhead.py [--calls 1000] [--out FILE] [--launchers]
 
 Runs on the CPU: the Triton backend is selected through its interpreter switch, and its launchers
 (``mld_forward``, ``led_forward``) are replaced by stubs that only allocate the outputs, so what is
@@ -8,6 +8,10 @@ timed is everything else a call does: input checks, backend choice, autograd and
 backward. On a GPU the same path runs before every launch; where kernels take a few microseconds
 (MLD at 64 x 80) it is the call's cost. Prints microseconds per forward + ``autograd.grad``, the
 fastest of five batches of calls.
+
+With ``--launchers`` it times the Triton launchers themselves at COCO's 64 x 80 (a narrow width: the
+host path does not depend on it): everything they do on the host, Triton's per-launch argument
+binding and kernel lookup included, with Triton's launch replaced just before the driver call.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ import os
 import sys
 import time
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# The stubbed calls select the Triton backend on CPU tensors through the interpreter; --launchers
+# needs Triton's compiled launch path (which it replaces before the driver call).
+os.environ.setdefault("TRITON_INTERPRET", "0" if "--launchers" in sys.argv else "1")
 
 import torch  # noqa: E402
 
@@ -31,6 +37,27 @@ def _stub_launchers() -> None:
         zs.new_zeros((), dtype=torch.float32), torch.empty_like(zs))
     triton_led.led_forward = lambda es, et, y, lambda_cd, lambda_id: (
         es.new_zeros(3, dtype=torch.float32), torch.empty_like(es))
+
+
+def _bind_only_launches() -> None:
+    """Replace Triton's launch by what its Python side does before the driver call: bind and
+    specialize the arguments and look up the compiled kernel's cache key (for an sm_90 target). What
+    is timed is then the launchers' own host path plus Triton's per-launch Python work."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime import jit
+
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    binders = {}
+
+    def run(self, *args, grid, warmup, **kwargs):
+        if self not in binders:
+            binders[self] = (jit.create_function_from_signature(self.signature, self.params, backend), {})
+        binder, key_cache = binders[self]
+        _, specialization, options = binder(*args, **dict(kwargs, debug=False))
+        jit.compute_cache_key(key_cache, specialization, options)
+
+    jit.JITFunction.run = run
 
 
 def _us_per_call(fn, calls: int, repeats: int = 5) -> float:
@@ -50,9 +77,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=1000, help="calls per batch (the fastest of 5 batches counts)")
     parser.add_argument("--out")
+    parser.add_argument("--launchers", action="store_true",
+                        help="time the Triton launchers themselves, with Triton's argument binding but no driver call")
     args = parser.parse_args(argv)
-    _stub_launchers()
     torch.set_num_threads(1)
+    if args.launchers:
+        return _launchers(args)
+    _stub_launchers()
     zs, zt = torch.randn(64, 80, requires_grad=True), torch.randn(64, 80)
     es, et = torch.randn(64, 80, 8, requires_grad=True), torch.randn(64, 80, 8)
     y = torch.rand(64, 80) < 0.1
@@ -63,6 +94,24 @@ def main(argv=None) -> int:
     }
     lines = [f"{name}: {_us_per_call(fn, args.calls):.1f} us" for name, fn in cases.items()]
     text = f"host path per call, launchers stubbed (torch {torch.__version__}, one CPU thread)\n" + "\n".join(lines) + "\n"
+    emit(text, args.out)
+    return 0
+
+
+def _launchers(args) -> int:
+    import triton
+
+    _bind_only_launches()
+    zs, zt = torch.randn(64, 80), torch.randn(64, 80)
+    es, et = torch.randn(64, 80, 8), torch.randn(64, 80, 8)
+    y = torch.rand(64, 80) < 0.1
+    cases = {
+        "mld_forward 64 x 80": lambda: triton_mld.mld_forward(zs, zt, "batchmean", 1e-8, 1.0),
+        "led_forward 64 x 80 (x 8)": lambda: triton_led.led_forward(es, et, y, 100.0, 1000.0),
+    }
+    lines = [f"{name}: {_us_per_call(fn, args.calls):.1f} us" for name, fn in cases.items()]
+    text = (f"Triton launchers per call, argument binding but no driver call (torch {torch.__version__}, "
+            f"Triton {triton.__version__}, one CPU thread)\n" + "\n".join(lines) + "\n")
     emit(text, args.out)
     return 0
 

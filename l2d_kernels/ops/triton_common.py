@@ -11,6 +11,16 @@ import triton.language as tl
 SUM_BLOCK = 1024
 
 
+# Launch geometry in plain Python: in Triton 3.6, triton.cdiv and triton.next_power_of_2 are
+# constexpr-function objects that cost several microseconds per host call, on every launch.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def on_input_device(launcher):
     """Run ``launcher(x, ...)`` with ``x``'s GPU as torch's current device.
 

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpreted
-from .triton_common import SUM_BLOCK, at_least, clamp, on_input_device, sum_vector
+from .triton_common import SUM_BLOCK, at_least, cdiv, clamp, next_power_of_2, on_input_device, sum_vector
 
 SMALL_MAX = 128
 TILE = 64
@@ -521,24 +521,25 @@ def _run_family(es, et, grad, targets, idx, cnt, group_loss, groups_dim: int, sc
     """All groups of one family; ``groups_dim`` is 1 for CD (groups are labels), 0 for ID. ``idx`` and
     ``cnt``: the member lists, needed only when a group can exceed SMALL_MAX members (else None)."""
     members_dim = 1 - groups_dim
-    n_groups, n_members, width = es.shape[groups_dim], es.shape[members_dim], es.shape[2]
+    shape = es.shape
+    n_groups, n_members, width = shape[groups_dim], shape[members_dim], shape[2]
     large = n_members > SMALL_MAX
-    grid = (n_groups, triton.cdiv(n_members, TILE))
+    grid = (n_groups, cdiv(n_members, TILE))
     # Large groups' tiles: 16-wide chunks when loaded ahead (registers, as for the 64-row small tile).
     common = dict(SMALL_MAX=SMALL_MAX, TILE=TILE, BLOCK_D=16 if LOAD_AHEAD else TILE_BLOCK_D, AHEAD=LOAD_AHEAD,
                   num_warps=NUM_WARPS)
-    strides = (es.stride(groups_dim), es.stride(members_dim), es.stride(2),
-               et.stride(groups_dim), et.stride(members_dim), et.stride(2))
-    g_g, g_m = grad.stride(groups_dim), grad.stride(members_dim)
+    s_str, t_str, g_str, y_str = es.stride(), et.stride(), grad.stride(), targets.stride()
+    strides = (s_str[groups_dim], s_str[members_dim], s_str[2], t_str[groups_dim], t_str[members_dim], t_str[2])
+    g_g, g_m = g_str[groups_dim], g_str[members_dim]
     if large:
         norms = torch.empty(n_groups * n_members * 2, dtype=torch.float32, device=es.device)
     else:  # the pointers the kernel does not read without large groups: any tensor will do
         idx = cnt = norms = group_loss
     _main_kernel[grid](
-        es, et, *strides, grad, g_g, g_m, targets, targets.stride(groups_dim), targets.stride(members_dim),
+        es, et, *strides, grad, g_g, g_m, targets, y_str[groups_dim], y_str[members_dim],
         idx, cnt, n_members, width, scale, group_loss, norms, ZERO_OUTSIDE=first, ADD=not first,
-        MAX_P=max(16, min(triton.next_power_of_2(n_members), SMALL_MAX)), LARGE=large, BD32=SMALL32_BLOCK_D,
-        OWN=not large, N_PAD=max(16, triton.next_power_of_2(n_members)) if not large else 16, **common,
+        MAX_P=max(16, min(next_power_of_2(n_members), SMALL_MAX)), LARGE=large, BD32=SMALL32_BLOCK_D,
+        OWN=not large, N_PAD=max(16, next_power_of_2(n_members)) if not large else 16, **common,
     )
     if large:
         part1 = torch.empty(grid[0] * grid[1] * 2, dtype=torch.float32, device=es.device)
@@ -562,7 +563,7 @@ def led_forward(es: torch.Tensor, et: torch.Tensor, targets: torch.Tensor, lambd
         lists = torch.empty(2 * B * C + B + C, dtype=torch.int32, device=device)
         cd_idx, id_idx = lists[: B * C], lists[B * C : 2 * B * C]
         cd_cnt, id_cnt = lists[2 * B * C : 2 * B * C + C], lists[2 * B * C + C :]
-        block = min(MEMBERS_BLOCK, triton.next_power_of_2(max(B, C)))
+        block = min(MEMBERS_BLOCK, next_power_of_2(max(B, C)))
         _members_kernel[(C + B,)](targets, targets.stride(0), targets.stride(1), B, C, cd_idx, cd_cnt, id_idx,
                                   id_cnt, BLOCK=block)
     _run_family(es, et, grad, targets, cd_idx, cd_cnt, group_loss[:C], 1, 2.0 * lambda_cd, first=True)

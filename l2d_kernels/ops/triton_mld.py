@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import clamp, finalize_sum, on_input_device
+from .triton_common import cdiv, clamp, finalize_sum, on_input_device
 
 BLOCK_B = 8
 BLOCK_C = 128
@@ -95,7 +95,7 @@ def mld_forward(zs: torch.Tensor, zt: torch.Tensor, reduction: str, eps: float, 
     """Launch the MLD kernel: returns (loss in float32, d loss / d zs in zs's dtype)."""
     B, C = zs.shape
     rows = ROWS_SMALL if B <= ROWS_SMALL else ROWS_LARGE
-    grid = (triton.cdiv(B, rows), triton.cdiv(C, BLOCK_C))
+    grid = (cdiv(B, rows), cdiv(C, BLOCK_C))
     scale = {"sum": 1.0, "batchmean": 1.0 / B, "mean": 1.0 / (B * C), "none": 1.0}[reduction]
     grad = torch.empty((B, C), dtype=zs.dtype, device=zs.device)
     per_label = reduction == "none"
