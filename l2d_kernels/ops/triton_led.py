@@ -17,10 +17,10 @@ rounding residue of about ``1e-7 |s|^2``, a spurious distance of ``3e-4 |s|`` in
 
 Launches, all on the device, none waiting for the host:
 
-1. only when a family can hold groups of more than ``SMALL_MAX`` members: ``_members_kernel``
+1. only for a family that can hold groups of more than ``SMALL_MAX`` members: ``_members_kernel``
    compacts each group's members (targets > 0.5) into an index list for the tiled passes. Otherwise
    each program of step 2 finds its group's members in the targets itself (a prefix sum over at most
-   ``SMALL_MAX`` flags), one launch fewer per call.
+   ``SMALL_MAX`` flags); with neither family needing lists, the call has one launch fewer.
 2. per family, ``_main_kernel`` over ``(group, row tile)``: a group of at most ``SMALL_MAX`` members
    is done entirely by one program (one Gram per side, on chip, in a tile of 16, 32, 64 or 128 rows;
    up to 64 members, each width chunk is loaded while the previous one is multiplied, ``LOAD_AHEAD``);
@@ -59,7 +59,6 @@ MEMBERS_BLOCK = 1024
 # launch; False loads one chunk at a time, groups of 17-64 members in one 64-row size and 64-row
 # tiles with 32-wide chunks, as in the first H100 runs.
 LOAD_AHEAD = True
-SMALL32_BLOCK_D = 16
 # Triton's CPU interpreter multiplies bfloat16 dot operands wrongly; there, the Gram runs in float32
 # (exact either way: bfloat16 products are exact in float32). Decided once, like triton.jit itself.
 _GRAM_IN_FP32 = tl.constexpr(triton_interpreted())
@@ -81,12 +80,15 @@ def _compact(flags_ptr, stride, n, out_ptr, count_ptr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _members_kernel(y_ptr, y_sb, y_sc, B, C, cd_idx, cd_cnt, id_idx, id_cnt, BLOCK: tl.constexpr):
+def _members_kernel(y_ptr, y_sb, y_sc, B, C, cd_idx, cd_cnt, id_idx, id_cnt,
+                    CD: tl.constexpr, ID: tl.constexpr, BLOCK: tl.constexpr):
+    """Member lists of the CD groups (programs 0..C-1, if ``CD``) and then of the ID groups (if ``ID``):
+    only the families whose groups can be large need them."""
     g = tl.program_id(0)
-    if g < C:
+    if CD and g < C:
         _compact(y_ptr + g.to(tl.int64) * y_sc, y_sb, B, cd_idx + g.to(tl.int64) * B, cd_cnt + g, BLOCK)
-    else:
-        b = g - C
+    elif ID:
+        b = g - C if CD else g
         _compact(y_ptr + b.to(tl.int64) * y_sb, y_sc, C, id_idx + b.to(tl.int64) * C, id_cnt + b, BLOCK)
 
 
@@ -126,19 +128,44 @@ def _dot_nt(a, b, acc):
 
 @triton.jit
 def _gram(S, T, s_m, s_d, t_m, t_d, rows_i, ok_i, rows_j, ok_j, D,
-          BI: tl.constexpr, BJ: tl.constexpr, BLOCK_D: tl.constexpr, SAME: tl.constexpr):
-    """Student and teacher Gram tiles, rows i x rows j (``SAME``: the j rows are the i rows)."""
+          BI: tl.constexpr, BJ: tl.constexpr, BLOCK_D: tl.constexpr, SAME: tl.constexpr, AHEAD: tl.constexpr):
+    """Student and teacher Gram tiles, rows i x rows j (``SAME``: the j rows are the i rows). With
+    ``AHEAD`` each width chunk's rows are loaded one chunk ahead, so that their memory latency passes
+    during the previous chunk's products (the same products in the same order); the load past the
+    last chunk is masked off entirely."""
     gs = tl.zeros((BI, BJ), dtype=tl.float32)
     gt = tl.zeros((BI, BJ), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        a = _load_rows(S, rows_i, ok_i, d0, D, s_m, s_d, BLOCK_D)
-        ta = _load_rows(T, rows_i, ok_i, d0, D, t_m, t_d, BLOCK_D)
-        if SAME:
-            gs = _dot_nt(a, a, gs)
-            gt = _dot_nt(ta, ta, gt)
-        else:
-            gs = _dot_nt(a, _load_rows(S, rows_j, ok_j, d0, D, s_m, s_d, BLOCK_D), gs)
-            gt = _dot_nt(ta, _load_rows(T, rows_j, ok_j, d0, D, t_m, t_d, BLOCK_D), gt)
+    if AHEAD:
+        a = _load_rows(S, rows_i, ok_i, 0, D, s_m, s_d, BLOCK_D)
+        ta = _load_rows(T, rows_i, ok_i, 0, D, t_m, t_d, BLOCK_D)
+        if not SAME:
+            b = _load_rows(S, rows_j, ok_j, 0, D, s_m, s_d, BLOCK_D)
+            tb = _load_rows(T, rows_j, ok_j, 0, D, t_m, t_d, BLOCK_D)
+        for d0 in range(0, D, BLOCK_D):
+            a_next = _load_rows(S, rows_i, ok_i, d0 + BLOCK_D, D, s_m, s_d, BLOCK_D)
+            ta_next = _load_rows(T, rows_i, ok_i, d0 + BLOCK_D, D, t_m, t_d, BLOCK_D)
+            if SAME:
+                gs = _dot_nt(a, a, gs)
+                gt = _dot_nt(ta, ta, gt)
+            else:
+                b_next = _load_rows(S, rows_j, ok_j, d0 + BLOCK_D, D, s_m, s_d, BLOCK_D)
+                tb_next = _load_rows(T, rows_j, ok_j, d0 + BLOCK_D, D, t_m, t_d, BLOCK_D)
+                gs = _dot_nt(a, b, gs)
+                gt = _dot_nt(ta, tb, gt)
+                b = b_next
+                tb = tb_next
+            a = a_next
+            ta = ta_next
+    else:
+        for d0 in range(0, D, BLOCK_D):
+            a = _load_rows(S, rows_i, ok_i, d0, D, s_m, s_d, BLOCK_D)
+            ta = _load_rows(T, rows_i, ok_i, d0, D, t_m, t_d, BLOCK_D)
+            if SAME:
+                gs = _dot_nt(a, a, gs)
+                gt = _dot_nt(ta, ta, gt)
+            else:
+                gs = _dot_nt(a, _load_rows(S, rows_j, ok_j, d0, D, s_m, s_d, BLOCK_D), gs)
+                gt = _dot_nt(ta, _load_rows(T, rows_j, ok_j, d0, D, t_m, t_d, BLOCK_D), gt)
     return gs, gt
 
 
@@ -166,81 +193,43 @@ def _pair_weights(x, ds, sq_s, pair, mu_s, k_sum, p_f, n_pairs):
 
 @triton.jit
 def _write_grad(S, s_m, s_d, G, g_m, rows_i, ok_i, rows_j, ok_j, w, rowsum, D, scale,
-                ADD: tl.constexpr, BLOCK_D: tl.constexpr, SAME: tl.constexpr = False):
-    """grad[rows_i] (+)= scale * (rowsum * S[rows_i] - w @ S[rows_j]), in width chunks (``SAME``: j is i)."""
-    for d0 in range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        si = _load_rows(S, rows_i, ok_i, d0, D, s_m, s_d, BLOCK_D).to(tl.float32)
-        if SAME:
-            sj = si
-        else:
-            sj = _load_rows(S, rows_j, ok_j, d0, D, s_m, s_d, BLOCK_D).to(tl.float32)
-        out = scale * (rowsum[:, None] * si - tl.dot(w, sj, input_precision="ieee"))
-        ptrs = G + rows_i[:, None] * g_m + dd[None, :]
-        mask = ok_i[:, None] & (dd < D)[None, :]
+                ADD: tl.constexpr, BLOCK_D: tl.constexpr, SAME: tl.constexpr, AHEAD: tl.constexpr):
+    """grad[rows_i] (+)= scale * (rowsum * S[rows_i] - w @ S[rows_j]), in width chunks (``SAME``: j is i;
+    ``AHEAD``: each chunk's rows, and adding the gradient so far, loaded one chunk ahead)."""
+    if AHEAD:
+        si = _load_rows(S, rows_i, ok_i, 0, D, s_m, s_d, BLOCK_D).to(tl.float32)
+        if not SAME:
+            sj = _load_rows(S, rows_j, ok_j, 0, D, s_m, s_d, BLOCK_D).to(tl.float32)
         if ADD:
-            out += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(ptrs, out.to(G.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _gram_ahead(S, T, s_m, s_d, t_m, t_d, rows_i, ok_i, rows_j, ok_j, D,
-                BI: tl.constexpr, BJ: tl.constexpr, BLOCK_D: tl.constexpr, SAME: tl.constexpr):
-    """``_gram`` with each width chunk's rows loaded one chunk ahead, so that their memory latency
-    passes during the previous chunk's products (the same products in the same order). The load past
-    the last chunk is masked off entirely."""
-    gs = tl.zeros((BI, BJ), dtype=tl.float32)
-    gt = tl.zeros((BI, BJ), dtype=tl.float32)
-    a = _load_rows(S, rows_i, ok_i, 0, D, s_m, s_d, BLOCK_D)
-    ta = _load_rows(T, rows_i, ok_i, 0, D, t_m, t_d, BLOCK_D)
-    if not SAME:
-        b = _load_rows(S, rows_j, ok_j, 0, D, s_m, s_d, BLOCK_D)
-        tb = _load_rows(T, rows_j, ok_j, 0, D, t_m, t_d, BLOCK_D)
+            g_cur = _load_rows(G, rows_i, ok_i, 0, D, g_m, 1, BLOCK_D).to(tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        a_next = _load_rows(S, rows_i, ok_i, d0 + BLOCK_D, D, s_m, s_d, BLOCK_D)
-        ta_next = _load_rows(T, rows_i, ok_i, d0 + BLOCK_D, D, t_m, t_d, BLOCK_D)
-        if SAME:
-            gs = _dot_nt(a, a, gs)
-            gt = _dot_nt(ta, ta, gt)
+        if AHEAD:
+            si_next = _load_rows(S, rows_i, ok_i, d0 + BLOCK_D, D, s_m, s_d, BLOCK_D).to(tl.float32)
+            if not SAME:
+                sj_next = _load_rows(S, rows_j, ok_j, d0 + BLOCK_D, D, s_m, s_d, BLOCK_D).to(tl.float32)
+            if ADD:
+                g_next = _load_rows(G, rows_i, ok_i, d0 + BLOCK_D, D, g_m, 1, BLOCK_D).to(tl.float32)
         else:
-            b_next = _load_rows(S, rows_j, ok_j, d0 + BLOCK_D, D, s_m, s_d, BLOCK_D)
-            tb_next = _load_rows(T, rows_j, ok_j, d0 + BLOCK_D, D, t_m, t_d, BLOCK_D)
-            gs = _dot_nt(a, b, gs)
-            gt = _dot_nt(ta, tb, gt)
-            b = b_next
-            tb = tb_next
-        a = a_next
-        ta = ta_next
-    return gs, gt
-
-
-@triton.jit
-def _write_grad_ahead(S, s_m, s_d, G, g_m, rows_i, ok_i, rows_j, ok_j, w, rowsum, D, scale,
-                      ADD: tl.constexpr, BLOCK_D: tl.constexpr, SAME: tl.constexpr):
-    """``_write_grad`` with each chunk's rows (and, adding, the gradient so far) loaded one chunk
-    ahead; the same arithmetic."""
-    si = _load_rows(S, rows_i, ok_i, 0, D, s_m, s_d, BLOCK_D).to(tl.float32)
-    if not SAME:
-        sj = _load_rows(S, rows_j, ok_j, 0, D, s_m, s_d, BLOCK_D).to(tl.float32)
-    if ADD:
-        g_cur = _load_rows(G, rows_i, ok_i, 0, D, g_m, 1, BLOCK_D).to(tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        si_next = _load_rows(S, rows_i, ok_i, d0 + BLOCK_D, D, s_m, s_d, BLOCK_D).to(tl.float32)
-        if ADD:
-            g_next = _load_rows(G, rows_i, ok_i, d0 + BLOCK_D, D, g_m, 1, BLOCK_D).to(tl.float32)
+            si = _load_rows(S, rows_i, ok_i, d0, D, s_m, s_d, BLOCK_D).to(tl.float32)
+            if not SAME:
+                sj = _load_rows(S, rows_j, ok_j, d0, D, s_m, s_d, BLOCK_D).to(tl.float32)
+            if ADD:
+                g_cur = _load_rows(G, rows_i, ok_i, d0, D, g_m, 1, BLOCK_D).to(tl.float32)
         if SAME:
             out = scale * (rowsum[:, None] * si - tl.dot(w, si, input_precision="ieee"))
         else:
-            sj_next = _load_rows(S, rows_j, ok_j, d0 + BLOCK_D, D, s_m, s_d, BLOCK_D).to(tl.float32)
             out = scale * (rowsum[:, None] * si - tl.dot(w, sj, input_precision="ieee"))
-            sj = sj_next
         if ADD:
             out += g_cur
-            g_cur = g_next
         dd = d0 + tl.arange(0, BLOCK_D)
         tl.store(G + rows_i[:, None] * g_m + dd[None, :], out.to(G.dtype.element_ty),
                  mask=ok_i[:, None] & (dd < D)[None, :])
-        si = si_next
+        if AHEAD:
+            si = si_next
+            if not SAME:
+                sj = sj_next
+            if ADD:
+                g_cur = g_next
 
 
 @triton.jit
@@ -265,10 +254,7 @@ def _small_group(S, T, s_m, s_d, t_m, t_d, G, g_m, members, hit, rank, k, P, los
     width chunks loaded one ahead, for block sizes whose registers have room for two chunks; ``OWN``:
     members from the program's own flags, see ``_main_kernel``)."""
     r, rows, ok = _member_rows(members, hit, rank, k, P, BLOCK, OWN)
-    if AHEAD:
-        gs, gt = _gram_ahead(S, T, s_m, s_d, t_m, t_d, rows, ok, rows, ok, D, BLOCK, BLOCK, BLOCK_D, True)
-    else:
-        gs, gt = _gram(S, T, s_m, s_d, t_m, t_d, rows, ok, rows, ok, D, BLOCK, BLOCK, BLOCK_D, True)
+    gs, gt = _gram(S, T, s_m, s_d, t_m, t_d, rows, ok, rows, ok, D, BLOCK, BLOCK, BLOCK_D, True, AHEAD)
     ns_col, ns_row = _diagonal(gs, BLOCK)
     nt_col, nt_row = _diagonal(gt, BLOCK)
     pair = ok[:, None] & ok[None, :] & (r[:, None] != r[None, :])
@@ -282,11 +268,7 @@ def _small_group(S, T, s_m, s_d, t_m, t_d, G, g_m, members, hit, rank, k, P, los
     tl.store(loss_ptr, _div(_sum2(tl.where(pair, _huber(x), 0.0)), p_f))
     k_sum = _sum2(tl.where(pair, clamp(x, -1.0, 1.0) * ds, 0.0))
     w = _pair_weights(x, ds, sq_s, pair, mu_s, k_sum, p_f, n_pairs)
-    if AHEAD:
-        _write_grad_ahead(S, s_m, s_d, G, g_m, rows, ok, rows, ok, w, tl.sum(w, axis=1), D, scale, ADD, BLOCK_D,
-                          True)
-    else:
-        _write_grad(S, s_m, s_d, G, g_m, rows, ok, rows, ok, w, tl.sum(w, axis=1), D, scale, ADD, BLOCK_D, True)
+    _write_grad(S, s_m, s_d, G, g_m, rows, ok, rows, ok, w, tl.sum(w, axis=1), D, scale, ADD, BLOCK_D, True, AHEAD)
 
 
 @triton.jit
@@ -303,10 +285,7 @@ def _tile_distances(S, T, s_m, s_d, t_m, t_d, members, norms, P, i, j, D, TILE: 
     """Distances of row tile i against column tile j of a large group, with their pair mask."""
     rank_i, ok_i, rows_i = _tile_rows(members, i, P, TILE)
     rank_j, ok_j, rows_j = _tile_rows(members, j, P, TILE)
-    if AHEAD:
-        gs, gt = _gram_ahead(S, T, s_m, s_d, t_m, t_d, rows_i, ok_i, rows_j, ok_j, D, TILE, TILE, BLOCK_D, False)
-    else:
-        gs, gt = _gram(S, T, s_m, s_d, t_m, t_d, rows_i, ok_i, rows_j, ok_j, D, TILE, TILE, BLOCK_D, False)
+    gs, gt = _gram(S, T, s_m, s_d, t_m, t_d, rows_i, ok_i, rows_j, ok_j, D, TILE, TILE, BLOCK_D, False, AHEAD)
     ns_i = tl.load(norms + 2 * rank_i, mask=ok_i, other=0.0)
     nt_i = tl.load(norms + 2 * rank_i + 1, mask=ok_i, other=0.0)
     ns_j = tl.load(norms + 2 * rank_j, mask=ok_j, other=0.0)
@@ -329,14 +308,14 @@ def _main_kernel(
     S, T, s_g, s_m, s_d, t_g, t_m, t_d, G, g_g, g_m,
     Y, y_g, y_m, idx, cnt, N, D, scale, loss_ptr, norms,
     ZERO_OUTSIDE: tl.constexpr, ADD: tl.constexpr, AHEAD: tl.constexpr, MAX_P: tl.constexpr, LARGE: tl.constexpr,
-    BD32: tl.constexpr, OWN: tl.constexpr, N_PAD: tl.constexpr,
+    N_PAD: tl.constexpr,
     SMALL_MAX: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     g = tl.program_id(0)
     i = tl.program_id(1)
-    if OWN:
+    if not LARGE:
         # At most SMALL_MAX possible members: the program finds its group's members in the targets
-        # itself (their ranks by a prefix sum), so no member lists are written or read.
+        # itself (their ranks by a prefix sum over N_PAD flags), so no member lists exist.
         k = tl.arange(0, N_PAD)
         flags = tl.load(Y + g.to(tl.int64) * y_g + k.to(tl.int64) * y_m, mask=k < N, other=0).to(tl.float32)
         hit = (flags > 0.5) & (k < N)
@@ -346,7 +325,7 @@ def _main_kernel(
         S_g, T_g, G_g, members, norms_g = S + g64 * s_g, T + g64 * t_g, G + g64 * g_g, idx, norms
     else:
         S_g, T_g, G_g, members, norms_g, P = _group(S, T, G, s_g, t_g, g_g, idx, cnt, N, norms, g)
-        k = tl.arange(0, 16)  # unused without OWN
+        k = tl.arange(0, 16)  # unused with member lists
         hit = k < 0
         rank = k
 
@@ -370,22 +349,22 @@ def _main_kernel(
             # not weigh on the others.
             if P <= 16:
                 _small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr + g, D,
-                             scale, ADD, 16, 64, AHEAD, OWN)
+                             scale, ADD, 16, 64, AHEAD, not LARGE)
             elif P <= 64:
                 if AHEAD:
                     if P <= 32:
                         if MAX_P >= 32:
                             _small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P,
-                                         loss_ptr + g, D, scale, ADD, 32, BD32, True, OWN)
+                                         loss_ptr + g, D, scale, ADD, 32, 16, True, not LARGE)
                     elif MAX_P >= 64:
                         _small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P,
-                                     loss_ptr + g, D, scale, ADD, 64, 16, True, OWN)
+                                     loss_ptr + g, D, scale, ADD, 64, 16, True, not LARGE)
                 elif MAX_P >= 32:  # one chunk at a time (as before LOAD_AHEAD): 17-64 members in one size
                     _small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr + g,
-                                 D, scale, ADD, 64, 32, False, OWN)
+                                 D, scale, ADD, 64, 32, False, not LARGE)
             elif MAX_P >= 128:
                 _small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr + g, D,
-                             scale, ADD, SMALL_MAX, 16, False, OWN)
+                             scale, ADD, SMALL_MAX, 16, False, not LARGE)
     if LARGE:
         _large_group_norms(S_g, T_g, s_m, s_d, t_m, t_d, members, norms_g, P, i, D, SMALL_MAX, TILE, BLOCK_D, AHEAD)
 
@@ -396,10 +375,7 @@ def _large_group_norms(S_g, T_g, s_m, s_d, t_m, t_d, members, norms_g, P, i, D,
     """A large group's squared norms, row tile i (the tiled passes read them)."""
     if (P > SMALL_MAX) & (i * TILE < P):
         rank, ok, rows = _tile_rows(members, i, P, TILE)
-        if AHEAD:
-            gs, gt = _gram_ahead(S_g, T_g, s_m, s_d, t_m, t_d, rows, ok, rows, ok, D, TILE, TILE, BLOCK_D, True)
-        else:
-            gs, gt = _gram(S_g, T_g, s_m, s_d, t_m, t_d, rows, ok, rows, ok, D, TILE, TILE, BLOCK_D, True)
+        gs, gt = _gram(S_g, T_g, s_m, s_d, t_m, t_d, rows, ok, rows, ok, D, TILE, TILE, BLOCK_D, True, AHEAD)
         ns, _ = _diagonal(gs, TILE)
         nt, _ = _diagonal(gt, TILE)
         tl.store(norms_g + 2 * rank, ns, mask=ok)
@@ -493,19 +469,12 @@ def _grad_kernel(
             sq_s, ds, dt, pair, ok_i, rows_i, ok_j, rows_j = _tile_distances(
                 S_g, T_g, s_m, s_d, t_m, t_d, members, norms_g, P, i, j, D, TILE, BLOCK_D, AHEAD)
             w = _pair_weights(_div(ds, mu_s) - _div(dt, mu_t), ds, sq_s, pair, mu_s, k_sum, p_f, n_pairs)
-            if AHEAD:
-                if j == 0:
-                    _write_grad_ahead(S_g, s_m, s_d, G_g, g_m, rows_i, ok_i, rows_j, ok_j, w, tl.sum(w, axis=1), D,
-                                      scale, ADD, BLOCK_D, False)
-                else:
-                    _write_grad_ahead(S_g, s_m, s_d, G_g, g_m, rows_i, ok_i, rows_j, ok_j, w, tl.sum(w, axis=1), D,
-                                      scale, True, BLOCK_D, False)
-            elif j == 0:
+            if j == 0:
                 _write_grad(S_g, s_m, s_d, G_g, g_m, rows_i, ok_i, rows_j, ok_j, w, tl.sum(w, axis=1), D, scale,
-                            ADD, BLOCK_D)
+                            ADD, BLOCK_D, False, AHEAD)
             else:
                 _write_grad(S_g, s_m, s_d, G_g, g_m, rows_i, ok_i, rows_j, ok_j, w, tl.sum(w, axis=1), D, scale,
-                            True, BLOCK_D)
+                            True, BLOCK_D, False, AHEAD)
 
 
 @triton.jit
@@ -538,8 +507,8 @@ def _run_family(es, et, grad, targets, idx, cnt, group_loss, groups_dim: int, sc
     _main_kernel[grid](
         es, et, *strides, grad, g_g, g_m, targets, y_str[groups_dim], y_str[members_dim],
         idx, cnt, n_members, width, scale, group_loss, norms, ZERO_OUTSIDE=first, ADD=not first,
-        MAX_P=max(16, min(next_power_of_2(n_members), SMALL_MAX)), LARGE=large, BD32=SMALL32_BLOCK_D,
-        OWN=not large, N_PAD=max(16, next_power_of_2(n_members)) if not large else 16, **common,
+        MAX_P=max(16, min(next_power_of_2(n_members), SMALL_MAX)), LARGE=large,
+        N_PAD=16 if large else max(16, next_power_of_2(n_members)), **common,
     )
     if large:
         part1 = torch.empty(grid[0] * grid[1] * 2, dtype=torch.float32, device=es.device)
@@ -559,13 +528,14 @@ def led_forward(es: torch.Tensor, et: torch.Tensor, targets: torch.Tensor, lambd
     group_loss = torch.empty(C + B, dtype=torch.float32, device=device)
     out = torch.empty(3, dtype=torch.float32, device=device)
     cd_idx = cd_cnt = id_idx = id_cnt = None
-    if max(B, C) > SMALL_MAX:  # a family can hold large groups: member lists for the tiled passes
+    cd_lists, id_lists = B > SMALL_MAX, C > SMALL_MAX  # a family whose groups can be large: member lists
+    if cd_lists or id_lists:
         lists = torch.empty(2 * B * C + B + C, dtype=torch.int32, device=device)
         cd_idx, id_idx = lists[: B * C], lists[B * C : 2 * B * C]
         cd_cnt, id_cnt = lists[2 * B * C : 2 * B * C + C], lists[2 * B * C + C :]
-        block = min(MEMBERS_BLOCK, next_power_of_2(max(B, C)))
-        _members_kernel[(C + B,)](targets, targets.stride(0), targets.stride(1), B, C, cd_idx, cd_cnt, id_idx,
-                                  id_cnt, BLOCK=block)
+        _members_kernel[(C * cd_lists + B * id_lists,)](
+            targets, targets.stride(0), targets.stride(1), B, C, cd_idx, cd_cnt, id_idx, id_cnt,
+            CD=cd_lists, ID=id_lists, BLOCK=min(MEMBERS_BLOCK, next_power_of_2(max(B, C))))
     _run_family(es, et, grad, targets, cd_idx, cd_cnt, group_loss[:C], 1, 2.0 * lambda_cd, first=True)
     _run_family(es, et, grad, targets, id_idx, id_cnt, group_loss[C:], 0, 2.0 * lambda_id, first=False)
     _finalize_kernel[(1,)](group_loss, C, B, out, lambda_cd, lambda_id, BLOCK=SUM_BLOCK)
