@@ -123,28 +123,18 @@ def launch_costs(device: str = "cuda", calls: int = 2000) -> str:
             f"one PyTorch elementwise op {torch_op:.1f} us.\n")
 
 
-@contextlib.contextmanager
 def _triton_led_warps(warps):
-    """The Triton LED kernels launched with ``warps`` warps inside."""
+    """The Triton LED kernels launched with ``warps`` warps inside (NUM_WARPS is read at each launch)."""
     from l2d_kernels.ops import triton_led
 
-    default, triton_led.NUM_WARPS = triton_led.NUM_WARPS, warps  # read at each launch
-    try:
-        yield
-    finally:
-        triton_led.NUM_WARPS = default
+    return mock.patch.object(triton_led, "NUM_WARPS", warps)
 
 
-@contextlib.contextmanager
 def _triton_led_one_chunk_at_a_time():
     """The Triton LED kernels as before width chunks were loaded one ahead (LOAD_AHEAD, read at each launch)."""
     from l2d_kernels.ops import triton_led
 
-    default, triton_led.LOAD_AHEAD = triton_led.LOAD_AHEAD, False
-    try:
-        yield
-    finally:
-        triton_led.LOAD_AHEAD = default
+    return mock.patch.object(triton_led, "LOAD_AHEAD", False)
 
 
 def _cuda_led_tiled():
