@@ -1,0 +1,65 @@
+"""Build csrc/'s kernels and host code for the CPU emulator (see emu.h) as the operators
+``torch.ops.l2d_emu.mld`` and ``torch.ops.l2d_emu.led`` on CPU tensors.
+
+    python tests/cuda_emu/build.py     # builds (or reuses) and loads; prints where
+
+The sources are copied with two rewrites the host compiler needs, and nothing else changed:
+``kernel<<<grid, block, shm, stream>>>(args)`` becomes ``::l2d_emu::launch(kernel, grid, block, shm,
+stream)(args)``, and the host code's ``is_cuda()`` input checks accept CPU tensors. The build goes
+to ``build/cuda-emu`` under the repository and is reused while sources and flags are unchanged.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import sys
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+CSRC = ROOT / "csrc"
+KERNEL_SOURCES = ["mld.cu", "led.cu"]
+LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;()]*>)?)<<<(.*?)>>>\(", re.S)
+
+
+def rewrite(source: str) -> str:
+    """The two rewrites (see the module docstring); raises if a file has neither launch nor check,
+    which would mean this script no longer matches the sources."""
+    out, n_launches = LAUNCH.subn(r"::l2d_emu::launch(\1, \2)(", source)
+    out, n_checks = re.subn(r"\.is_cuda\(\)", ".is_cpu()", out)
+    if n_launches == 0 or n_checks == 0:
+        raise RuntimeError("no kernel launch or no is_cuda() check found to rewrite")
+    return out
+
+
+def build(verbose: bool = False):
+    """Build (or reuse) the emulated extension and load it; returns ``torch.ops.l2d_emu``."""
+    import torch
+    from torch.utils import cpp_extension
+
+    out_dir = ROOT / "build" / "cuda-emu"
+    src_dir = out_dir / "src"
+    src_dir.mkdir(parents=True, exist_ok=True)
+    sources = []
+    for name in KERNEL_SOURCES:
+        target = src_dir / (pathlib.Path(name).stem + ".cpp")
+        text = rewrite((CSRC / name).read_text())
+        if not target.exists() or target.read_text() != text:  # keep mtimes stable for the cache
+            target.write_text(text)
+        sources.append(str(target))
+    sources += [str(HERE / "register.cpp"), str(HERE / "selftest.cpp")]
+    cpp_extension.load(
+        name="l2d_emu",
+        sources=sources,
+        extra_include_paths=[str(HERE / "shim"), str(CSRC)],
+        extra_cflags=["-O1", "-include", str(HERE / "emu.h"), "-Wno-unused-function"],
+        build_directory=str(out_dir),
+        is_python_module=False,
+        verbose=verbose,
+    )
+    return torch.ops.l2d_emu
+
+
+if __name__ == "__main__":
+    ops = build(verbose="-v" in sys.argv)
+    print("built and loaded:", ops.mld, ops.led)

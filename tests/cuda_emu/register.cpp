@@ -1,0 +1,15 @@
+// The emulated CUDA operators, on the CPU: l2d_emu::mld and l2d_emu::led run csrc/'s host code and
+// kernels (compiled for the host with emu.h) on CPU tensors.
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY(l2d_emu, m) {
+  m.def("mld(Tensor zs, Tensor zt, str reduction, float eps, float temperature) -> (Tensor, Tensor)");
+  m.def("led(Tensor es, Tensor et, Tensor targets, float lambda_cd, float lambda_id) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(l2d_emu, CPU, m) {
+  m.impl("mld", &l2d::mld_cuda);
+  m.impl("led", &l2d::led_cuda);
+}

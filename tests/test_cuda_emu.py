@@ -1,0 +1,174 @@
+"""The CUDA kernels of csrc/ in the CPU emulator (tests/cuda_emu): the emulator itself, then every
+path of the LED kernel (each group size class, both families, every dtype, the one-tile path of
+33-64 members on and off) against SPEC's float64 formulas, and bitwise equal results under three
+orders of running a block's threads, so that a shared-memory read that lacks its barrier shows.
+
+The API suite (test_api.py, test_nn.py) runs on the emulated CUDA backend too; this file covers what
+its small shapes do not reach. None of it replaces the GPU check: the emulator runs the kernels'
+arithmetic and indexing, not the hardware's memory model or speed.
+"""
+
+import pytest
+import torch
+
+import oracle
+from cuda_emu import backend as emulated_cuda
+from helpers import embeddings, half_tol, logits, rel_err
+from l2d_kernels import reference
+
+pytestmark = pytest.mark.skipif(not emulated_cuda.wanted(), reason="a GPU is present (the real kernels are "
+                                "tested) or no C++ compiler for the emulator")
+
+ORDERS = [(0, 0), (1, 0), (2, 7)]  # by thread index, reversed, a random permutation every round
+
+
+@pytest.fixture(scope="module")
+def ops():
+    emulated = emulated_cuda.ops()
+    yield emulated
+    emulated.set_order(0, 0)
+
+
+def test_emulator_runs_block_level_code(ops):
+    out = ops.selftest("sums")
+    n = 256
+    assert out[0].item() == n * (n - 1) / 2  # block_sum over the thread indices
+    prefix = torch.arange(n).cumsum(0) - torch.arange(n)  # exclusive scan of the last block (index 1)
+    assert torch.equal(out[1:n + 1], (prefix + n * (n - 1) // 2).float())
+
+
+@pytest.mark.parametrize("name, message", [
+    ("divergent_barrier", "__syncthreads reached by 128 threads while 128 had returned"),
+    ("partial_shuffle", "a shuffle reached by only some of its lanes"),
+])
+def test_emulator_stops_where_a_gpu_would_hang(ops, name, message):
+    with pytest.raises(RuntimeError, match=message):
+        ops.selftest(name)
+
+
+def test_emulator_orders_expose_a_missing_barrier(ops):
+    results = []
+    for order, seed in ORDERS:
+        ops.set_order(order, seed)
+        results.append(ops.selftest("missing_barrier"))
+    ops.set_order(0, 0)
+    assert not torch.equal(results[0], results[1]) and not torch.equal(results[0], results[2])
+
+
+def _led(ops, es, et, y, lambda_cd=100.0, lambda_id=1000.0, wide=None, monkeypatch=None):
+    if wide is not None:
+        monkeypatch.setenv("L2D_CUDA_LED_WIDE", "1" if wide else "0")
+    losses, grad = ops.led(es, et, y, lambda_cd, lambda_id)
+    return losses, grad
+
+
+def _check_fp32(losses, grad, es, et, y, lambda_cd=100.0, lambda_id=1000.0, tol=1e-4):
+    n = lambda t: t.detach().double().numpy()  # noqa: E731
+    w_total, w_cd, w_id, w_grad = oracle.led(n(es), n(et), n(y), lambda_cd, lambda_id)
+    assert rel_err(losses[0], w_total) < tol
+    assert abs(losses[1].item() - w_cd) <= tol * abs(w_cd) + 1e-12
+    assert abs(losses[2].item() - w_id) <= tol * abs(w_id) + 1e-12
+    assert rel_err(grad, w_grad) < tol
+
+
+def _ragged_targets(members: int, transpose: bool):
+    """Groups of 0, 1, 2, 9, 31, 32, 33, 40, 64, 65 and 70 members (as far as ``members`` allows):
+    every size class of both paths, with CD groups (or ID groups when transposed)."""
+    sizes = torch.tensor([s for s in (0, 1, 2, 9, 31, 32, 33, 40, 64, 65, 70) if s <= members])
+    y = torch.arange(members)[:, None] < sizes[None, :]
+    return y.T.contiguous() if transpose else y
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["tiled", "one-tile-33-64"])
+@pytest.mark.parametrize("transpose", [False, True], ids=["cd-groups", "id-groups"])
+def test_led_every_group_size_class(ops, monkeypatch, wide, transpose):
+    """A width of 40 leaves a partial last 32-wide chunk; groups above 64 members take the four-pass
+    tiled path whatever the one-tile setting."""
+    y = _ragged_targets(70, transpose)
+    es, et, _ = embeddings(*y.shape, 40, seed=13)
+    es, et = es.float(), et.float()
+    losses, grad = _led(ops, es, et, y, wide=wide, monkeypatch=monkeypatch)
+    _check_fp32(losses, grad, es, et, y)
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["tiled", "one-tile-33-64"])
+@pytest.mark.parametrize("transpose", [False, True], ids=["cd-groups", "id-groups"])
+@pytest.mark.parametrize("order, seed", ORDERS[1:], ids=["reversed", "random"])
+def test_led_results_do_not_depend_on_thread_order(ops, monkeypatch, wide, transpose, order, seed):
+    y = _ragged_targets(70, transpose)
+    es, et, _ = embeddings(*y.shape, 36, seed=3)
+    es, et = es.float(), et.float()
+    ops.set_order(0, 0)
+    base = _led(ops, es, et, y, wide=wide, monkeypatch=monkeypatch)
+    ops.set_order(order, seed)
+    try:
+        other = _led(ops, es, et, y)
+    finally:
+        ops.set_order(0, 0)
+    assert torch.equal(base[0], other[0]) and torch.equal(base[1], other[1])
+
+
+def test_led_one_tile_and_tiled_paths_agree(ops, monkeypatch):
+    """Groups of 33-64 members: the one-tile path's Gram entries are the tiled path's fmaf chains in
+    the same width order, so the two differ only in the order of their sums."""
+    es, et, y = embeddings(48, 3, 40, density=0.9, seed=5)
+    es, et = es.float(), et.float()
+    tiled = _led(ops, es, et, y, wide=False, monkeypatch=monkeypatch)
+    one_tile = _led(ops, es, et, y, wide=True, monkeypatch=monkeypatch)
+    _check_fp32(*one_tile, es, et, y)
+    assert rel_err(one_tile[0], tiled[0].double()) < 1e-6 and rel_err(one_tile[1], tiled[1].double()) < 1e-6
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["tiled", "one-tile-33-64"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_led_half_precision_large_groups(ops, monkeypatch, wide, dtype):
+    """Groups of 33-64 and above 64 members at half precision: the tiled path adds each column tile's
+    part in the gradient's dtype; the error stays within twice eager PyTorch's at the same dtype."""
+    y = _ragged_targets(70, False)
+    es, et, _ = embeddings(*y.shape, 24, dtype=dtype, seed=12)
+    n = lambda t: t.detach().double().numpy()  # noqa: E731
+    w_total, _, _, w_grad = oracle.led(n(es), n(et), n(y))
+    losses, grad = _led(ops, es, et, y, wide=wide, monkeypatch=monkeypatch)
+    eager_x = es.clone().requires_grad_()
+    eager = reference.led_vectorized(eager_x, et, y)
+    eager.backward()
+    assert grad.dtype == dtype
+    assert rel_err(losses[0], w_total) <= half_tol(rel_err(eager, w_total), dtype)
+    assert rel_err(grad, w_grad) <= half_tol(rel_err(eager_x.grad, w_grad), dtype)
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["tiled", "one-tile-33-64"])
+def test_led_duplicate_rows_in_large_groups_stay_finite(ops, monkeypatch, wide):
+    es, et, y = embeddings(70, 2, 16, density=1.0, seed=9)
+    es, et = es.float(), et.float()
+    y[40:, 1] = False  # a 70-member and a 40-member group
+    es[5] = es[3]
+    es[17] = es[3]
+    et[9] = et[2]
+    losses, grad = _led(ops, es, et, y, wide=wide, monkeypatch=monkeypatch)
+    assert torch.isfinite(losses).all() and torch.isfinite(grad).all()
+    _check_fp32(losses, grad, es, et, y)
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["tiled", "one-tile-33-64"])
+def test_led_nan_reaches_only_its_groups(ops, monkeypatch, wide):
+    y = _ragged_targets(70, False)
+    es, et, _ = embeddings(*y.shape, 12, seed=2)
+    es, et = es.float(), et.float()
+    es[3, 8, 5] = float("nan")  # a member of column 8's group (40 members) and of image 3's group
+    losses, grad = _led(ops, es, et, y, wide=wide, monkeypatch=monkeypatch)
+    assert torch.isnan(losses[0]) and torch.isnan(grad[:40, 8]).all() and torch.isnan(grad[3, y[3]]).all()
+    untouched = torch.ones_like(y)
+    untouched[:, 8] = False
+    untouched[3] = False
+    assert torch.isfinite(grad[untouched]).all()
+
+
+def test_mld_grid_stride_loop_over_more_than_1024_blocks(ops):
+    """At more than 1024 x 256 labels each thread of the capped grid takes several labels, and the
+    per-block partial sums are added by one block."""
+    zs, zt = logits(1031, 256, seed=4)
+    zs, zt = zs.float(), zt.float()
+    loss, grad = ops.mld(zs, zt, "batchmean", 1e-8, 1.0)
+    w_loss, w_grad = oracle.mld(zs.double().numpy(), zt.double().numpy(), "batchmean")
+    assert rel_err(loss, w_loss) < 1e-5 and rel_err(grad, w_grad) < 1e-5
