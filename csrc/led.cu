@@ -3,23 +3,31 @@
 //
 // Launches: members_kernel compacts each group's members from the targets; group_kernel runs once
 // per family (CD writes the gradient, zeroing every row outside a group; ID adds into it), and
-// finalize_kernel adds the group losses. A block walks its group in 32 x 32 tiles of the Gram
-// matrix, recomputing tiles rather than storing them: a group of at most 32 members takes one
-// Gram and one gradient pass; a larger one takes four passes (norms, means, Huber and K sums,
-// gradient). Every sum runs in a fixed order and no float atomics are used: results are bitwise
-// reproducible. Squared norms are the Gram's own diagonal, so identical rows are exactly 0 apart.
+// finalize_kernel adds the group losses. Every sum runs in a fixed order and no float atomics are
+// used: results are bitwise reproducible. Squared norms are the Gram's own diagonal, so identical
+// rows are exactly 0 apart.
 //
-// Experimental, off unless L2D_CUDA_LED_WIDE=1 is set when the op is called: a group of 33 to 64
-// members (COCO's largest at a batch of 64) in one 64 x 64 tile, one Gram pass and one gradient pass
-// instead of four passes over four tiles (wide_group). It has not run on a GPU yet: it stays off
-// until the GPU check (which turns it on) has passed with it.
+// A group of at most 64 members is one tile (one_tile_group, T = 16, 32 or 64 rows by its size):
+// one pass over the width builds both Gram matrices in registers, the distances, means, Huber and K
+// sums and pair weights stay on chip, and a second pass writes the gradient. Width chunks are read
+// into registers one chunk ahead of the arithmetic, so their memory latency hides behind the
+// previous chunk's products; chunks sit in shared memory transposed (member fastest), so that each
+// thread reads four members' values with one 16-byte load. Smaller tiles take wider chunks and split
+// the width among groups of threads (kSlices), whose partial Grams are then added in a fixed order:
+// every tile size has 16 Gram entries per thread per slice and 8 chunk values per thread per input.
+// A larger group takes the tiled path (Group): 32 x 32 tiles of the Gram recomputed in four passes
+// (norms, means, Huber and K sums, gradient) by one block; it is slow for groups of hundreds, where
+// "auto" prefers the Triton backend (l2d_kernels/backends.py).
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cub/block/block_scan.cuh>
-#include <cstdlib>
+#include <cuda_runtime.h>
 #include <torch/library.h>
+
+#include <algorithm>
 
 #include "common.cuh"
 #include "ops.h"
@@ -27,14 +35,22 @@
 namespace l2d {
 namespace {
 
-constexpr int kTile = 32;   // members per tile (rows and columns of a Gram tile)
-constexpr int kChunk = 32;  // embedding width per shared-memory chunk
-constexpr int kWide = 64;   // members of the one-tile path for groups above kTile (wide_group)
+constexpr int kTile = 32;     // tiled path: members per tile (rows and columns of a Gram tile)
+constexpr int kChunk = 32;    // tiled path: embedding width per shared-memory chunk
+constexpr int kOneTile = 64;  // the largest group of the one-tile path
 constexpr float kDistEps = 1e-12f;
 
+// One block per group (CD groups first, then ID groups): the group's members in order, its size, and
+// for a group of two or more its index in its family's list of active groups (an integer atomic: the
+// lists' order varies, each group's arithmetic does not). A group of fewer than two has loss 0 here.
+// CD blocks also write zero into the gradient rows of their label outside the group (all of them
+// when it has fewer than two members), so that every row is written once before ID adds into it.
+template <typename TG>
 __global__ void members_kernel(const bool* __restrict__ pos, int64_t y_sb, int64_t y_sc, int64_t B, int64_t C,
                                int* __restrict__ cd_idx, int* __restrict__ cd_cnt, int* __restrict__ id_idx,
-                               int* __restrict__ id_cnt) {
+                               int* __restrict__ id_cnt, int* __restrict__ n_active, int* __restrict__ active,
+                               float* __restrict__ group_loss, TG* __restrict__ grad, int64_t g_sb, int64_t g_sc,
+                               int64_t D) {
   using Scan = cub::BlockScan<int, kThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
   __shared__ int running;
@@ -56,17 +72,31 @@ __global__ void members_kernel(const bool* __restrict__ pos, int64_t y_sb, int64
     if (threadIdx.x == 0) running += total;
     __syncthreads();
   }
-  if (threadIdx.x == 0) (cd ? cd_cnt[g] : id_cnt[g - C]) = running;
+  const int P = running;
+  if (threadIdx.x == 0) {
+    (cd ? cd_cnt[g] : id_cnt[g - C]) = P;
+    if (P >= 2)
+      active[(cd ? 0 : C) + atomicAdd(n_active + (cd ? 0 : 1), 1)] = static_cast<int>(cd ? g : g - C);
+    else
+      group_loss[g] = 0.f;
+  }
+  if (cd) {
+    const TG zero = from_float<TG>(0.f);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int64_t m = warp; m < B; m += kThreads / 32) {
+      if (P >= 2 && flags[m * stride]) continue;
+      TG* row = grad + m * g_sb + g * g_sc;
+      for (int64_t d = lane; d < D; d += 32) row[d] = zero;
+    }
+  }
 }
 
 struct FamilyArgs {
   int64_t s_g, s_m, s_d, t_g, t_m, t_d;  // strides of the student and teacher embeddings
   int64_t g_g, g_m;                      // strides of the gradient (width stride 1)
-  int64_t y_g, y_m;                      // strides of the positive mask
   int64_t n_members, width;
   float scale;                           // 2 lambda
-  bool zero_outside, add;
-  bool wide;                             // groups of kTile < P <= kWide take wide_group
+  bool add;                              // ID adds into the gradient CD wrote
 };
 
 struct Shared {
@@ -78,17 +108,32 @@ struct Shared {
   float reduce[kThreads / 32];
 };
 
-struct WideShared {
-  float s[kWide][kChunk + 1], t[kWide][kChunk + 1];  // a width chunk of every member row
-  float w[kWide][kWide + 1];                         // pair weights
-  float ns[kWide], nt[kWide], rowsum[kWide];
-  int rows[kWide];
+// Sizes of the one-tile path for tiles of T members (T = 16, 32, 64).
+template <int T>
+struct OneTile {
+  static constexpr int kPad = T + 4;                        // row length of a transposed chunk (16-byte rows)
+  static constexpr int kWidth = 2048 / T;                   // widths per chunk: 128, 64, 32
+  static constexpr int kSlices = 4096 / (T * T);            // Gram: width slices of a chunk: 16, 4, 1
+  static constexpr int kSliceThreads = kThreads / kSlices;  // (T / 4)^2 threads, 4 x 4 entries each
+  static constexpr int kEntries = T * T / kThreads;         // Gram entries per thread once added: 1, 4, 16
+  static constexpr int kLoads = T * kWidth / kThreads;      // chunk values per thread and input: 8
+  static constexpr int kRowThreads = kThreads / T;          // gradient: threads per member row
+  static constexpr int kCols = kWidth / kRowThreads;        // gradient: widths per thread: 8
+  static_assert(kSliceThreads * 16 == T * T && kCols == 8 && kLoads == 8, "tile arithmetic");
+};
+
+// Shared memory of the one-tile path: one buffer reused by its phases (at most 8192 floats: the
+// slices' partial Grams at T <= 32), and per-member values.
+struct OneTileShared {
+  alignas(16) float buf[8192];
+  float ns[kOneTile], nt[kOneTile], rowsum[kOneTile];
+  int rows[kOneTile];
   float reduce[kThreads / 32];
 };
 
 union BlockShared {
   Shared tiled;
-  WideShared wide;
+  OneTileShared one;
 };
 
 // Distance from a squared distance: sqrt(max(sq, eps)), NaN kept.
@@ -240,255 +285,288 @@ struct Group {
   }
 };
 
-// Width chunk d0 .. d0 + kChunk of every member row into sh.s (and sh.t, unless t is null); rows past
-// the group and widths past the end are 0.
-template <typename TS, typename TT>
-__device__ void load_wide_chunk(const TS* __restrict__ s, const TT* __restrict__ t, const FamilyArgs& f,
-                                WideShared& sh, int64_t d0) {
-  for (int e = threadIdx.x; e < kWide * kChunk; e += kThreads) {
-    const int r = e / kChunk, c = e % kChunk;
-    const int64_t d = d0 + c;
-    const int row = sh.rows[r];
-    const bool ok = row >= 0 && d < f.width;
-    sh.s[r][c] = ok ? to_float(s[row * f.s_m + d * f.s_d]) : 0.f;
-    if (t != nullptr) sh.t[r][c] = ok ? to_float(t[row * f.t_m + d * f.t_d]) : 0.f;
+// Gram entry k of this thread (after the slices are added): for T = 64 the 4 x 4 block of rows
+// 4 tr + u and columns 4 tc + v (k = 4 u + v); for smaller T, entry threadIdx.x + kThreads k in row-major order.
+template <int T>
+__device__ __forceinline__ void entry_of(int k, int& a, int& b) {
+  if constexpr (OneTile<T>::kSlices == 1) {
+    const int tr = threadIdx.x / (T / 4), tc = threadIdx.x % (T / 4);
+    a = 4 * tr + k / 4;
+    b = 4 * tc + k % 4;
+  } else {
+    const int e = threadIdx.x + kThreads * k;
+    a = e / T;
+    b = e % T;
   }
 }
 
-// A group of kTile < P <= kWide members as one 64 x 64 tile. Thread (tr, tc) = (tid / 16, tid % 16) holds
-// the entries (tr + 16 u, tc + 16 v), u, v < 4, of both Grams in registers: one pass over the width
-// gives every distance, the means, the Huber and K sums and the pair weights on chip; a second pass
-// writes the gradient, each thread 8 widths of one member row per chunk. The Gram entries are the
-// same fmaf chain in width order as the tiled path's, so the distances are bitwise those of the tiled
-// path; sums are per thread in (u, v) order, then block_sum.
-template <typename TS, typename TT>
-__device__ void wide_group(const TS* __restrict__ s, const TT* __restrict__ t, const int* __restrict__ members,
-                           int P, const FamilyArgs& f, WideShared& sh, TS* __restrict__ grad,
-                           float* __restrict__ loss_out) {
-  const int tr = threadIdx.x / 16, tc = threadIdx.x % 16;
-  if (threadIdx.x < kWide) sh.rows[threadIdx.x] = static_cast<int>(threadIdx.x) < P ? members[threadIdx.x] : -1;
-  __syncthreads();
+__device__ __forceinline__ float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 
+// Values i of a chunk held by this thread: member r = e / kWidth, width c = e % kWidth of the
+// chunk, e = threadIdx.x + kThreads i (a warp reads 32 consecutive widths of one member row).
+template <int T, typename TX>
+__device__ __forceinline__ void load_chunk(const TX* __restrict__ x, int64_t x_m, int64_t x_d, const int* rows,
+                                           int64_t width, int64_t d0, float (&v)[OneTile<T>::kLoads]) {
+  using C = OneTile<T>;
+  #pragma unroll
+  for (int i = 0; i < C::kLoads; ++i) {
+    const int e = threadIdx.x + kThreads * i, r = e / C::kWidth;
+    const int64_t d = d0 + e % C::kWidth;
+    const int row = rows[r];
+    v[i] = (row >= 0 && d < width) ? to_float(x[row * x_m + d * x_d]) : 0.f;
+  }
+}
+
+// ... and into shared memory, transposed: chunk[c * kPad + r].
+template <int T>
+__device__ __forceinline__ void store_chunk(const float (&v)[OneTile<T>::kLoads], float* chunk) {
+  using C = OneTile<T>;
+  #pragma unroll
+  for (int i = 0; i < C::kLoads; ++i) {
+    const int e = threadIdx.x + kThreads * i;
+    chunk[(e % C::kWidth) * C::kPad + e / C::kWidth] = v[i];
+  }
+}
+
+// A group of P <= T members (T = 16, 32 or 64) as one tile: see the file's header. Rows past P are
+// zero in every chunk, so their Gram entries are 0 and they take no part in any sum.
+template <int T, typename TS, typename TT>
+__device__ void one_tile_group(const TS* __restrict__ s, const TT* __restrict__ t, const int* __restrict__ members,
+                               int P, const FamilyArgs& f, OneTileShared& sh, TS* __restrict__ grad,
+                               float* __restrict__ loss_out) {
+  using C = OneTile<T>;
+  if (threadIdx.x < T) sh.rows[threadIdx.x] = static_cast<int>(threadIdx.x) < P ? members[threadIdx.x] : -1;
+  __syncthreads();
+  const int64_t n_chunks = (f.width + C::kWidth - 1) / C::kWidth;
+
+  // Gram pass: thread (q, tr, tc) adds the widths q, q + kSlices, ... of each chunk into its 4 x 4
+  // entries (rows 4 tr + u, columns 4 tc + v) of the student and teacher Grams.
+  float* cs = sh.buf;                       // student chunk [kWidth][kPad]
+  float* ct = sh.buf + C::kWidth * C::kPad; // teacher chunk
+  const int q = threadIdx.x / C::kSliceThreads, local = threadIdx.x % C::kSliceThreads;
+  const int tr = local / (T / 4), tc = local % (T / 4);
   float gs[4][4], gt[4][4];
   #pragma unroll
   for (int u = 0; u < 4; ++u)
     #pragma unroll
     for (int v = 0; v < 4; ++v) gs[u][v] = gt[u][v] = 0.f;
-  for (int64_t d0 = 0; d0 < f.width; d0 += kChunk) {
-    load_wide_chunk(s, t, f, sh, d0);
+  float next_s[C::kLoads], next_t[C::kLoads];
+  load_chunk<T>(s, f.s_m, f.s_d, sh.rows, f.width, 0, next_s);
+  load_chunk<T>(t, f.t_m, f.t_d, sh.rows, f.width, 0, next_t);
+  for (int64_t k = 0; k < n_chunks; ++k) {
+    store_chunk<T>(next_s, cs);
+    store_chunk<T>(next_t, ct);
     __syncthreads();
-    for (int c = 0; c < kChunk; ++c) {
-      float as[4], at[4], bs[4], bt[4];
-      #pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        as[u] = sh.s[tr + 16 * u][c];
-        at[u] = sh.t[tr + 16 * u][c];
-        bs[u] = sh.s[tc + 16 * u][c];
-        bt[u] = sh.t[tc + 16 * u][c];
-      }
+    if (k + 1 < n_chunks) {  // the next chunk's loads are in flight during this chunk's products
+      load_chunk<T>(s, f.s_m, f.s_d, sh.rows, f.width, (k + 1) * C::kWidth, next_s);
+      load_chunk<T>(t, f.t_m, f.t_d, sh.rows, f.width, (k + 1) * C::kWidth, next_t);
+    }
+    for (int c = q; c < C::kWidth; c += C::kSlices) {
+      const float4 as = load4(cs + c * C::kPad + 4 * tr), bs = load4(cs + c * C::kPad + 4 * tc);
+      const float4 at = load4(ct + c * C::kPad + 4 * tr), bt = load4(ct + c * C::kPad + 4 * tc);
+      const float ras[4] = {as.x, as.y, as.z, as.w}, rbs[4] = {bs.x, bs.y, bs.z, bs.w};
+      const float rat[4] = {at.x, at.y, at.z, at.w}, rbt[4] = {bt.x, bt.y, bt.z, bt.w};
       #pragma unroll
       for (int u = 0; u < 4; ++u)
         #pragma unroll
         for (int v = 0; v < 4; ++v) {
-          gs[u][v] = fmaf(as[u], bs[v], gs[u][v]);
-          gt[u][v] = fmaf(at[u], bt[v], gt[u][v]);
+          gs[u][v] = fmaf(ras[u], rbs[v], gs[u][v]);
+          gt[u][v] = fmaf(rat[u], rbt[v], gt[u][v]);
         }
     }
     __syncthreads();
   }
-  if (tr == tc) {
+
+  // This thread's entries, the slices added in order (T <= 32) or its own 4 x 4 block (T = 64).
+  float es_[C::kEntries], et_[C::kEntries];
+  if constexpr (C::kSlices == 1) {
+    #pragma unroll
+    for (int k = 0; k < C::kEntries; ++k) es_[k] = gs[k / 4][k % 4], et_[k] = gt[k / 4][k % 4];
+  } else {
+    float* partial = sh.buf;  // [kSlices][2][T][T]; the chunks are done with (barrier above)
     #pragma unroll
     for (int u = 0; u < 4; ++u) {
-      sh.ns[tr + 16 * u] = gs[u][u];
-      sh.nt[tr + 16 * u] = gt[u][u];
+      float* row_s = partial + ((q * 2) * T + 4 * tr + u) * T + 4 * tc;
+      float* row_t = partial + ((q * 2 + 1) * T + 4 * tr + u) * T + 4 * tc;
+      *reinterpret_cast<float4*>(row_s) = make_float4(gs[u][0], gs[u][1], gs[u][2], gs[u][3]);
+      *reinterpret_cast<float4*>(row_t) = make_float4(gt[u][0], gt[u][1], gt[u][2], gt[u][3]);
     }
+    __syncthreads();
+    #pragma unroll
+    for (int k = 0; k < C::kEntries; ++k) {
+      const int e = threadIdx.x + kThreads * k;
+      float vs = 0.f, vt = 0.f;
+      for (int p = 0; p < C::kSlices; ++p) vs += partial[(p * 2) * T * T + e], vt += partial[(p * 2 + 1) * T * T + e];
+      es_[k] = vs, et_[k] = vt;
+    }
+  }
+  #pragma unroll
+  for (int k = 0; k < C::kEntries; ++k) {
+    int a, b;
+    entry_of<T>(k, a, b);
+    if (a == b) sh.ns[a] = es_[k], sh.nt[a] = et_[k];
   }
   __syncthreads();
 
-  float sq[4][4], ds[4][4], dt[4][4];
-  bool pair[4][4];
+  float sq[C::kEntries], ds[C::kEntries], dt[C::kEntries];
+  bool pair[C::kEntries];
   float sum_s = 0.f, sum_t = 0.f;
   #pragma unroll
-  for (int u = 0; u < 4; ++u)
-    #pragma unroll
-    for (int v = 0; v < 4; ++v) {
-      const int a = tr + 16 * u, b = tc + 16 * v;
-      pair[u][v] = a < P && b < P && a != b;
-      sq[u][v] = sh.ns[a] + sh.ns[b] - 2.f * gs[u][v];
-      ds[u][v] = pair_dist(sq[u][v]);
-      dt[u][v] = pair_dist(sh.nt[a] + sh.nt[b] - 2.f * gt[u][v]);
-      if (pair[u][v]) sum_s += ds[u][v], sum_t += dt[u][v];
-    }
+  for (int k = 0; k < C::kEntries; ++k) {
+    int a, b;
+    entry_of<T>(k, a, b);
+    pair[k] = a < P && b < P && a != b;
+    sq[k] = sh.ns[a] + sh.ns[b] - 2.f * es_[k];
+    ds[k] = pair_dist(sq[k]);
+    dt[k] = pair_dist(sh.nt[a] + sh.nt[b] - 2.f * et_[k]);
+    if (pair[k]) sum_s += ds[k], sum_t += dt[k];
+  }
   const float p_f = static_cast<float>(P), n_pairs = p_f * (p_f - 1.f);
   const float mu_s = block_sum(sum_s, sh.reduce) / n_pairs;
   const float mu_t = block_sum(sum_t, sh.reduce) / n_pairs;
-
   float huber_sum = 0.f, k_part = 0.f;
   #pragma unroll
-  for (int u = 0; u < 4; ++u)
-    #pragma unroll
-    for (int v = 0; v < 4; ++v)
-      if (pair[u][v]) {
-        const float x = ds[u][v] / mu_s - dt[u][v] / mu_t;
-        huber_sum += huber(x);
-        k_part += clamp_keep_nan(x, -1.f, 1.f) * ds[u][v];
-      }
+  for (int k = 0; k < C::kEntries; ++k)
+    if (pair[k]) {
+      const float x = ds[k] / mu_s - dt[k] / mu_t;
+      huber_sum += huber(x);
+      k_part += clamp_keep_nan(x, -1.f, 1.f) * ds[k];
+    }
   const float loss = block_sum(huber_sum, sh.reduce) / p_f;
   const float k_sum = block_sum(k_part, sh.reduce);
   if (threadIdx.x == 0) *loss_out = loss;
 
+  // Pair weights w(a, b) into shared memory [T][kPad] (every entry of the tile, 0 off the group),
+  // then their row sums.
+  float* w = sh.buf;  // the partial Grams were read before the block sums' barriers
   #pragma unroll
-  for (int u = 0; u < 4; ++u)
-    #pragma unroll
-    for (int v = 0; v < 4; ++v)
-      sh.w[tr + 16 * u][tc + 16 * v] =
-          pair_weight(pair[u][v], sq[u][v], ds[u][v], dt[u][v], mu_s, mu_t, k_sum, p_f, n_pairs);
+  for (int k = 0; k < C::kEntries; ++k) {
+    int a, b;
+    entry_of<T>(k, a, b);
+    w[a * C::kPad + b] = pair_weight(pair[k], sq[k], ds[k], dt[k], mu_s, mu_t, k_sum, p_f, n_pairs);
+  }
   __syncthreads();
-  if (threadIdx.x < kWide) {
+  if (threadIdx.x < T) {
     float total = 0.f;
-    for (int c = 0; c < kWide; ++c) total += sh.w[threadIdx.x][c];
+    for (int b = 0; b < T; ++b) total += w[threadIdx.x * C::kPad + b];
     sh.rowsum[threadIdx.x] = total;
   }
 
-  // grad[a] (+)= scale * (rowsum[a] s_a - sum_b w(a, b) s_b): thread -> member row tid / 4, widths
-  // (tid % 4) * 8 .. + 8 of each chunk.
-  const int gr = threadIdx.x / 4, gc = (threadIdx.x % 4) * 8;
-  for (int64_t d0 = 0; d0 < f.width; d0 += kChunk) {
-    __syncthreads();  // the previous chunk's rows (and, first, the row sums) are done with
-    load_wide_chunk(s, static_cast<const TT*>(nullptr), f, sh, d0);
+  // Gradient pass: grad[a] (+)= scale * (rowsum[a] s_a - sum_b w(a, b) s_b), in that difference form
+  // (well conditioned); thread -> member row tid / kRowThreads, kCols consecutive widths of each chunk.
+  float* cg = sh.buf + T * C::kPad;  // student chunk [kWidth][kPad], after the weights
+  const int a = threadIdx.x / C::kRowThreads, c0 = (threadIdx.x % C::kRowThreads) * C::kCols;
+  const int p4 = (P + 3) & ~3;  // weights and rows past P are 0: the sum stops at P rounded up to 4
+  float next[C::kLoads];
+  load_chunk<T>(s, f.s_m, f.s_d, sh.rows, f.width, 0, next);
+  for (int64_t k = 0; k < n_chunks; ++k) {
+    __syncthreads();  // the previous chunk (first: the weights and row sums) is done with
+    store_chunk<T>(next, cg);
     __syncthreads();
-    const int row = sh.rows[gr];
-    if (row < 0) continue;
-    float acc[8];
+    if (k + 1 < n_chunks) load_chunk<T>(s, f.s_m, f.s_d, sh.rows, f.width, (k + 1) * C::kWidth, next);
+    if (a >= P) continue;
+    float acc[C::kCols];
     #pragma unroll
-    for (int j = 0; j < 8; ++j) acc[j] = 0.f;
-    for (int k = 0; k < kWide; ++k) {
-      const float w = sh.w[gr][k];
+    for (int j = 0; j < C::kCols; ++j) acc[j] = 0.f;
+    for (int b = 0; b < p4; b += 4) {
+      const float4 w4 = load4(w + a * C::kPad + b);
       #pragma unroll
-      for (int j = 0; j < 8; ++j) acc[j] = fmaf(w, sh.s[k][gc + j], acc[j]);
+      for (int j = 0; j < C::kCols; ++j) {
+        const float4 s4 = load4(cg + (c0 + j) * C::kPad + b);
+        acc[j] = fmaf(w4.x, s4.x, acc[j]);
+        acc[j] = fmaf(w4.y, s4.y, acc[j]);
+        acc[j] = fmaf(w4.z, s4.z, acc[j]);
+        acc[j] = fmaf(w4.w, s4.w, acc[j]);
+      }
     }
+    TS* out = grad + sh.rows[a] * f.g_m;
     #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const int64_t d = d0 + gc + j;
+    for (int j = 0; j < C::kCols; ++j) {
+      const int64_t d = k * C::kWidth + c0 + j;
       if (d >= f.width) break;
-      TS* out = grad + row * f.g_m + d;
-      const float value = f.scale * (sh.rowsum[gr] * sh.s[gr][gc + j] - acc[j]);
-      *out = from_float<TS>(f.add ? to_float(*out) + value : value);
+      const float value = f.scale * (sh.rowsum[a] * cg[(c0 + j) * C::kPad + a] - acc[j]);
+      out[d] = from_float<TS>(f.add ? to_float(out[d]) + value : value);
     }
   }
 }
 
+// One group of P >= 2 members: the one-tile path up to 64 members, the tiled path above.
 template <typename TS, typename TT>
-__global__ void __launch_bounds__(kThreads) group_kernel(const TS* __restrict__ es, const TT* __restrict__ et,
-                                                         TS* __restrict__ grad, const bool* __restrict__ pos,
-                                                         const int* __restrict__ idx, const int* __restrict__ cnt,
-                                                         float* __restrict__ norms, float* __restrict__ group_loss,
-                                                         FamilyArgs f) {
-  __shared__ BlockShared shared;
+__device__ void group(const TS* __restrict__ es, const TT* __restrict__ et, TS* __restrict__ grad,
+                      const int* __restrict__ idx, const int* __restrict__ cnt, float* __restrict__ norms,
+                      float* __restrict__ group_loss, const FamilyArgs& f, BlockShared& shared, int64_t g) {
   Shared& sh = shared.tiled;
-  const int64_t g = blockIdx.x;
   const int P = cnt[g];
   TS* grad_g = grad + g * f.g_g;
+  const TS* s = es + g * f.s_g;
+  const TT* t = et + g * f.t_g;
+  const int* members = idx + g * f.n_members;
+  if (P <= 16) return one_tile_group<16>(s, t, members, P, f, shared.one, grad_g, group_loss + g);
+  if (P <= 32) return one_tile_group<32>(s, t, members, P, f, shared.one, grad_g, group_loss + g);
+  if (P <= kOneTile) return one_tile_group<64>(s, t, members, P, f, shared.one, grad_g, group_loss + g);
 
-  if (f.zero_outside) {  // CD: every row of this label outside a group of two or more gets zero gradient
-    const TS zero = from_float<TS>(0.f);
-    for (int64_t e = threadIdx.x; e < f.n_members * f.width; e += kThreads) {
-      const int64_t m = e / f.width, d = e % f.width;
-      if (P < 2 || !pos[g * f.y_g + m * f.y_m]) grad_g[m * f.g_m + d] = zero;
-    }
-  }
-  if (P < 2) {
-    if (threadIdx.x == 0) group_loss[g] = 0.f;
-    return;
-  }
-
-  if (f.wide && P > kTile && P <= kWide) {
-    wide_group(es + g * f.s_g, et + g * f.t_g, idx + g * f.n_members, P, f, shared.wide, grad_g, group_loss + g);
-    return;
-  }
-  Group<TS, TT> grp{es + g * f.s_g, et + g * f.t_g, idx + g * f.n_members, norms + g * f.n_members * 2, P, f, sh};
+  // The tiled path: four passes over 32 x 32 tiles.
+  Group<TS, TT> grp{s, t, members, norms + g * f.n_members * 2, P, f, sh};
   const float p_f = static_cast<float>(P), n_pairs = p_f * (p_f - 1.f);
   float sq[2][2], ds[2][2], dt[2][2];
   bool pair[2][2];
-
-  if (P <= kTile) {  // one tile: one Gram, kept in registers for every step
-    grp.load_rows(0, sh.rows_i);
-    grp.load_rows(0, sh.rows_j);
-    __syncthreads();
-    float gs[2][2], gt[2][2];
-    grp.gram(gs, gt);
-    for (int u = 0; u < 2; ++u)
-      if (grp.r0() + u == grp.c0() + u) {
-        sh.ns_i[grp.r0() + u] = sh.ns_j[grp.r0() + u] = gs[u][u];
-        sh.nt_i[grp.r0() + u] = sh.nt_j[grp.r0() + u] = gt[u][u];
-      }
-    __syncthreads();
-    grp.distances(0, 0, gs, gt, sq, ds, dt, pair);
-  } else {
-    grp.norms_pass();
-  }
+  grp.norms_pass();
 
   // Means of the distances over the ordered pairs.
   float sum_s = 0.f, sum_t = 0.f;
-  if (P <= kTile) {
-    for (int u = 0; u < 2; ++u)
-      for (int v = 0; v < 2; ++v)
-        if (pair[u][v]) sum_s += ds[u][v], sum_t += dt[u][v];
-  } else {
-    for (int i0 = 0; i0 < P; i0 += kTile)
-      for (int j0 = 0; j0 < P; j0 += kTile) {
-        grp.tile(i0, j0, sq, ds, dt, pair);
-        for (int u = 0; u < 2; ++u)
-          for (int v = 0; v < 2; ++v)
-            if (pair[u][v]) sum_s += ds[u][v], sum_t += dt[u][v];
-      }
-  }
+  for (int i0 = 0; i0 < P; i0 += kTile)
+    for (int j0 = 0; j0 < P; j0 += kTile) {
+      grp.tile(i0, j0, sq, ds, dt, pair);
+      for (int u = 0; u < 2; ++u)
+        for (int v = 0; v < 2; ++v)
+          if (pair[u][v]) sum_s += ds[u][v], sum_t += dt[u][v];
+    }
   const float mu_s = block_sum(sum_s, sh.reduce) / n_pairs;
   const float mu_t = block_sum(sum_t, sh.reduce) / n_pairs;
 
   // Huber and K sums.
   float huber_sum = 0.f, k_part = 0.f;
-  auto stats = [&]() {
-    for (int u = 0; u < 2; ++u)
-      for (int v = 0; v < 2; ++v)
-        if (pair[u][v]) {
-          const float x = ds[u][v] / mu_s - dt[u][v] / mu_t;
-          huber_sum += huber(x);
-          k_part += clamp_keep_nan(x, -1.f, 1.f) * ds[u][v];
-        }
-  };
-  if (P <= kTile) {
-    stats();
-  } else {
-    for (int i0 = 0; i0 < P; i0 += kTile)
-      for (int j0 = 0; j0 < P; j0 += kTile) {
-        grp.tile(i0, j0, sq, ds, dt, pair);
-        stats();
-      }
-  }
+  for (int i0 = 0; i0 < P; i0 += kTile)
+    for (int j0 = 0; j0 < P; j0 += kTile) {
+      grp.tile(i0, j0, sq, ds, dt, pair);
+      for (int u = 0; u < 2; ++u)
+        for (int v = 0; v < 2; ++v)
+          if (pair[u][v]) {
+            const float x = ds[u][v] / mu_s - dt[u][v] / mu_t;
+            huber_sum += huber(x);
+            k_part += clamp_keep_nan(x, -1.f, 1.f) * ds[u][v];
+          }
+    }
   const float loss = block_sum(huber_sum, sh.reduce) / p_f;
   const float k_sum = block_sum(k_part, sh.reduce);
   if (threadIdx.x == 0) group_loss[g] = loss;
 
   // Gradient, tile by tile.
-  auto weights = [&]() {
-    for (int u = 0; u < 2; ++u)
-      for (int v = 0; v < 2; ++v) {
-        sh.w[grp.r0() + u][grp.c0() + v] =
-            pair_weight(pair[u][v], sq[u][v], ds[u][v], dt[u][v], mu_s, mu_t, k_sum, p_f, n_pairs);
-      }
-    __syncthreads();
-  };
-  if (P <= kTile) {
-    weights();
-    grp.write_grad(grad_g, f.add);
-  } else {
-    for (int i0 = 0; i0 < P; i0 += kTile)
-      for (int j0 = 0; j0 < P; j0 += kTile) {
-        grp.tile(i0, j0, sq, ds, dt, pair);
-        weights();
-        grp.write_grad(grad_g, f.add || j0 > 0);
-      }
+  for (int i0 = 0; i0 < P; i0 += kTile)
+    for (int j0 = 0; j0 < P; j0 += kTile) {
+      grp.tile(i0, j0, sq, ds, dt, pair);
+      for (int u = 0; u < 2; ++u)
+        for (int v = 0; v < 2; ++v)
+          sh.w[grp.r0() + u][grp.c0() + v] =
+              pair_weight(pair[u][v], sq[u][v], ds[u][v], dt[u][v], mu_s, mu_t, k_sum, p_f, n_pairs);
+      __syncthreads();
+      grp.write_grad(grad_g, f.add || j0 > 0);
+    }
+}
+
+// One family's active groups (members_kernel listed them), each block taking every gridDim.x-th:
+// the grid is at most one block per SM, whatever the number of labels.
+template <typename TS, typename TT>
+__global__ void __launch_bounds__(kThreads, 1)
+    group_kernel(const TS* __restrict__ es, const TT* __restrict__ et, TS* __restrict__ grad,
+                 const int* __restrict__ idx, const int* __restrict__ cnt, const int* __restrict__ n_active,
+                 const int* __restrict__ active, float* __restrict__ norms, float* __restrict__ group_loss,
+                 FamilyArgs f) {
+  __shared__ BlockShared shared;
+  const int n = *n_active;
+  for (int i = blockIdx.x; i < n; i += gridDim.x) {
+    group(es, et, grad, idx, cnt, norms, group_loss, f, shared, active[i]);
+    __syncthreads();  // the next group reuses shared memory
   }
 }
 
@@ -523,42 +601,47 @@ std::tuple<at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in, const at::T
   const at::Tensor pos = targets.gt(0.5);
   const int64_t B = es.size(0), C = es.size(1), D = es.size(2);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const char* wide_env = std::getenv("L2D_CUDA_LED_WIDE");
-  const bool wide = wide_env != nullptr && wide_env[0] == '1';
   auto i32 = es.options().dtype(at::kInt), f32 = es.options().dtype(at::kFloat);
 
   at::Tensor grad = at::empty({B, C, D}, es.options());
-  at::Tensor lists = at::empty({2 * B * C + B + C}, i32);
+  at::Tensor lists = at::empty({2 * B * C + 2 * (B + C)}, i32);
   int* cd_idx = lists.data_ptr<int>();
   int* id_idx = cd_idx + B * C;
   int* cd_cnt = id_idx + B * C;
   int* id_cnt = cd_cnt + C;
+  int* active = id_cnt + B;  // [C] active CD groups, then [B] active ID groups
+  at::Tensor n_active = at::zeros({2}, i32);
   at::Tensor norms = at::empty({2 * B * C * 2}, f32);
   at::Tensor group_loss = at::empty({C + B}, f32);
   at::Tensor out = at::empty({3}, f32);
-
-  members_kernel<<<static_cast<unsigned>(C + B), kThreads, 0, stream>>>(
-      pos.data_ptr<bool>(), pos.stride(0), pos.stride(1), B, C, cd_idx, cd_cnt, id_idx, id_cnt);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // Group blocks: at most one per SM (each holds up to 168 registers per thread), looping over groups.
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, es.get_device()));
+  const auto blocks = [&](int64_t groups) { return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(groups, sms))); };
 
   dispatch_float_types(es.scalar_type(), "led_cuda", [&](auto tag) {
     using T = decltype(tag);
     const T* s = reinterpret_cast<const T*>(es.data_ptr());
     const T* t = reinterpret_cast<const T*>(et.data_ptr());
     T* g = reinterpret_cast<T*>(grad.data_ptr());
+    members_kernel<T><<<static_cast<unsigned>(C + B), kThreads, 0, stream>>>(
+        pos.data_ptr<bool>(), pos.stride(0), pos.stride(1), B, C, cd_idx, cd_cnt, id_idx, id_cnt,
+        n_active.data_ptr<int>(), active, group_loss.data_ptr<float>(), g, grad.stride(0), grad.stride(1), D);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     // CD: groups are labels, members are images. ID: the other way round.
     const FamilyArgs cd{es.stride(1), es.stride(0), es.stride(2), et.stride(1), et.stride(0), et.stride(2),
-                        grad.stride(1), grad.stride(0), pos.stride(1), pos.stride(0), B, D,
-                        static_cast<float>(2.0 * lambda_cd), true, false, wide};
-    group_kernel<T, T><<<static_cast<unsigned>(C), kThreads, 0, stream>>>(
-        s, t, g, pos.data_ptr<bool>(), cd_idx, cd_cnt, norms.data_ptr<float>(), group_loss.data_ptr<float>(), cd);
+                        grad.stride(1), grad.stride(0), B, D,
+                        static_cast<float>(2.0 * lambda_cd), false};
+    group_kernel<T, T><<<blocks(C), kThreads, 0, stream>>>(s, t, g, cd_idx, cd_cnt, n_active.data_ptr<int>(),
+                                                            active, norms.data_ptr<float>(),
+                                                            group_loss.data_ptr<float>(), cd);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const FamilyArgs id{es.stride(0), es.stride(1), es.stride(2), et.stride(0), et.stride(1), et.stride(2),
-                        grad.stride(0), grad.stride(1), pos.stride(0), pos.stride(1), C, D,
-                        static_cast<float>(2.0 * lambda_id), false, true, wide};
-    group_kernel<T, T><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
-        s, t, g, pos.data_ptr<bool>(), id_idx, id_cnt, norms.data_ptr<float>() + 2 * B * C,
-        group_loss.data_ptr<float>() + C, id);
+                        grad.stride(0), grad.stride(1), C, D,
+                        static_cast<float>(2.0 * lambda_id), true};
+    group_kernel<T, T><<<blocks(B), kThreads, 0, stream>>>(s, t, g, id_idx, id_cnt, n_active.data_ptr<int>() + 1,
+                                                            active + C, norms.data_ptr<float>() + 2 * B * C,
+                                                            group_loss.data_ptr<float>() + C, id);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   finalize_kernel<<<1, kThreads, 0, stream>>>(group_loss.data_ptr<float>(), C, B, static_cast<float>(lambda_cd),

@@ -1,7 +1,8 @@
 """The CUDA kernels of csrc/ in the CPU emulator (tests/cuda_emu): the emulator itself, then every
-path of the LED kernel (each group size class, both families, every dtype, the one-tile path of
-33-64 members on and off) against SPEC's float64 formulas, and bitwise equal results under three
-orders of running a block's threads, so that a shared-memory read that lacks its barrier shows.
+path of the LED kernel (the one-tile sizes 16, 32 and 64 and the tiled path above 64 members, both
+families, every dtype, several groups per block) against SPEC's float64 formulas, and bitwise equal
+results under three orders of running a block's threads, so that a shared-memory read that lacks
+its barrier shows.
 
 The API suite (test_api.py, test_nn.py) runs on the emulated CUDA backend too; this file covers what
 its small shapes do not reach. None of it replaces the GPU check: the emulator runs the kernels'
@@ -55,11 +56,8 @@ def test_emulator_orders_expose_a_missing_barrier(ops):
     assert not torch.equal(results[0], results[1]) and not torch.equal(results[0], results[2])
 
 
-def _led(ops, es, et, y, lambda_cd=100.0, lambda_id=1000.0, wide=None, monkeypatch=None):
-    if wide is not None:
-        monkeypatch.setenv("L2D_CUDA_LED_WIDE", "1" if wide else "0")
-    losses, grad = ops.led(es, et, y, lambda_cd, lambda_id)
-    return losses, grad
+def _led(ops, es, et, y, lambda_cd=100.0, lambda_id=1000.0):
+    return ops.led(es, et, y, lambda_cd, lambda_id)
 
 
 def _check_fp32(losses, grad, es, et, y, lambda_cd=100.0, lambda_id=1000.0, tol=1e-4):
@@ -72,34 +70,34 @@ def _check_fp32(losses, grad, es, et, y, lambda_cd=100.0, lambda_id=1000.0, tol=
 
 
 def _ragged_targets(members: int, transpose: bool):
-    """Groups of 0, 1, 2, 9, 31, 32, 33, 40, 64, 65 and 70 members (as far as ``members`` allows):
-    every size class of both paths, with CD groups (or ID groups when transposed)."""
-    sizes = torch.tensor([s for s in (0, 1, 2, 9, 31, 32, 33, 40, 64, 65, 70) if s <= members])
+    """Groups of 0, 1, 2, 9, 16, 17, 31, 32, 33, 40, 64, 65 and 70 members (as far as ``members``
+    allows): both sides of every size class, as CD groups (or ID groups when transposed)."""
+    sizes = torch.tensor([s for s in (0, 1, 2, 9, 16, 17, 31, 32, 33, 40, 64, 65, 70) if s <= members])
     y = torch.arange(members)[:, None] < sizes[None, :]
     return y.T.contiguous() if transpose else y
 
 
-@pytest.mark.parametrize("wide", [False, True], ids=["tiled", "one-tile-33-64"])
+@pytest.mark.parametrize("width", [40, 200])
 @pytest.mark.parametrize("transpose", [False, True], ids=["cd-groups", "id-groups"])
-def test_led_every_group_size_class(ops, monkeypatch, wide, transpose):
-    """A width of 40 leaves a partial last 32-wide chunk; groups above 64 members take the four-pass
-    tiled path whatever the one-tile setting."""
+def test_led_every_group_size_class(ops, transpose, width):
+    """One-tile chunks are 128, 64 and 32 wide (tiles of 16, 32 and 64 members), the tiled path's 32:
+    widths of 40 and 200 end every one of them in a partial chunk. The emulated device has 3 SMs, so
+    each group block takes several groups in turn."""
     y = _ragged_targets(70, transpose)
-    es, et, _ = embeddings(*y.shape, 40, seed=13)
+    es, et, _ = embeddings(*y.shape, width, seed=13)
     es, et = es.float(), et.float()
-    losses, grad = _led(ops, es, et, y, wide=wide, monkeypatch=monkeypatch)
+    losses, grad = _led(ops, es, et, y)
     _check_fp32(losses, grad, es, et, y)
 
 
-@pytest.mark.parametrize("wide", [False, True], ids=["tiled", "one-tile-33-64"])
 @pytest.mark.parametrize("transpose", [False, True], ids=["cd-groups", "id-groups"])
 @pytest.mark.parametrize("order, seed", ORDERS[1:], ids=["reversed", "random"])
-def test_led_results_do_not_depend_on_thread_order(ops, monkeypatch, wide, transpose, order, seed):
+def test_led_results_do_not_depend_on_thread_order(ops, transpose, order, seed):
     y = _ragged_targets(70, transpose)
     es, et, _ = embeddings(*y.shape, 36, seed=3)
     es, et = es.float(), et.float()
     ops.set_order(0, 0)
-    base = _led(ops, es, et, y, wide=wide, monkeypatch=monkeypatch)
+    base = _led(ops, es, et, y)
     ops.set_order(order, seed)
     try:
         other = _led(ops, es, et, y)
@@ -108,27 +106,15 @@ def test_led_results_do_not_depend_on_thread_order(ops, monkeypatch, wide, trans
     assert torch.equal(base[0], other[0]) and torch.equal(base[1], other[1])
 
 
-def test_led_one_tile_and_tiled_paths_agree(ops, monkeypatch):
-    """Groups of 33-64 members: the one-tile path's Gram entries are the tiled path's fmaf chains in
-    the same width order, so the two differ only in the order of their sums."""
-    es, et, y = embeddings(48, 3, 40, density=0.9, seed=5)
-    es, et = es.float(), et.float()
-    tiled = _led(ops, es, et, y, wide=False, monkeypatch=monkeypatch)
-    one_tile = _led(ops, es, et, y, wide=True, monkeypatch=monkeypatch)
-    _check_fp32(*one_tile, es, et, y)
-    assert rel_err(one_tile[0], tiled[0].double()) < 1e-6 and rel_err(one_tile[1], tiled[1].double()) < 1e-6
-
-
-@pytest.mark.parametrize("wide", [False, True], ids=["tiled", "one-tile-33-64"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_led_half_precision_large_groups(ops, monkeypatch, wide, dtype):
+def test_led_half_precision_large_groups(ops, dtype):
     """Groups of 33-64 and above 64 members at half precision: the tiled path adds each column tile's
     part in the gradient's dtype; the error stays within twice eager PyTorch's at the same dtype."""
     y = _ragged_targets(70, False)
     es, et, _ = embeddings(*y.shape, 24, dtype=dtype, seed=12)
     n = lambda t: t.detach().double().numpy()  # noqa: E731
     w_total, _, _, w_grad = oracle.led(n(es), n(et), n(y))
-    losses, grad = _led(ops, es, et, y, wide=wide, monkeypatch=monkeypatch)
+    losses, grad = _led(ops, es, et, y)
     eager_x = es.clone().requires_grad_()
     eager = reference.led_vectorized(eager_x, et, y)
     eager.backward()
@@ -137,31 +123,33 @@ def test_led_half_precision_large_groups(ops, monkeypatch, wide, dtype):
     assert rel_err(grad, w_grad) <= half_tol(rel_err(eager_x.grad, w_grad), dtype)
 
 
-@pytest.mark.parametrize("wide", [False, True], ids=["tiled", "one-tile-33-64"])
-def test_led_duplicate_rows_in_large_groups_stay_finite(ops, monkeypatch, wide):
+def test_led_duplicate_rows_in_large_groups_stay_finite(ops):
     es, et, y = embeddings(70, 2, 16, density=1.0, seed=9)
     es, et = es.float(), et.float()
     y[40:, 1] = False  # a 70-member and a 40-member group
     es[5] = es[3]
     es[17] = es[3]
     et[9] = et[2]
-    losses, grad = _led(ops, es, et, y, wide=wide, monkeypatch=monkeypatch)
+    losses, grad = _led(ops, es, et, y)
     assert torch.isfinite(losses).all() and torch.isfinite(grad).all()
     _check_fp32(losses, grad, es, et, y)
 
 
-@pytest.mark.parametrize("wide", [False, True], ids=["tiled", "one-tile-33-64"])
-def test_led_nan_reaches_only_its_groups(ops, monkeypatch, wide):
+@pytest.mark.parametrize("members", [9, 33, 70], ids=lambda n: f"{n}-members")
+def test_led_nan_reaches_only_its_groups(ops, members):
+    """A NaN in one row of a CD group of 9 (16-member tile), 33 (64-member tile) or 70 members (tiled
+    path) reaches exactly that group's rows and its image's ID group, nothing else."""
     y = _ragged_targets(70, False)
+    label = int((y.sum(0) == members).nonzero()[0])
     es, et, _ = embeddings(*y.shape, 12, seed=2)
     es, et = es.float(), et.float()
-    es[3, 8, 5] = float("nan")  # a member of column 8's group (40 members) and of image 3's group
-    losses, grad = _led(ops, es, et, y, wide=wide, monkeypatch=monkeypatch)
-    assert torch.isnan(losses[0]) and torch.isnan(grad[:40, 8]).all() and torch.isnan(grad[3, y[3]]).all()
-    untouched = torch.ones_like(y)
-    untouched[:, 8] = False
-    untouched[3] = False
-    assert torch.isfinite(grad[untouched]).all()
+    es[3, label, 5] = float("nan")
+    losses, grad = _led(ops, es, et, y)
+    reached = torch.zeros_like(y)
+    reached[:, label] = y[:, label]
+    reached[3] = y[3]
+    assert torch.isnan(losses[0])
+    assert torch.isnan(grad[reached]).all() and torch.isfinite(grad[~reached]).all()
 
 
 def test_mld_grid_stride_loop_over_more_than_1024_blocks(ops):

@@ -19,6 +19,9 @@ HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CSRC = ROOT / "csrc"
 KERNEL_SOURCES = ["mld.cu", "led.cu"]
+# Misaligned accesses (a float4 load off a 16-byte boundary faults on the GPU) stop the process with
+# the source line, instead of passing on the CPU.
+SANITIZE = ["-fsanitize=alignment", "-fno-sanitize-recover=alignment"]
 LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;()]*>)?)<<<(.*?)>>>\(", re.S)
 
 
@@ -52,7 +55,8 @@ def build(verbose: bool = False):
         name="l2d_emu",
         sources=sources,
         extra_include_paths=[str(HERE / "shim"), str(CSRC)],
-        extra_cflags=["-O1", "-include", str(HERE / "emu.h"), "-Wno-unused-function"],
+        extra_cflags=["-O1", "-include", str(HERE / "emu.h"), "-Wno-unused-function", *SANITIZE],
+        extra_ldflags=SANITIZE,
         build_directory=str(out_dir),
         is_python_module=False,
         verbose=verbose,

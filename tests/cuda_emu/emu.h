@@ -72,6 +72,7 @@ struct Runtime {
   // different results under different orders; the tests compare them.
   int order = 0;
   std::mt19937 rng{0};
+  int sm_count = 3;  // what cudaDeviceGetAttribute reports
   std::vector<size_t> perm;
 };
 
@@ -234,6 +235,13 @@ inline void set_order(int order, uint64_t seed) {
 using l2d_emu::dim3;
 using l2d_emu::uint3;
 
+// CUDA's 16-byte vector type: the emulator's build checks the alignment of every access through it
+// (-fsanitize=alignment), as the GPU faults on a misaligned vector load.
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+
 #define __global__
 #define __device__
 #define __host__
@@ -246,6 +254,14 @@ using l2d_emu::uint3;
 #define gridDim (::l2d_emu::rt().grid_dim)
 
 inline void __syncthreads() { ::l2d_emu::syncthreads(); }
+
+// One OS thread runs every fiber, and a fiber is only switched at a barrier: plain read-modify-write.
+template <typename T>
+T atomicAdd(T* address, T value) {
+  const T old = *address;
+  *address = old + value;
+  return old;
+}
 
 template <typename T>
 T __shfl_down_sync(unsigned mask, T value, unsigned delta, int width = 32) {
