@@ -26,10 +26,8 @@
 #                                   16, after the no-ahead rows; empty for none)
 #   DEADLINE=300 ...               (seconds: steps are cut short so that the phase ends by then; the
 #                                   report alone may run 30 s past it)
-#   L2D_CUDA_LED_WIDE=0 ...        (the check runs the CUDA LED kernel with its experimental one-tile
-#                                   path for groups of 33-64 members on, default 1; the profile adds
-#                                   cuda/tiled rows with it off, to compare, and triton/no-ahead rows
-#                                   with the Triton LED kernels' chunks loaded one at a time)
+#   (the profile adds triton/no-ahead rows, the Triton LED kernels with their chunks loaded one at a
+#   time, to compare with the default)
 #
 # Writes under $OUT: summary.txt (one line per step, failures named), log-<phase>.txt (every step's
 # output), gpu.txt, the built extension (_C*.so, to carry into the next phase), and for bench:
@@ -42,9 +40,6 @@ PY=${PYTHON:-python3}
 PHASE=${PHASE:-all}
 export L2D_BENCH=${L2D_BENCH:-quick}
 export PYTHONUNBUFFERED=1
-# The CUDA LED kernel's one-tile path for groups of 33-64 members (off by default in the library until
-# a GPU check has passed with it): every test, sanitizer run and benchmark here runs it.
-export L2D_CUDA_LED_WIDE=${L2D_CUDA_LED_WIDE:-1}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1)}
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/build/triton-cache}
 mkdir -p "$OUT" build "$TRITON_CACHE_DIR"
@@ -57,7 +52,7 @@ DEADLINE=${DEADLINE:-570}  # seconds: no step starts, or runs on, past this poin
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -c 'A-Za-z0-9\n' '-' | tr -s '-')
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-  echo "arch list: $TORCH_CUDA_ARCH_LIST; L2D_CUDA_LED_WIDE=$L2D_CUDA_LED_WIDE"; } > "$OUT/gpu.txt" 2>&1
+  echo "arch list: $TORCH_CUDA_ARCH_LIST"; } > "$OUT/gpu.txt" 2>&1
 
 note() { echo "$*" | tee -a "$OUT/summary.txt"; }
 
@@ -154,7 +149,7 @@ assert all(math.isfinite(r[k]) for k in ('teacher_map', 'vanilla_map', 'l2d_map'
 
 bench_all() {
     step profile "${L2D_PROFILE_LIMIT:-120}" $PY benchmarks/kernel_profile.py \
-        --triton-led-warps "${L2D_PROFILE_WARPS-16}" --cuda-led-tiled --triton-led-no-ahead --out "$OUT/profile-$card.md"
+        --triton-led-warps "${L2D_PROFILE_WARPS-16}" --triton-led-no-ahead --out "$OUT/profile-$card.md"
     # One pytest run per file, each writing its JSON as it ends, so a deadline cuts one file, not all.
     rm -rf build/bench && mkdir -p build/bench
     jsons=()

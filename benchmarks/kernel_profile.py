@@ -20,9 +20,6 @@ shapes on a machine without a GPU: the benchmark suite's), it runs ``--calls`` c
 (backend ``triton/wN``), to see whether the default (``triton_led.NUM_WARPS``) is the right one.
 ``--triton-led-no-ahead`` adds Triton LED rows with ``triton_led.LOAD_AHEAD`` off (backend
 ``triton/no-ahead``: each width chunk loaded when it is used, as in the first H100 runs).
-``--cuda-led-tiled`` adds CUDA LED rows with ``L2D_CUDA_LED_WIDE=0`` (backend ``cuda/tiled``: groups
-of 33 to 64 members in four passes over 32 x 32 tiles), to compare with the ``cuda`` rows, which
-follow the environment (the GPU check sets ``L2D_CUDA_LED_WIDE=1``: one 64 x 64 tile, two passes).
 """
 
 from __future__ import annotations
@@ -30,7 +27,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import os
 import sys
 import time
 from unittest import mock
@@ -137,12 +133,6 @@ def _triton_led_one_chunk_at_a_time():
     return mock.patch.object(triton_led, "LOAD_AHEAD", False)
 
 
-def _cuda_led_tiled():
-    """The CUDA LED kernel's tiled path for every group above 32 members inside (the extension reads
-    L2D_CUDA_LED_WIDE at each call)."""
-    return mock.patch.dict(os.environ, {"L2D_CUDA_LED_WIDE": "0"})
-
-
 def _kernel_cell(name: str, n: float, mean_us: float, slots=()) -> str:
     cell = f"{name[:48]} {n:g}x{mean_us:.1f}"
     return cell + (f" ({' + '.join(f'{t:.1f}' for t in slots)})" if slots else "")
@@ -167,8 +157,6 @@ def main(argv=None) -> int:
                         help="comma-separated warp counts: extra Triton LED rows launched with each")
     parser.add_argument("--triton-led-no-ahead", action="store_true",
                         help="extra Triton LED rows with each width chunk loaded when it is used (LOAD_AHEAD off)")
-    parser.add_argument("--cuda-led-tiled", action="store_true",
-                        help="extra CUDA LED rows with L2D_CUDA_LED_WIDE=0 (the tiled path for groups of 33-64)")
     args = parser.parse_args(argv)
     device = DEVICE.type
     if args.backends:
@@ -179,8 +167,6 @@ def main(argv=None) -> int:
     runs = []
     for backend in backends:  # each backend's variants right after it: a run cut short keeps the pairs
         runs.append((backend, backend, CASES, contextlib.nullcontext))
-        if backend == "cuda" and args.cuda_led_tiled:
-            runs.append(("cuda/tiled", "cuda", led_cases, _cuda_led_tiled))
         if backend == "triton" and args.triton_led_no_ahead:
             runs.append(("triton/no-ahead", "triton", led_cases, _triton_led_one_chunk_at_a_time))
         if backend == "triton":

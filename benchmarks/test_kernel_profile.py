@@ -61,16 +61,3 @@ def test_launch_costs_line():
     line = kernel_profile.launch_costs(kernel_profile.DEVICE.type, calls=3)
     assert line.startswith("Host cost of one launch: an empty Triton kernel with 19 arguments ")
     assert line.count(" us") == 2
-
-
-def test_cuda_tiled_variant_sets_the_switch_inside_and_restores_it(monkeypatch):
-    import os
-
-    monkeypatch.delenv("L2D_CUDA_LED_WIDE", raising=False)
-    with kernel_profile._cuda_led_tiled():
-        assert os.environ["L2D_CUDA_LED_WIDE"] == "0"
-    assert "L2D_CUDA_LED_WIDE" not in os.environ
-    monkeypatch.setenv("L2D_CUDA_LED_WIDE", "1")
-    with kernel_profile._cuda_led_tiled():
-        assert os.environ["L2D_CUDA_LED_WIDE"] == "0"
-    assert os.environ["L2D_CUDA_LED_WIDE"] == "1"

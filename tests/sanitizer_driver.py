@@ -3,8 +3,8 @@
     compute-sanitizer --tool memcheck --error-exitcode 1 python tests/sanitizer_driver.py
 
 Shapes cover ragged group sizes (0 to 200 members), groups that take the tiled large-group passes,
-groups of 33 to 64 members (the CUDA kernel's one-tile path when L2D_CUDA_LED_WIDE=1: CD at a batch
-of 200, ID at 150 labels), the Triton kernel's 32-row tile for 17 to 32 members in launches compiled
+groups of 33 to 64 members (the CUDA kernel's 64-member tile: CD at a batch of 200, ID at 150
+labels), the Triton kernel's 32-row tile for 17 to 32 members in launches compiled
 for at most 32 members (32 x 20), widths that are not multiples of the block width, non-contiguous
 inputs and every input dtype.
 ``L2D_SANITIZE_SET=small`` keeps one float and one half-precision dtype, contiguous inputs and the
