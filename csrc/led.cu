@@ -15,9 +15,11 @@
 // thread reads four members' values with one 16-byte load. Smaller tiles take wider chunks and split
 // the width among groups of threads (kSlices), whose partial Grams are then added in a fixed order:
 // every tile size has 16 Gram entries per thread per slice and 8 chunk values per thread per input.
-// A larger group takes the tiled path (Group): 32 x 32 tiles of the Gram recomputed in four passes
-// (norms, means, Huber and K sums, gradient) by one block; it is slow for groups of hundreds, where
-// "auto" prefers the Triton backend (l2d_kernels/backends.py).
+// A larger group is swept as pairs of 64-row tiles by one block (large_group): three sweeps (means;
+// Huber and K sums; weights and gradient), each pair's Gram recomputed from the inputs with the same
+// chunk machinery, so a group of P members costs about 3 (P / 64)^2 tile Grams. One block per group
+// makes a group of hundreds slow; "auto" prefers the Triton backend for batches above 128
+// (l2d_kernels/backends.py).
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAStream.h>
@@ -35,9 +37,7 @@
 namespace l2d {
 namespace {
 
-constexpr int kTile = 32;     // tiled path: members per tile (rows and columns of a Gram tile)
-constexpr int kChunk = 32;    // tiled path: embedding width per shared-memory chunk
-constexpr int kOneTile = 64;  // the largest group of the one-tile path
+constexpr int kOneTile = 64;  // the largest group of the one-tile path, and the tile of larger groups
 constexpr float kDistEps = 1e-12f;
 
 // One block per group (CD groups first, then ID groups): the group's members in order, its size, and
@@ -99,15 +99,6 @@ struct FamilyArgs {
   bool add;                              // ID adds into the gradient CD wrote
 };
 
-struct Shared {
-  float a[kTile][kChunk + 1], b[kTile][kChunk + 1];    // student rows of tiles i and j
-  float ta[kTile][kChunk + 1], tb[kTile][kChunk + 1];  // teacher rows
-  float w[kTile][kTile + 1];                           // pair weights of one tile
-  float ns_i[kTile], nt_i[kTile], ns_j[kTile], nt_j[kTile], rowsum[kTile];
-  int rows_i[kTile], rows_j[kTile];
-  float reduce[kThreads / 32];
-};
-
 // Sizes of the one-tile path for tiles of T members (T = 16, 32, 64).
 template <int T>
 struct OneTile {
@@ -122,18 +113,15 @@ struct OneTile {
   static_assert(kSliceThreads * 16 == T * T && kCols == 8 && kLoads == 8, "tile arithmetic");
 };
 
-// Shared memory of the one-tile path: one buffer reused by its phases (at most 8192 floats: the
-// slices' partial Grams at T <= 32), and per-member values.
-struct OneTileShared {
-  alignas(16) float buf[8192];
+// Shared memory of a group block: one buffer reused by the phases (at most 8704 floats: four
+// transposed 32-wide chunks of two 64-row tiles), and per-member values of the tile's rows (I) and,
+// for a pair of tiles, its columns (J).
+struct GroupShared {
+  alignas(16) float buf[8704];
   float ns[kOneTile], nt[kOneTile], rowsum[kOneTile];
-  int rows[kOneTile];
+  float ns_j[kOneTile], nt_j[kOneTile];
+  int rows[kOneTile], rows_j[kOneTile];
   float reduce[kThreads / 32];
-};
-
-union BlockShared {
-  Shared tiled;
-  OneTileShared one;
 };
 
 // Distance from a squared distance: sqrt(max(sq, eps)), NaN kept.
@@ -154,136 +142,6 @@ __device__ __forceinline__ float pair_weight(bool pair, float sq, float ds, floa
   }
   return (pair && sq != sq) ? sq : 0.f;  // NaN in, NaN out
 }
-
-template <typename TS, typename TT>
-struct Group {
-  const TS* s;
-  const TT* t;
-  const int* members;
-  float* norms;  // [n_members][2] scratch: squared norms (student, teacher) by member rank
-  int P;
-  const FamilyArgs& f;
-  Shared& sh;
-  // This thread's 2 x 2 entries of a 32 x 32 tile.
-  __device__ int r0() const { return (threadIdx.x / 16) * 2; }
-  __device__ int c0() const { return (threadIdx.x % 16) * 2; }
-
-  __device__ void load_rows(int i0, int* rows) {
-    if (threadIdx.x < kTile) rows[threadIdx.x] = i0 + threadIdx.x < P ? members[i0 + threadIdx.x] : -1;
-  }
-
-  // Gram entries (student gs, teacher gt) of rows sh.rows_i x sh.rows_j, accumulated in width order.
-  __device__ void gram(float gs[2][2], float gt[2][2]) {
-    for (int u = 0; u < 2; ++u)
-      for (int v = 0; v < 2; ++v) gs[u][v] = gt[u][v] = 0.f;
-    for (int64_t d0 = 0; d0 < f.width; d0 += kChunk) {
-      for (int e = threadIdx.x; e < kTile * kChunk; e += kThreads) {
-        const int r = e / kChunk, c = e % kChunk;
-        const int64_t d = d0 + c;
-        const int ri = sh.rows_i[r], rj = sh.rows_j[r];
-        const bool in_d = d < f.width;
-        sh.a[r][c] = (ri >= 0 && in_d) ? to_float(s[ri * f.s_m + d * f.s_d]) : 0.f;
-        sh.ta[r][c] = (ri >= 0 && in_d) ? to_float(t[ri * f.t_m + d * f.t_d]) : 0.f;
-        sh.b[r][c] = (rj >= 0 && in_d) ? to_float(s[rj * f.s_m + d * f.s_d]) : 0.f;
-        sh.tb[r][c] = (rj >= 0 && in_d) ? to_float(t[rj * f.t_m + d * f.t_d]) : 0.f;
-      }
-      __syncthreads();
-      for (int c = 0; c < kChunk; ++c)
-        for (int u = 0; u < 2; ++u)
-          for (int v = 0; v < 2; ++v) {
-            gs[u][v] = fmaf(sh.a[r0() + u][c], sh.b[c0() + v][c], gs[u][v]);
-            gt[u][v] = fmaf(sh.ta[r0() + u][c], sh.tb[c0() + v][c], gt[u][v]);
-          }
-      __syncthreads();
-    }
-  }
-
-  // Distances of this thread's entries of tile (i0, j0); tile norms must be in shared memory.
-  __device__ void distances(int i0, int j0, const float gs[2][2], const float gt[2][2], float sq[2][2],
-                            float ds[2][2], float dt[2][2], bool pair[2][2]) {
-    for (int u = 0; u < 2; ++u)
-      for (int v = 0; v < 2; ++v) {
-        const int a = i0 + r0() + u, b = j0 + c0() + v;
-        pair[u][v] = a < P && b < P && a != b;
-        sq[u][v] = sh.ns_i[r0() + u] + sh.ns_j[c0() + v] - 2.f * gs[u][v];
-        ds[u][v] = pair_dist(sq[u][v]);
-        dt[u][v] = pair_dist(sh.nt_i[r0() + u] + sh.nt_j[c0() + v] - 2.f * gt[u][v]);
-      }
-  }
-
-  __device__ void load_norms(int i0, int j0) {
-    if (threadIdx.x < kTile) {
-      const int a = i0 + threadIdx.x, b = j0 + threadIdx.x;
-      sh.ns_i[threadIdx.x] = a < P ? norms[2 * a] : 0.f;
-      sh.nt_i[threadIdx.x] = a < P ? norms[2 * a + 1] : 0.f;
-      sh.ns_j[threadIdx.x] = b < P ? norms[2 * b] : 0.f;
-      sh.nt_j[threadIdx.x] = b < P ? norms[2 * b + 1] : 0.f;
-    }
-  }
-
-  // Tile (i0, j0) with its norms: Gram, then distances.
-  __device__ void tile(int i0, int j0, float sq[2][2], float ds[2][2], float dt[2][2], bool pair[2][2]) {
-    __syncthreads();  // every thread is done with the previous tile's rows and norms
-    load_rows(i0, sh.rows_i);
-    load_rows(j0, sh.rows_j);
-    load_norms(i0, j0);
-    __syncthreads();
-    float gs[2][2], gt[2][2];
-    gram(gs, gt);
-    distances(i0, j0, gs, gt, sq, ds, dt, pair);
-  }
-
-  // Squared norms of every member, from the diagonals of the tiles (i, i).
-  __device__ void norms_pass() {
-    for (int i0 = 0; i0 < P; i0 += kTile) {
-      load_rows(i0, sh.rows_i);
-      load_rows(i0, sh.rows_j);
-      __syncthreads();
-      float gs[2][2], gt[2][2];
-      gram(gs, gt);
-      for (int u = 0; u < 2; ++u)
-        if (r0() + u == c0() + u && i0 + r0() + u < P) {
-          norms[2 * (i0 + r0() + u)] = gs[u][u];
-          norms[2 * (i0 + r0() + u) + 1] = gt[u][u];
-        }
-      __syncthreads();
-    }
-  }
-
-  // grad[rows_i] (+)= scale * (rowsum * S[rows_i] - w @ S[rows_j]) over tile (i0, j0): the tile's part
-  // of sum_b w(a, b) (s_a - s_b), kept in that difference form so that it stays well conditioned.
-  template <typename TG>
-  __device__ void write_grad(TG* grad, bool add) {
-    if (threadIdx.x < kTile) {
-      float total = 0.f;
-      for (int c = 0; c < kTile; ++c) total += sh.w[threadIdx.x][c];
-      sh.rowsum[threadIdx.x] = total;
-    }
-    __syncthreads();
-    for (int64_t d0 = 0; d0 < f.width; d0 += kChunk) {
-      for (int e = threadIdx.x; e < kTile * kChunk; e += kThreads) {
-        const int r = e / kChunk, c = e % kChunk;
-        const int64_t d = d0 + c;
-        const int ri = sh.rows_i[r], rj = sh.rows_j[r];
-        sh.a[r][c] = (ri >= 0 && d < f.width) ? to_float(s[ri * f.s_m + d * f.s_d]) : 0.f;
-        sh.b[r][c] = (rj >= 0 && d < f.width) ? to_float(s[rj * f.s_m + d * f.s_d]) : 0.f;
-      }
-      __syncthreads();
-      for (int e = threadIdx.x; e < kTile * kChunk; e += kThreads) {
-        const int r = e / kChunk, c = e % kChunk;
-        const int64_t d = d0 + c;
-        const int ri = sh.rows_i[r];
-        if (ri < 0 || d >= f.width) continue;
-        float acc = 0.f;
-        for (int k = 0; k < kTile; ++k) acc = fmaf(sh.w[r][k], sh.b[k][c], acc);
-        TG* out = grad + ri * f.g_m + d;
-        const float value = f.scale * (sh.rowsum[r] * sh.a[r][c] - acc);
-        *out = from_float<TG>(add ? to_float(*out) + value : value);
-      }
-      __syncthreads();
-    }
-  }
-};
 
 // Gram entry k of this thread (after the slices are added): for T = 64 the 4 x 4 block of rows
 // 4 tr + u and columns 4 tc + v (k = 4 u + v); for smaller T, entry threadIdx.x + kThreads k in row-major order.
@@ -328,11 +186,15 @@ __device__ __forceinline__ void store_chunk(const float (&v)[OneTile<T>::kLoads]
   }
 }
 
+template <int T, typename TS>
+__device__ void tile_grad(const TS* __restrict__ s, const FamilyArgs& f, GroupShared& sh, int rows_in_group,
+                          int cols, bool same, bool add, TS* __restrict__ grad);
+
 // A group of P <= T members (T = 16, 32 or 64) as one tile: see the file's header. Rows past P are
 // zero in every chunk, so their Gram entries are 0 and they take no part in any sum.
 template <int T, typename TS, typename TT>
 __device__ void one_tile_group(const TS* __restrict__ s, const TT* __restrict__ t, const int* __restrict__ members,
-                               int P, const FamilyArgs& f, OneTileShared& sh, TS* __restrict__ grad,
+                               int P, const FamilyArgs& f, GroupShared& sh, TS* __restrict__ grad,
                                float* __restrict__ loss_out) {
   using C = OneTile<T>;
   if (threadIdx.x < T) sh.rows[threadIdx.x] = static_cast<int>(threadIdx.x) < P ? members[threadIdx.x] : -1;
@@ -452,27 +314,45 @@ __device__ void one_tile_group(const TS* __restrict__ s, const TT* __restrict__ 
     sh.rowsum[threadIdx.x] = total;
   }
 
-  // Gradient pass: grad[a] (+)= scale * (rowsum[a] s_a - sum_b w(a, b) s_b), in that difference form
-  // (well conditioned); thread -> member row tid / kRowThreads, kCols consecutive widths of each chunk.
-  float* cg = sh.buf + T * C::kPad;  // student chunk [kWidth][kPad], after the weights
+  tile_grad<T>(s, f, sh, P, P, true, f.add, grad);
+}
+
+// Gradient pass of a tile (rows sh.rows, I) against itself (same) or against the tile of columns
+// sh.rows_j (J), with the pair weights w(a, b) in sh.buf [T][kPad] and their row sums in sh.rowsum:
+// grad[a] (+)= scale * (rowsum[a] s_a - sum_{b in J} w(a, b) s_b), in that difference form (well
+// conditioned). Thread -> member row tid / kRowThreads of I, kCols consecutive widths of each chunk;
+// the sum over b stops at cols (the columns in the group) rounded up to 4, past which w is 0.
+template <int T, typename TS>
+__device__ void tile_grad(const TS* __restrict__ s, const FamilyArgs& f, GroupShared& sh, int rows_in_group,
+                          int cols, bool same, bool add, TS* __restrict__ grad) {
+  using C = OneTile<T>;
+  const float* w = sh.buf;
+  float* ci = sh.buf + T * C::kPad;                // student chunk of I [kWidth][kPad], after the weights
+  float* cj = same ? ci : ci + C::kWidth * C::kPad;  // ... of J
   const int a = threadIdx.x / C::kRowThreads, c0 = (threadIdx.x % C::kRowThreads) * C::kCols;
-  const int p4 = (P + 3) & ~3;  // weights and rows past P are 0: the sum stops at P rounded up to 4
-  float next[C::kLoads];
-  load_chunk<T>(s, f.s_m, f.s_d, sh.rows, f.width, 0, next);
+  const int b_end = (cols + 3) & ~3;
+  const int64_t n_chunks = (f.width + C::kWidth - 1) / C::kWidth;
+  float next_i[C::kLoads], next_j[C::kLoads];
+  load_chunk<T>(s, f.s_m, f.s_d, sh.rows, f.width, 0, next_i);
+  if (!same) load_chunk<T>(s, f.s_m, f.s_d, sh.rows_j, f.width, 0, next_j);
   for (int64_t k = 0; k < n_chunks; ++k) {
     __syncthreads();  // the previous chunk (first: the weights and row sums) is done with
-    store_chunk<T>(next, cg);
+    store_chunk<T>(next_i, ci);
+    if (!same) store_chunk<T>(next_j, cj);
     __syncthreads();
-    if (k + 1 < n_chunks) load_chunk<T>(s, f.s_m, f.s_d, sh.rows, f.width, (k + 1) * C::kWidth, next);
-    if (a >= P) continue;
+    if (k + 1 < n_chunks) {
+      load_chunk<T>(s, f.s_m, f.s_d, sh.rows, f.width, (k + 1) * C::kWidth, next_i);
+      if (!same) load_chunk<T>(s, f.s_m, f.s_d, sh.rows_j, f.width, (k + 1) * C::kWidth, next_j);
+    }
+    if (a >= rows_in_group) continue;
     float acc[C::kCols];
     #pragma unroll
     for (int j = 0; j < C::kCols; ++j) acc[j] = 0.f;
-    for (int b = 0; b < p4; b += 4) {
+    for (int b = 0; b < b_end; b += 4) {
       const float4 w4 = load4(w + a * C::kPad + b);
       #pragma unroll
       for (int j = 0; j < C::kCols; ++j) {
-        const float4 s4 = load4(cg + (c0 + j) * C::kPad + b);
+        const float4 s4 = load4(cj + (c0 + j) * C::kPad + b);
         acc[j] = fmaf(w4.x, s4.x, acc[j]);
         acc[j] = fmaf(w4.y, s4.y, acc[j]);
         acc[j] = fmaf(w4.z, s4.z, acc[j]);
@@ -484,74 +364,166 @@ __device__ void one_tile_group(const TS* __restrict__ s, const TT* __restrict__ 
     for (int j = 0; j < C::kCols; ++j) {
       const int64_t d = k * C::kWidth + c0 + j;
       if (d >= f.width) break;
-      const float value = f.scale * (sh.rowsum[a] * cg[(c0 + j) * C::kPad + a] - acc[j]);
-      out[d] = from_float<TS>(f.add ? to_float(out[d]) + value : value);
+      const float value = f.scale * (sh.rowsum[a] * ci[(c0 + j) * C::kPad + a] - acc[j]);
+      out[d] = from_float<TS>(add ? to_float(out[d]) + value : value);
     }
   }
 }
 
-// One group of P >= 2 members: the one-tile path up to 64 members, the tiled path above.
+// ---------------------------------------------------------------- groups of more than 64 members
+
+// The Gram entries of two 64-row tiles, rows sh.rows (I) by columns sh.rows_j (J): this thread's
+// 4 x 4 block (rows 4 tr + u, columns 4 tc + v), and the squared norms of both tiles' rows into
+// sh.ns / sh.nt (I) and sh.ns_j / sh.nt_j (J). Each norm is a fmaf chain in width order, the same
+// chain as a Gram entry of a row with itself, so identical rows are exactly 0 apart here too.
+template <typename TS, typename TT>
+__device__ void pair_gram(const TS* __restrict__ s, const TT* __restrict__ t, const FamilyArgs& f, GroupShared& sh,
+                          float (&gs)[4][4], float (&gt)[4][4]) {
+  using C = OneTile<64>;
+  constexpr int kArray = C::kWidth * C::kPad;
+  float* chunk = sh.buf;  // student I, teacher I, student J, teacher J: [kWidth][kPad] each
+  const int tr = threadIdx.x / 16, tc = threadIdx.x % 16;
+  // Norms: thread -> row threadIdx.x % 64 of array threadIdx.x / 64.
+  const int n_array = threadIdx.x / 64, n_row = threadIdx.x % 64;
+  float norm = 0.f;
+  #pragma unroll
+  for (int u = 0; u < 4; ++u)
+    #pragma unroll
+    for (int v = 0; v < 4; ++v) gs[u][v] = gt[u][v] = 0.f;
+  const int64_t n_chunks = (f.width + C::kWidth - 1) / C::kWidth;
+  float n_si[C::kLoads], n_ti[C::kLoads], n_sj[C::kLoads], n_tj[C::kLoads];
+  auto load = [&](int64_t d0) {
+    load_chunk<64>(s, f.s_m, f.s_d, sh.rows, f.width, d0, n_si);
+    load_chunk<64>(t, f.t_m, f.t_d, sh.rows, f.width, d0, n_ti);
+    load_chunk<64>(s, f.s_m, f.s_d, sh.rows_j, f.width, d0, n_sj);
+    load_chunk<64>(t, f.t_m, f.t_d, sh.rows_j, f.width, d0, n_tj);
+  };
+  load(0);
+  for (int64_t k = 0; k < n_chunks; ++k) {
+    store_chunk<64>(n_si, chunk);
+    store_chunk<64>(n_ti, chunk + kArray);
+    store_chunk<64>(n_sj, chunk + 2 * kArray);
+    store_chunk<64>(n_tj, chunk + 3 * kArray);
+    __syncthreads();
+    if (k + 1 < n_chunks) load((k + 1) * C::kWidth);
+    const float* si = chunk;
+    const float* ti = chunk + kArray;
+    const float* sj = chunk + 2 * kArray;
+    const float* tj = chunk + 3 * kArray;
+    for (int c = 0; c < C::kWidth; ++c) {
+      const float4 as = load4(si + c * C::kPad + 4 * tr), bs = load4(sj + c * C::kPad + 4 * tc);
+      const float4 at = load4(ti + c * C::kPad + 4 * tr), bt = load4(tj + c * C::kPad + 4 * tc);
+      const float ras[4] = {as.x, as.y, as.z, as.w}, rbs[4] = {bs.x, bs.y, bs.z, bs.w};
+      const float rat[4] = {at.x, at.y, at.z, at.w}, rbt[4] = {bt.x, bt.y, bt.z, bt.w};
+      #pragma unroll
+      for (int u = 0; u < 4; ++u)
+        #pragma unroll
+        for (int v = 0; v < 4; ++v) {
+          gs[u][v] = fmaf(ras[u], rbs[v], gs[u][v]);
+          gt[u][v] = fmaf(rat[u], rbt[v], gt[u][v]);
+        }
+      const float x = chunk[n_array * kArray + c * C::kPad + n_row];
+      norm = fmaf(x, x, norm);
+    }
+    __syncthreads();
+  }
+  float* norms = n_array == 0 ? sh.ns : n_array == 1 ? sh.nt : n_array == 2 ? sh.ns_j : sh.nt_j;
+  norms[n_row] = norm;
+  __syncthreads();
+}
+
+// A group of more than 64 members in one block, as pairs of 64-row tiles (I, J): three sweeps over
+// every pair (the means of the distances; the Huber and K sums; the pair weights and the gradient
+// of rows I against columns J), each pair's Gram recomputed from the inputs, nothing stored but the
+// running sums. A sweep costs (P / 64)^2 Gram tiles of 64 x 64.
+template <typename TS, typename TT>
+__device__ void large_group(const TS* __restrict__ s, const TT* __restrict__ t, const int* __restrict__ members,
+                            int P, const FamilyArgs& f, GroupShared& sh, TS* __restrict__ grad,
+                            float* __restrict__ loss_out) {
+  const int tr = threadIdx.x / 16, tc = threadIdx.x % 16;
+  const float p_f = static_cast<float>(P), n_pairs = p_f * (p_f - 1.f);
+  float sq[16], ds[16], dt[16];
+  bool pair[16];
+  auto tile = [&](int i0, int j0) {
+    __syncthreads();  // the previous pair's rows, norms and weights are done with
+    if (threadIdx.x < kOneTile) {
+      const int a = i0 + threadIdx.x, b = j0 + threadIdx.x;
+      sh.rows[threadIdx.x] = a < P ? members[a] : -1;
+      sh.rows_j[threadIdx.x] = b < P ? members[b] : -1;
+    }
+    __syncthreads();
+    float gs[4][4], gt[4][4];
+    pair_gram(s, t, f, sh, gs, gt);
+    #pragma unroll
+    for (int k = 0; k < 16; ++k) {
+      const int u = k / 4, v = k % 4, a = i0 + 4 * tr + u, b = j0 + 4 * tc + v;
+      pair[k] = a < P && b < P && a != b;
+      sq[k] = sh.ns[4 * tr + u] + sh.ns_j[4 * tc + v] - 2.f * gs[u][v];
+      ds[k] = pair_dist(sq[k]);
+      dt[k] = pair_dist(sh.nt[4 * tr + u] + sh.nt_j[4 * tc + v] - 2.f * gt[u][v]);
+    }
+  };
+
+  float sum_s = 0.f, sum_t = 0.f;
+  for (int i0 = 0; i0 < P; i0 += kOneTile)
+    for (int j0 = 0; j0 < P; j0 += kOneTile) {
+      tile(i0, j0);
+      #pragma unroll
+      for (int k = 0; k < 16; ++k)
+        if (pair[k]) sum_s += ds[k], sum_t += dt[k];
+    }
+  const float mu_s = block_sum(sum_s, sh.reduce) / n_pairs;
+  const float mu_t = block_sum(sum_t, sh.reduce) / n_pairs;
+
+  float huber_sum = 0.f, k_part = 0.f;
+  for (int i0 = 0; i0 < P; i0 += kOneTile)
+    for (int j0 = 0; j0 < P; j0 += kOneTile) {
+      tile(i0, j0);
+      #pragma unroll
+      for (int k = 0; k < 16; ++k)
+        if (pair[k]) {
+          const float x = ds[k] / mu_s - dt[k] / mu_t;
+          huber_sum += huber(x);
+          k_part += clamp_keep_nan(x, -1.f, 1.f) * ds[k];
+        }
+    }
+  const float loss = block_sum(huber_sum, sh.reduce) / p_f;
+  const float k_sum = block_sum(k_part, sh.reduce);
+  if (threadIdx.x == 0) *loss_out = loss;
+
+  using C = OneTile<64>;
+  for (int i0 = 0; i0 < P; i0 += kOneTile)
+    for (int j0 = 0; j0 < P; j0 += kOneTile) {
+      tile(i0, j0);
+      #pragma unroll
+      for (int k = 0; k < 16; ++k)
+        sh.buf[(4 * tr + k / 4) * C::kPad + 4 * tc + k % 4] =
+            pair_weight(pair[k], sq[k], ds[k], dt[k], mu_s, mu_t, k_sum, p_f, n_pairs);
+      __syncthreads();
+      if (threadIdx.x < kOneTile) {
+        float total = 0.f;
+        for (int b = 0; b < kOneTile; ++b) total += sh.buf[threadIdx.x * C::kPad + b];
+        sh.rowsum[threadIdx.x] = total;
+      }
+      const int rows_in = P - i0 < kOneTile ? P - i0 : kOneTile, cols_in = P - j0 < kOneTile ? P - j0 : kOneTile;
+      tile_grad<64>(s, f, sh, rows_in, cols_in, false, f.add || j0 > 0, grad);
+    }
+}
+
+// One group of P >= 2 members: one tile up to 64 members, pairs of 64-row tiles above.
 template <typename TS, typename TT>
 __device__ void group(const TS* __restrict__ es, const TT* __restrict__ et, TS* __restrict__ grad,
-                      const int* __restrict__ idx, const int* __restrict__ cnt, float* __restrict__ norms,
-                      float* __restrict__ group_loss, const FamilyArgs& f, BlockShared& shared, int64_t g) {
-  Shared& sh = shared.tiled;
+                      const int* __restrict__ idx, const int* __restrict__ cnt, float* __restrict__ group_loss,
+                      const FamilyArgs& f, GroupShared& sh, int64_t g) {
   const int P = cnt[g];
   TS* grad_g = grad + g * f.g_g;
   const TS* s = es + g * f.s_g;
   const TT* t = et + g * f.t_g;
   const int* members = idx + g * f.n_members;
-  if (P <= 16) return one_tile_group<16>(s, t, members, P, f, shared.one, grad_g, group_loss + g);
-  if (P <= 32) return one_tile_group<32>(s, t, members, P, f, shared.one, grad_g, group_loss + g);
-  if (P <= kOneTile) return one_tile_group<64>(s, t, members, P, f, shared.one, grad_g, group_loss + g);
-
-  // The tiled path: four passes over 32 x 32 tiles.
-  Group<TS, TT> grp{s, t, members, norms + g * f.n_members * 2, P, f, sh};
-  const float p_f = static_cast<float>(P), n_pairs = p_f * (p_f - 1.f);
-  float sq[2][2], ds[2][2], dt[2][2];
-  bool pair[2][2];
-  grp.norms_pass();
-
-  // Means of the distances over the ordered pairs.
-  float sum_s = 0.f, sum_t = 0.f;
-  for (int i0 = 0; i0 < P; i0 += kTile)
-    for (int j0 = 0; j0 < P; j0 += kTile) {
-      grp.tile(i0, j0, sq, ds, dt, pair);
-      for (int u = 0; u < 2; ++u)
-        for (int v = 0; v < 2; ++v)
-          if (pair[u][v]) sum_s += ds[u][v], sum_t += dt[u][v];
-    }
-  const float mu_s = block_sum(sum_s, sh.reduce) / n_pairs;
-  const float mu_t = block_sum(sum_t, sh.reduce) / n_pairs;
-
-  // Huber and K sums.
-  float huber_sum = 0.f, k_part = 0.f;
-  for (int i0 = 0; i0 < P; i0 += kTile)
-    for (int j0 = 0; j0 < P; j0 += kTile) {
-      grp.tile(i0, j0, sq, ds, dt, pair);
-      for (int u = 0; u < 2; ++u)
-        for (int v = 0; v < 2; ++v)
-          if (pair[u][v]) {
-            const float x = ds[u][v] / mu_s - dt[u][v] / mu_t;
-            huber_sum += huber(x);
-            k_part += clamp_keep_nan(x, -1.f, 1.f) * ds[u][v];
-          }
-    }
-  const float loss = block_sum(huber_sum, sh.reduce) / p_f;
-  const float k_sum = block_sum(k_part, sh.reduce);
-  if (threadIdx.x == 0) group_loss[g] = loss;
-
-  // Gradient, tile by tile.
-  for (int i0 = 0; i0 < P; i0 += kTile)
-    for (int j0 = 0; j0 < P; j0 += kTile) {
-      grp.tile(i0, j0, sq, ds, dt, pair);
-      for (int u = 0; u < 2; ++u)
-        for (int v = 0; v < 2; ++v)
-          sh.w[grp.r0() + u][grp.c0() + v] =
-              pair_weight(pair[u][v], sq[u][v], ds[u][v], dt[u][v], mu_s, mu_t, k_sum, p_f, n_pairs);
-      __syncthreads();
-      grp.write_grad(grad_g, f.add || j0 > 0);
-    }
+  if (P <= 16) return one_tile_group<16>(s, t, members, P, f, sh, grad_g, group_loss + g);
+  if (P <= 32) return one_tile_group<32>(s, t, members, P, f, sh, grad_g, group_loss + g);
+  if (P <= kOneTile) return one_tile_group<64>(s, t, members, P, f, sh, grad_g, group_loss + g);
+  large_group(s, t, members, P, f, sh, grad_g, group_loss + g);
 }
 
 // One family's active groups (members_kernel listed them), each block taking every gridDim.x-th:
@@ -560,12 +532,11 @@ template <typename TS, typename TT>
 __global__ void __launch_bounds__(kThreads, 1)
     group_kernel(const TS* __restrict__ es, const TT* __restrict__ et, TS* __restrict__ grad,
                  const int* __restrict__ idx, const int* __restrict__ cnt, const int* __restrict__ n_active,
-                 const int* __restrict__ active, float* __restrict__ norms, float* __restrict__ group_loss,
-                 FamilyArgs f) {
-  __shared__ BlockShared shared;
+                 const int* __restrict__ active, float* __restrict__ group_loss, FamilyArgs f) {
+  __shared__ GroupShared shared;
   const int n = *n_active;
   for (int i = blockIdx.x; i < n; i += gridDim.x) {
-    group(es, et, grad, idx, cnt, norms, group_loss, f, shared, active[i]);
+    group(es, et, grad, idx, cnt, group_loss, f, shared, active[i]);
     __syncthreads();  // the next group reuses shared memory
   }
 }
@@ -611,7 +582,6 @@ std::tuple<at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in, const at::T
   int* id_cnt = cd_cnt + C;
   int* active = id_cnt + B;  // [C] active CD groups, then [B] active ID groups
   at::Tensor n_active = at::zeros({2}, i32);
-  at::Tensor norms = at::empty({2 * B * C * 2}, f32);
   at::Tensor group_loss = at::empty({C + B}, f32);
   at::Tensor out = at::empty({3}, f32);
   // Group blocks: at most one per SM (each holds up to 168 registers per thread), looping over groups.
@@ -633,15 +603,13 @@ std::tuple<at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in, const at::T
                         grad.stride(1), grad.stride(0), B, D,
                         static_cast<float>(2.0 * lambda_cd), false};
     group_kernel<T, T><<<blocks(C), kThreads, 0, stream>>>(s, t, g, cd_idx, cd_cnt, n_active.data_ptr<int>(),
-                                                            active, norms.data_ptr<float>(),
-                                                            group_loss.data_ptr<float>(), cd);
+                                                            active, group_loss.data_ptr<float>(), cd);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const FamilyArgs id{es.stride(0), es.stride(1), es.stride(2), et.stride(0), et.stride(1), et.stride(2),
                         grad.stride(0), grad.stride(1), C, D,
                         static_cast<float>(2.0 * lambda_id), true};
     group_kernel<T, T><<<blocks(B), kThreads, 0, stream>>>(s, t, g, id_idx, id_cnt, n_active.data_ptr<int>() + 1,
-                                                            active + C, norms.data_ptr<float>() + 2 * B * C,
-                                                            group_loss.data_ptr<float>() + C, id);
+                                                            active + C, group_loss.data_ptr<float>() + C, id);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   finalize_kernel<<<1, kThreads, 0, stream>>>(group_loss.data_ptr<float>(), C, B, static_cast<float>(lambda_cd),

@@ -124,14 +124,33 @@ def test_led_half_precision_large_groups(ops, dtype):
 
 
 def test_led_duplicate_rows_in_large_groups_stay_finite(ops):
-    es, et, y = embeddings(70, 2, 16, density=1.0, seed=9)
+    """Identical rows in the same 64-row tile and in different tiles of a 150-member group (three
+    tiles a side), and in a 40-member one-tile group: their distance is exactly 0 (the norms are the
+    Gram's own fmaf chains), so the gradient stays finite."""
+    es, et, y = embeddings(150, 2, 16, density=1.0, seed=9)
     es, et = es.float(), et.float()
-    y[40:, 1] = False  # a 70-member and a 40-member group
+    y[40:, 1] = False  # a 150-member and a 40-member group
     es[5] = es[3]
     es[17] = es[3]
+    es[140] = es[3]
     et[9] = et[2]
+    et[100] = et[2]
     losses, grad = _led(ops, es, et, y)
     assert torch.isfinite(losses).all() and torch.isfinite(grad).all()
+    _check_fp32(losses, grad, es, et, y)
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["cd-groups", "id-groups"])
+def test_led_groups_of_several_tiles(ops, transpose):
+    """Groups of 128, 129 and 150 members: two full 64-row tiles, and three with a ragged last one;
+    a width of 72 ends in a partial 32-wide chunk."""
+    sizes = torch.tensor([150, 129, 128, 3])
+    y = torch.arange(150)[:, None] < sizes[None, :]
+    if transpose:
+        y = y.T.contiguous()
+    es, et, _ = embeddings(*y.shape, 72, seed=21)
+    es, et = es.float(), et.float()
+    losses, grad = _led(ops, es, et, y)
     _check_fp32(losses, grad, es, et, y)
 
 
