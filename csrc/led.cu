@@ -1,9 +1,9 @@
 // LED in CUDA: every group's distances, normalization, loss and gradient, one thread block per group,
 // without a relation tensor in global memory (the formulas are those of l2d_kernels/ops/triton_led.py).
 //
-// Launches: members_kernel compacts each group's members from the targets; group_kernel runs once
-// per family (CD writes the gradient, zeroing every row outside a group; ID adds into it), and
-// finalize_kernel adds the group losses. Every sum runs in a fixed order and no float atomics are
+// Launches: members_kernel compacts each group's members from the targets and writes the zero rows
+// of the gradient; group_kernel runs once per family (CD writes its groups' rows, ID adds into them),
+// and the last ID block to finish adds the group losses. Every sum runs in a fixed order and no float atomics are
 // used: results are bitwise reproducible. Squared norms are the Gram's own diagonal, so identical
 // rows are exactly 0 apart.
 //
@@ -30,6 +30,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "common.cuh"
 #include "ops.h"
@@ -45,8 +46,11 @@ constexpr float kDistEps = 1e-12f;
 // lists' order varies, each group's arithmetic does not). A group of fewer than two has loss 0 here.
 // CD blocks also write zero into the gradient rows of their label outside the group (all of them
 // when it has fewer than two members), so that every row is written once before ID adds into it.
-template <typename TG>
-__global__ void members_kernel(const bool* __restrict__ pos, int64_t y_sb, int64_t y_sc, int64_t B, int64_t C,
+__device__ __forceinline__ bool positive(bool y) { return y; }
+__device__ __forceinline__ bool positive(float y) { return y > 0.5f; }
+
+template <typename TG, typename TY>
+__global__ void members_kernel(const TY* __restrict__ pos, int64_t y_sb, int64_t y_sc, int64_t B, int64_t C,
                                int* __restrict__ cd_idx, int* __restrict__ cd_cnt, int* __restrict__ id_idx,
                                int* __restrict__ id_cnt, int* __restrict__ n_active, int* __restrict__ active,
                                float* __restrict__ group_loss, TG* __restrict__ grad, int64_t g_sb, int64_t g_sc,
@@ -56,7 +60,7 @@ __global__ void members_kernel(const bool* __restrict__ pos, int64_t y_sb, int64
   __shared__ int running;
   const int64_t g = blockIdx.x;
   const bool cd = g < C;
-  const bool* flags = cd ? pos + g * y_sc : pos + (g - C) * y_sb;
+  const TY* flags = cd ? pos + g * y_sc : pos + (g - C) * y_sb;
   const int64_t stride = cd ? y_sb : y_sc;
   const int64_t n = cd ? B : C;
   int* out = cd ? cd_idx + g * B : id_idx + (g - C) * C;
@@ -64,7 +68,7 @@ __global__ void members_kernel(const bool* __restrict__ pos, int64_t y_sb, int64
   __syncthreads();
   for (int64_t start = 0; start < n; start += kThreads) {
     const int64_t k = start + threadIdx.x;
-    const int hit = (k < n && flags[k * stride]) ? 1 : 0;
+    const int hit = (k < n && positive(flags[k * stride])) ? 1 : 0;
     int rank, total;
     Scan(scan_storage).ExclusiveSum(hit, rank, total);
     if (hit) out[running + rank] = static_cast<int>(k);
@@ -84,7 +88,7 @@ __global__ void members_kernel(const bool* __restrict__ pos, int64_t y_sb, int64
     const TG zero = from_float<TG>(0.f);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     for (int64_t m = warp; m < B; m += kThreads / 32) {
-      if (P >= 2 && flags[m * stride]) continue;
+      if (P >= 2 && positive(flags[m * stride])) continue;
       TG* row = grad + m * g_sb + g * g_sc;
       for (int64_t d = lane; d < D; d += 32) row[d] = zero;
     }
@@ -526,27 +530,14 @@ __device__ void group(const TS* __restrict__ es, const TT* __restrict__ et, TS* 
   large_group(s, t, members, P, f, sh, grad_g, group_loss + g);
 }
 
-// One family's active groups (members_kernel listed them), each block taking every gridDim.x-th:
-// the grid is at most one block per SM, whatever the number of labels.
-template <typename TS, typename TT>
-__global__ void __launch_bounds__(kThreads, 1)
-    group_kernel(const TS* __restrict__ es, const TT* __restrict__ et, TS* __restrict__ grad,
-                 const int* __restrict__ idx, const int* __restrict__ cnt, const int* __restrict__ n_active,
-                 const int* __restrict__ active, float* __restrict__ group_loss, FamilyArgs f) {
-  __shared__ GroupShared shared;
-  const int n = *n_active;
-  for (int i = blockIdx.x; i < n; i += gridDim.x) {
-    group(es, et, grad, idx, cnt, group_loss, f, shared, active[i]);
-    __syncthreads();  // the next group reuses shared memory
-  }
-}
-
-__global__ void finalize_kernel(const float* __restrict__ group_loss, int64_t C, int64_t B, float lambda_cd,
-                                float lambda_id, float* __restrict__ out) {
-  __shared__ float scratch[kThreads / 32];
+// The call's three sums from the per-group losses (CD groups, then ID groups), each added in index
+// order: [lambda_cd * CD + lambda_id * ID, CD, ID]. Run by the last block of the ID launch to finish;
+// __ldcg reads at L2, past any L1 line of this SM that predates the other blocks' writes.
+__device__ void finalize(const float* group_loss, int64_t C, int64_t B, float lambda_cd, float lambda_id,
+                         float* __restrict__ out, float* scratch) {
   float cd = 0.f, id = 0.f;
-  for (int64_t k = threadIdx.x; k < C; k += kThreads) cd += group_loss[k];
-  for (int64_t k = threadIdx.x; k < B; k += kThreads) id += group_loss[C + k];
+  for (int64_t k = threadIdx.x; k < C; k += kThreads) cd += __ldcg(group_loss + k);
+  for (int64_t k = threadIdx.x; k < B; k += kThreads) id += __ldcg(group_loss + C + k);
   cd = block_sum(cd, scratch);
   id = block_sum(id, scratch);
   if (threadIdx.x == 0) {
@@ -554,6 +545,41 @@ __global__ void finalize_kernel(const float* __restrict__ group_loss, int64_t C,
     out[1] = cd;
     out[2] = id;
   }
+}
+
+// What the launch that ends a call (ID) needs to add the group losses once every block is done.
+struct Finalize {
+  float* out;              // [3]; null for the CD launch
+  const float* group_loss; // all C + B group losses
+  int* blocks_done;        // zero before the launch
+  int64_t C, B;
+  float lambda_cd, lambda_id;
+};
+
+// One family's active groups (members_kernel listed them), each block taking every gridDim.x-th:
+// the grid is at most one block per SM, whatever the number of labels.
+template <typename TS, typename TT>
+__global__ void __launch_bounds__(kThreads, 1)
+    group_kernel(const TS* __restrict__ es, const TT* __restrict__ et, TS* __restrict__ grad,
+                 const int* __restrict__ idx, const int* __restrict__ cnt, const int* __restrict__ n_active,
+                 const int* __restrict__ active, float* group_loss, FamilyArgs f, Finalize fin) {
+  __shared__ GroupShared shared;
+  __shared__ bool last;
+  const int n = *n_active;
+  for (int i = blockIdx.x; i < n; i += gridDim.x) {
+    group(es, et, grad, idx, cnt, group_loss, f, shared, active[i]);
+    __syncthreads();  // the next group reuses shared memory
+  }
+  if (fin.out == nullptr) return;
+  // The last block to finish adds the losses (a fixed order, whichever block it is).
+  if (threadIdx.x == 0) {
+    __threadfence();  // this block's group losses are visible before it counts itself done
+    last = atomicAdd(fin.blocks_done, 1) == static_cast<int>(gridDim.x) - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  finalize(fin.group_loss, fin.C, fin.B, fin.lambda_cd, fin.lambda_id, fin.out, shared.reduce);
 }
 
 }  // namespace
@@ -569,7 +595,9 @@ std::tuple<at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in, const at::T
   const bool mixed = es_in.scalar_type() != et_in.scalar_type();
   const at::Tensor es = mixed ? es_in.to(at::kFloat) : es_in;
   const at::Tensor et = mixed ? et_in.to(at::kFloat) : et_in;
-  const at::Tensor pos = targets.gt(0.5);
+  // Targets: bool and float32 read as they are, any other dtype compared once into bool.
+  const bool direct = targets.scalar_type() == at::kBool || targets.scalar_type() == at::kFloat;
+  const at::Tensor pos = direct ? targets : targets.gt(0.5);
   const int64_t B = es.size(0), C = es.size(1), D = es.size(2);
   auto stream = c10::cuda::getCurrentCUDAStream();
   auto i32 = es.options().dtype(at::kInt), f32 = es.options().dtype(at::kFloat);
@@ -581,40 +609,44 @@ std::tuple<at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in, const at::T
   int* cd_cnt = id_idx + B * C;
   int* id_cnt = cd_cnt + C;
   int* active = id_cnt + B;  // [C] active CD groups, then [B] active ID groups
-  at::Tensor n_active = at::zeros({2}, i32);
+  at::Tensor counters = at::zeros({3}, i32);  // active CD groups, active ID groups, ID blocks done
+  int* n_active = counters.data_ptr<int>();
   at::Tensor group_loss = at::empty({C + B}, f32);
   at::Tensor out = at::empty({3}, f32);
-  // Group blocks: at most one per SM (each holds up to 168 registers per thread), looping over groups.
+  // Group blocks: at most one per SM (each holds up to 255 registers per thread), looping over groups.
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, es.get_device()));
   const auto blocks = [&](int64_t groups) { return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(groups, sms))); };
+  float* losses = group_loss.data_ptr<float>();
 
   dispatch_float_types(es.scalar_type(), "led_cuda", [&](auto tag) {
     using T = decltype(tag);
     const T* s = reinterpret_cast<const T*>(es.data_ptr());
     const T* t = reinterpret_cast<const T*>(et.data_ptr());
     T* g = reinterpret_cast<T*>(grad.data_ptr());
-    members_kernel<T><<<static_cast<unsigned>(C + B), kThreads, 0, stream>>>(
-        pos.data_ptr<bool>(), pos.stride(0), pos.stride(1), B, C, cd_idx, cd_cnt, id_idx, id_cnt,
-        n_active.data_ptr<int>(), active, group_loss.data_ptr<float>(), g, grad.stride(0), grad.stride(1), D);
+    const auto members = [&](const auto* y) {
+      using TY = std::remove_cv_t<std::remove_pointer_t<decltype(y)>>;
+      members_kernel<T, TY><<<static_cast<unsigned>(C + B), kThreads, 0, stream>>>(
+          y, pos.stride(0), pos.stride(1), B, C, cd_idx, cd_cnt, id_idx, id_cnt, n_active, active, losses, g,
+          grad.stride(0), grad.stride(1), D);
+    };
+    if (pos.scalar_type() == at::kFloat) members(pos.data_ptr<float>());
+    else members(pos.data_ptr<bool>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     // CD: groups are labels, members are images. ID: the other way round.
     const FamilyArgs cd{es.stride(1), es.stride(0), es.stride(2), et.stride(1), et.stride(0), et.stride(2),
-                        grad.stride(1), grad.stride(0), B, D,
-                        static_cast<float>(2.0 * lambda_cd), false};
-    group_kernel<T, T><<<blocks(C), kThreads, 0, stream>>>(s, t, g, cd_idx, cd_cnt, n_active.data_ptr<int>(),
-                                                            active, group_loss.data_ptr<float>(), cd);
+                        grad.stride(1), grad.stride(0), B, D, static_cast<float>(2.0 * lambda_cd), false};
+    group_kernel<T, T><<<blocks(C), kThreads, 0, stream>>>(s, t, g, cd_idx, cd_cnt, n_active, active, losses, cd,
+                                                            Finalize{});
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const FamilyArgs id{es.stride(0), es.stride(1), es.stride(2), et.stride(0), et.stride(1), et.stride(2),
-                        grad.stride(0), grad.stride(1), C, D,
-                        static_cast<float>(2.0 * lambda_id), true};
-    group_kernel<T, T><<<blocks(B), kThreads, 0, stream>>>(s, t, g, id_idx, id_cnt, n_active.data_ptr<int>() + 1,
-                                                            active + C, group_loss.data_ptr<float>() + C, id);
+                        grad.stride(0), grad.stride(1), C, D, static_cast<float>(2.0 * lambda_id), true};
+    const Finalize fin{out.data_ptr<float>(), losses, n_active + 2, C, B, static_cast<float>(lambda_cd),
+                       static_cast<float>(lambda_id)};
+    group_kernel<T, T><<<blocks(B), kThreads, 0, stream>>>(s, t, g, id_idx, id_cnt, n_active + 1, active + C,
+                                                            losses + C, id, fin);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  finalize_kernel<<<1, kThreads, 0, stream>>>(group_loss.data_ptr<float>(), C, B, static_cast<float>(lambda_cd),
-                                               static_cast<float>(lambda_id), out.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (mixed) grad = grad.to(es_in.scalar_type());
   return {out, grad};
 }

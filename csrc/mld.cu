@@ -1,6 +1,7 @@
 // MLD in one pass: per-label Bernoulli KL of clamped sigmoid probabilities, its reduction and the
 // student gradient (see l2d_kernels/ops/triton_mld.py for the formulas, which this mirrors).
-// Each block writes its partial sum; one block adds them in a fixed order: no float atomics.
+// Each block writes its partial sum; one block adds them in a fixed order: no float atomics. Small
+// inputs take one block, which writes the loss itself.
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
@@ -46,10 +47,11 @@ template <typename T>
 __global__ void mld_kernel(const T* __restrict__ zs, const T* __restrict__ zt, T* __restrict__ grad,
                            float* __restrict__ out, int64_t B, int64_t C, int64_t zs_sb, int64_t zs_sc,
                            int64_t zt_sb, int64_t zt_sc, float inv_t, float loss_scale, float grad_scale,
-                           float lo, float hi, bool per_label) {
+                           float lo, float hi, bool per_label, bool single) {
   __shared__ float scratch[kThreads / 32];
   const int64_t n = B * C;
   float partial = 0.f;
+  #pragma unroll 4
   for (int64_t k = blockIdx.x * (int64_t)kThreads + threadIdx.x; k < n; k += (int64_t)gridDim.x * kThreads) {
     const int64_t b = k / C, c = k % C;
     const LogProbs s = clamped_log_probs(to_float(zs[b * zs_sb + c * zs_sc]) * inv_t, lo, hi);
@@ -67,7 +69,7 @@ __global__ void mld_kernel(const T* __restrict__ zs, const T* __restrict__ zt, T
   }
   if (!per_label) {
     const float total = block_sum(partial, scratch);
-    if (threadIdx.x == 0) out[blockIdx.x] = total;
+    if (threadIdx.x == 0) out[blockIdx.x] = single ? total * loss_scale : total;
   }
 }
 
@@ -98,11 +100,15 @@ std::tuple<at::Tensor, at::Tensor> mld_cuda(const at::Tensor& zs_in, const at::T
   const bool per_label = reduction == "none";
   const float loss_scale = static_cast<float>(scale * temperature * temperature);
   const float grad_scale = static_cast<float>(scale * temperature);
-  const int blocks = static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 1024));
+  // Up to kSingleBlock labels, one block reduces them all and writes the loss: one launch instead of
+  // two where the call's cost is its launches (64 x 80 is 20 labels a thread).
+  constexpr int64_t kSingleBlock = 32 * kThreads;
+  const bool single = !per_label && n <= kSingleBlock;
+  const int blocks = single ? 1 : static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 1024));
 
   at::Tensor grad = at::empty({B, C}, zs.options());
-  at::Tensor out = per_label ? at::empty({B, C}, zs.options().dtype(at::kFloat))
-                             : at::empty({blocks}, zs.options().dtype(at::kFloat));
+  const auto f32 = zs.options().dtype(at::kFloat);
+  at::Tensor out = per_label ? at::empty({B, C}, f32) : single ? at::empty({}, f32) : at::empty({blocks}, f32);
   auto stream = c10::cuda::getCurrentCUDAStream();
   const float lo = static_cast<float>(std::log(eps)), hi = static_cast<float>(std::log1p(-eps));
   dispatch_float_types(zs.scalar_type(), "mld_cuda", [&](auto tag) {
@@ -110,11 +116,12 @@ std::tuple<at::Tensor, at::Tensor> mld_cuda(const at::Tensor& zs_in, const at::T
     mld_kernel<T><<<blocks, kThreads, 0, stream>>>(
         reinterpret_cast<const T*>(zs.data_ptr()), reinterpret_cast<const T*>(zt.data_ptr()),
         reinterpret_cast<T*>(grad.data_ptr()), out.data_ptr<float>(), B, C, zs.stride(0), zs.stride(1),
-        zt.stride(0), zt.stride(1), static_cast<float>(1.0 / temperature), loss_scale, grad_scale, lo, hi, per_label);
+        zt.stride(0), zt.stride(1), static_cast<float>(1.0 / temperature), loss_scale, grad_scale, lo, hi, per_label,
+        single);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (mixed) grad = grad.to(zs_in.scalar_type());
-  if (per_label) return {out, grad};
+  if (per_label || single) return {out, grad};
   at::Tensor loss = at::empty({}, out.options());
   sum_kernel<<<1, kThreads, 0, stream>>>(out.data_ptr<float>(), blocks, loss_scale, loss.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

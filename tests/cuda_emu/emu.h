@@ -255,7 +255,14 @@ inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z,
 
 inline void __syncthreads() { ::l2d_emu::syncthreads(); }
 
-// One OS thread runs every fiber, and a fiber is only switched at a barrier: plain read-modify-write.
+// One OS thread runs every fiber, and blocks run one after another: memory is always coherent.
+inline void __threadfence() {}
+template <typename T>
+T __ldcg(const T* address) {
+  return *address;
+}
+
+// A fiber is only switched at a barrier: atomics are plain read-modify-writes.
 template <typename T>
 T atomicAdd(T* address, T value) {
   const T old = *address;
