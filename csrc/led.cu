@@ -15,11 +15,12 @@
 // thread reads four members' values with one 16-byte load. Smaller tiles take wider chunks and split
 // the width among groups of threads (kSlices), whose partial Grams are then added in a fixed order:
 // every tile size has 16 Gram entries per thread per slice and 8 chunk values per thread per input.
-// A larger group is swept as pairs of 64-row tiles by one block (large_group): three sweeps (means;
-// Huber and K sums; weights and gradient), each pair's Gram recomputed from the inputs with the same
-// chunk machinery, so a group of P members costs about 3 (P / 64)^2 tile Grams. One block per group
-// makes a group of hundreds slow; "auto" prefers the Triton backend for batches above 128
-// (l2d_kernels/backends.py).
+// A larger group is swept as pairs of 64-row tiles (I, J), three sweeps: the means of the distances;
+// the Huber and K sums; the pair weights and the gradient of rows I. Each pair's Gram is recomputed
+// from the inputs with the same chunk machinery, about 3 (P / 64)^2 tile Grams for P members. Where a
+// family's groups can exceed 128 members ("striped"), each row tile I of such a group is a work item
+// of its own, on its own SM, and the sweeps are three launches whose sums are kept per row tile and
+// added in row-tile order; otherwise the group's at most four tile pairs stay in one block.
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAStream.h>
@@ -46,6 +47,14 @@ constexpr float kDistEps = 1e-12f;
 // lists' order varies, each group's arithmetic does not). A group of fewer than two has loss 0 here.
 // CD blocks also write zero into the gradient rows of their label outside the group (all of them
 // when it has fewer than two members), so that every row is written once before ID adds into it.
+// Where members_kernel lists the row tiles of the groups above 64 members of a striped family
+// (max_strips[family] > 0; see Strips).
+struct StripLists {
+  int* n_items;     // [2]: CD, ID
+  int* items[2];
+  int max_strips[2];
+};
+
 __device__ __forceinline__ bool positive(bool y) { return y; }
 __device__ __forceinline__ bool positive(float y) { return y > 0.5f; }
 
@@ -54,7 +63,7 @@ __global__ void members_kernel(const TY* __restrict__ pos, int64_t y_sb, int64_t
                                int* __restrict__ cd_idx, int* __restrict__ cd_cnt, int* __restrict__ id_idx,
                                int* __restrict__ id_cnt, int* __restrict__ n_active, int* __restrict__ active,
                                float* __restrict__ group_loss, TG* __restrict__ grad, int64_t g_sb, int64_t g_sc,
-                               int64_t D) {
+                               int64_t D, StripLists strips) {
   using Scan = cub::BlockScan<int, kThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
   __shared__ int running;
@@ -79,10 +88,18 @@ __global__ void members_kernel(const TY* __restrict__ pos, int64_t y_sb, int64_t
   const int P = running;
   if (threadIdx.x == 0) {
     (cd ? cd_cnt[g] : id_cnt[g - C]) = P;
-    if (P >= 2)
-      active[(cd ? 0 : C) + atomicAdd(n_active + (cd ? 0 : 1), 1)] = static_cast<int>(cd ? g : g - C);
-    else
+    const int fam = cd ? 0 : 1;
+    const int rank = static_cast<int>(cd ? g : g - C);
+    const int max_strips = cd ? strips.max_strips[0] : strips.max_strips[1];
+    if (P > kOneTile && max_strips > 0) {  // a striped family: one work item per row tile
+      const int n = (P + kOneTile - 1) / kOneTile;
+      int* items = (cd ? strips.items[0] : strips.items[1]) + atomicAdd(strips.n_items + fam, n);
+      for (int k = 0; k < n; ++k) items[k] = rank * max_strips + k;
+    } else if (P >= 2) {
+      active[(cd ? 0 : C) + atomicAdd(n_active + fam, 1)] = rank;
+    } else {
       group_loss[g] = 0.f;
+    }
   }
   if (cd) {
     const TG zero = from_float<TG>(0.f);
@@ -436,19 +453,23 @@ __device__ void pair_gram(const TS* __restrict__ s, const TT* __restrict__ t, co
   __syncthreads();
 }
 
-// A group of more than 64 members in one block, as pairs of 64-row tiles (I, J): three sweeps over
-// every pair (the means of the distances; the Huber and K sums; the pair weights and the gradient
-// of rows I against columns J), each pair's Gram recomputed from the inputs, nothing stored but the
-// running sums. A sweep costs (P / 64)^2 Gram tiles of 64 x 64.
-template <typename TS, typename TT>
-__device__ void large_group(const TS* __restrict__ s, const TT* __restrict__ t, const int* __restrict__ members,
-                            int P, const FamilyArgs& f, GroupShared& sh, TS* __restrict__ grad,
-                            float* __restrict__ loss_out) {
+// One sweep of a group of more than 64 members over the pairs of 64-row tiles (I, J) of one row
+// tile I (rows i0 .. i0 + 63), J in order, each pair's Gram recomputed from the inputs:
+//   kSweep 0: this thread's sums of the pairs' student and teacher distances (into out[0], out[1]);
+//   kSweep 1: its Huber and K sums, given the means (out[0], out[1]);
+//   kSweep 2: the pair weights, given the means and the K sum, and the gradient of rows I.
+struct SweepIn {
+  float mu_s, mu_t, k_sum;
+};
+
+template <int kSweep, typename TS, typename TT>
+__device__ void strip_sweep(const TS* __restrict__ s, const TT* __restrict__ t, const int* __restrict__ members,
+                            int P, const FamilyArgs& f, GroupShared& sh, TS* __restrict__ grad, int i0,
+                            SweepIn in, float (&out)[2]) {
+  using C = OneTile<64>;
   const int tr = threadIdx.x / 16, tc = threadIdx.x % 16;
   const float p_f = static_cast<float>(P), n_pairs = p_f * (p_f - 1.f);
-  float sq[16], ds[16], dt[16];
-  bool pair[16];
-  auto tile = [&](int i0, int j0) {
+  for (int j0 = 0; j0 < P; j0 += kOneTile) {
     __syncthreads();  // the previous pair's rows, norms and weights are done with
     if (threadIdx.x < kOneTile) {
       const int a = i0 + threadIdx.x, b = j0 + threadIdx.x;
@@ -461,48 +482,23 @@ __device__ void large_group(const TS* __restrict__ s, const TT* __restrict__ t, 
     #pragma unroll
     for (int k = 0; k < 16; ++k) {
       const int u = k / 4, v = k % 4, a = i0 + 4 * tr + u, b = j0 + 4 * tc + v;
-      pair[k] = a < P && b < P && a != b;
-      sq[k] = sh.ns[4 * tr + u] + sh.ns_j[4 * tc + v] - 2.f * gs[u][v];
-      ds[k] = pair_dist(sq[k]);
-      dt[k] = pair_dist(sh.nt[4 * tr + u] + sh.nt_j[4 * tc + v] - 2.f * gt[u][v]);
-    }
-  };
-
-  float sum_s = 0.f, sum_t = 0.f;
-  for (int i0 = 0; i0 < P; i0 += kOneTile)
-    for (int j0 = 0; j0 < P; j0 += kOneTile) {
-      tile(i0, j0);
-      #pragma unroll
-      for (int k = 0; k < 16; ++k)
-        if (pair[k]) sum_s += ds[k], sum_t += dt[k];
-    }
-  const float mu_s = block_sum(sum_s, sh.reduce) / n_pairs;
-  const float mu_t = block_sum(sum_t, sh.reduce) / n_pairs;
-
-  float huber_sum = 0.f, k_part = 0.f;
-  for (int i0 = 0; i0 < P; i0 += kOneTile)
-    for (int j0 = 0; j0 < P; j0 += kOneTile) {
-      tile(i0, j0);
-      #pragma unroll
-      for (int k = 0; k < 16; ++k)
-        if (pair[k]) {
-          const float x = ds[k] / mu_s - dt[k] / mu_t;
-          huber_sum += huber(x);
-          k_part += clamp_keep_nan(x, -1.f, 1.f) * ds[k];
+      const bool pair = a < P && b < P && a != b;
+      const float sq = sh.ns[4 * tr + u] + sh.ns_j[4 * tc + v] - 2.f * gs[u][v];
+      const float ds = pair_dist(sq), dt = pair_dist(sh.nt[4 * tr + u] + sh.nt_j[4 * tc + v] - 2.f * gt[u][v]);
+      if constexpr (kSweep == 0) {
+        if (pair) out[0] += ds, out[1] += dt;
+      } else if constexpr (kSweep == 1) {
+        if (pair) {
+          const float x = ds / in.mu_s - dt / in.mu_t;
+          out[0] += huber(x);
+          out[1] += clamp_keep_nan(x, -1.f, 1.f) * ds;
         }
+      } else {
+        sh.buf[(4 * tr + u) * C::kPad + 4 * tc + v] =
+            pair_weight(pair, sq, ds, dt, in.mu_s, in.mu_t, in.k_sum, p_f, n_pairs);
+      }
     }
-  const float loss = block_sum(huber_sum, sh.reduce) / p_f;
-  const float k_sum = block_sum(k_part, sh.reduce);
-  if (threadIdx.x == 0) *loss_out = loss;
-
-  using C = OneTile<64>;
-  for (int i0 = 0; i0 < P; i0 += kOneTile)
-    for (int j0 = 0; j0 < P; j0 += kOneTile) {
-      tile(i0, j0);
-      #pragma unroll
-      for (int k = 0; k < 16; ++k)
-        sh.buf[(4 * tr + k / 4) * C::kPad + 4 * tc + k % 4] =
-            pair_weight(pair[k], sq[k], ds[k], dt[k], mu_s, mu_t, k_sum, p_f, n_pairs);
+    if constexpr (kSweep == 2) {
       __syncthreads();
       if (threadIdx.x < kOneTile) {
         float total = 0.f;
@@ -512,6 +508,70 @@ __device__ void large_group(const TS* __restrict__ s, const TT* __restrict__ t, 
       const int rows_in = P - i0 < kOneTile ? P - i0 : kOneTile, cols_in = P - j0 < kOneTile ? P - j0 : kOneTile;
       tile_grad<64>(s, f, sh, rows_in, cols_in, false, f.add || j0 > 0, grad);
     }
+  }
+}
+
+// A group of more than 64 members in one block: the three sweeps over every row tile, the sums
+// over the whole group between them. A sweep costs (P / 64)^2 Gram tiles of 64 x 64.
+template <typename TS, typename TT>
+__device__ void large_group(const TS* __restrict__ s, const TT* __restrict__ t, const int* __restrict__ members,
+                            int P, const FamilyArgs& f, GroupShared& sh, TS* __restrict__ grad,
+                            float* __restrict__ loss_out) {
+  const float p_f = static_cast<float>(P), n_pairs = p_f * (p_f - 1.f);
+  float sums[2] = {0.f, 0.f};
+  for (int i0 = 0; i0 < P; i0 += kOneTile) strip_sweep<0>(s, t, members, P, f, sh, grad, i0, SweepIn{}, sums);
+  SweepIn in{block_sum(sums[0], sh.reduce) / n_pairs, block_sum(sums[1], sh.reduce) / n_pairs, 0.f};
+  float stats[2] = {0.f, 0.f};
+  for (int i0 = 0; i0 < P; i0 += kOneTile) strip_sweep<1>(s, t, members, P, f, sh, grad, i0, in, stats);
+  const float loss = block_sum(stats[0], sh.reduce) / p_f;
+  in.k_sum = block_sum(stats[1], sh.reduce);
+  if (threadIdx.x == 0) *loss_out = loss;
+  float unused[2];
+  for (int i0 = 0; i0 < P; i0 += kOneTile) strip_sweep<2>(s, t, members, P, f, sh, grad, i0, in, unused);
+}
+
+// Groups of more than 64 members spread over blocks ("striped"), where a family's groups can exceed
+// 128 members: each row tile I of such a group is one work item (g, I), and its three sweeps are
+// three launches (kStage 0, 1, 2), the sums of a sweep kept per item in global memory and added in
+// row-tile order by every item of the group in the next launch.
+struct Strips {
+  const int* n_items;  // work items listed by members_kernel
+  const int* items;    // g * max_strips + I
+  float* sums;         // [groups][max_strips][4]: distance sums (sweep 0), Huber and K sums (sweep 1)
+  int max_strips;      // row tiles of the largest possible group
+  bool on;             // the family is striped
+};
+
+template <int kStage, typename TS, typename TT>
+__device__ void strip_item(const TS* __restrict__ es, const TT* __restrict__ et, TS* __restrict__ grad,
+                           const int* __restrict__ idx, const int* __restrict__ cnt, float* __restrict__ group_loss,
+                           const FamilyArgs& f, const Strips& st, GroupShared& sh, int item) {
+  const int64_t g = item / st.max_strips;
+  const int strip = item % st.max_strips, P = cnt[g], n_strips = (P + kOneTile - 1) / kOneTile;
+  const TS* s = es + g * f.s_g;
+  const TT* t = et + g * f.t_g;
+  const int* members = idx + g * f.n_members;
+  float* sums = st.sums + g * st.max_strips * 4;
+  const float p_f = static_cast<float>(P), n_pairs = p_f * (p_f - 1.f);
+  SweepIn in{};
+  if (kStage >= 1) {  // the means, from every row tile's distance sums in order
+    float ss = 0.f, st_ = 0.f;
+    for (int k = 0; k < n_strips; ++k) ss += __ldcg(sums + 4 * k), st_ += __ldcg(sums + 4 * k + 1);
+    in.mu_s = ss / n_pairs;
+    in.mu_t = st_ / n_pairs;
+  }
+  if (kStage == 2) {
+    float hs = 0.f, ks = 0.f;
+    for (int k = 0; k < n_strips; ++k) hs += __ldcg(sums + 4 * k + 2), ks += __ldcg(sums + 4 * k + 3);
+    in.k_sum = ks;
+    if (strip == 0 && threadIdx.x == 0) group_loss[g] = hs / p_f;
+  }
+  float out[2] = {0.f, 0.f};
+  strip_sweep<kStage>(s, t, members, P, f, sh, grad + g * f.g_g, strip * kOneTile, in, out);
+  if (kStage < 2) {
+    const float a = block_sum(out[0], sh.reduce), b = block_sum(out[1], sh.reduce);
+    if (threadIdx.x == 0) sums[4 * strip + 2 * kStage] = a, sums[4 * strip + 2 * kStage + 1] = b;
+  }
 }
 
 // One group of P >= 2 members: one tile up to 64 members, pairs of 64-row tiles above.
@@ -556,19 +616,30 @@ struct Finalize {
   float lambda_cd, lambda_id;
 };
 
-// One family's active groups (members_kernel listed them), each block taking every gridDim.x-th:
-// the grid is at most one block per SM, whatever the number of labels.
-template <typename TS, typename TT>
+// One launch of a family: stage 0 takes its active groups (members_kernel listed them) and, if the
+// family is striped, the first sweep of every row tile of its larger groups; stages 1 and 2 the
+// other two sweeps. Each block takes every gridDim.x-th item: the grid is at most one block per SM,
+// whatever the number of labels. The last launch of a call adds the group losses in its last block.
+template <int kStage, typename TS, typename TT>
 __global__ void __launch_bounds__(kThreads, 1)
     group_kernel(const TS* __restrict__ es, const TT* __restrict__ et, TS* __restrict__ grad,
                  const int* __restrict__ idx, const int* __restrict__ cnt, const int* __restrict__ n_active,
-                 const int* __restrict__ active, float* group_loss, FamilyArgs f, Finalize fin) {
+                 const int* __restrict__ active, float* group_loss, FamilyArgs f, Strips st, Finalize fin) {
   __shared__ GroupShared shared;
   __shared__ bool last;
-  const int n = *n_active;
-  for (int i = blockIdx.x; i < n; i += gridDim.x) {
-    group(es, et, grad, idx, cnt, group_loss, f, shared, active[i]);
-    __syncthreads();  // the next group reuses shared memory
+  if constexpr (kStage == 0) {
+    const int n = *n_active;
+    for (int i = blockIdx.x; i < n; i += gridDim.x) {
+      group(es, et, grad, idx, cnt, group_loss, f, shared, active[i]);
+      __syncthreads();  // the next group reuses shared memory
+    }
+  }
+  if (st.on) {
+    const int n = *st.n_items;
+    for (int i = blockIdx.x; i < n; i += gridDim.x) {
+      strip_item<kStage>(es, et, grad, idx, cnt, group_loss, f, st, shared, st.items[i]);
+      __syncthreads();
+    }
   }
   if (fin.out == nullptr) return;
   // The last block to finish adds the losses (a fixed order, whichever block it is).
@@ -609,14 +680,26 @@ std::tuple<at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in, const at::T
   int* cd_cnt = id_idx + B * C;
   int* id_cnt = cd_cnt + C;
   int* active = id_cnt + B;  // [C] active CD groups, then [B] active ID groups
-  at::Tensor counters = at::zeros({3}, i32);  // active CD groups, active ID groups, ID blocks done
+  // Striped families (groups of more than 64 members spread over blocks): those whose groups can
+  // exceed 128 members; up to 128, a larger group's four tile pairs stay in one block.
+  const auto strips_of = [](int64_t n_members) { return n_members > 2 * kOneTile ? (n_members + kOneTile - 1) / kOneTile : 0; };
+  const int64_t strips_cd = strips_of(B), strips_id = strips_of(C);
+  at::Tensor counters = at::zeros({5}, i32);  // active CD groups, active ID groups, blocks done, CD and ID items
   int* n_active = counters.data_ptr<int>();
+  at::Tensor items = at::empty({C * strips_cd + B * strips_id}, i32);
+  at::Tensor sums = at::empty({4 * (C * strips_cd + B * strips_id)}, f32);
   at::Tensor group_loss = at::empty({C + B}, f32);
   at::Tensor out = at::empty({3}, f32);
-  // Group blocks: at most one per SM (each holds up to 255 registers per thread), looping over groups.
+  const StripLists lists_of_strips{n_active + 3, {items.data_ptr<int>(), items.data_ptr<int>() + C * strips_cd},
+                                   {static_cast<int>(strips_cd), static_cast<int>(strips_id)}};
+  const Strips st_cd{n_active + 3, items.data_ptr<int>(), sums.data_ptr<float>(), static_cast<int>(strips_cd),
+                     strips_cd > 0};
+  const Strips st_id{n_active + 4, items.data_ptr<int>() + C * strips_cd, sums.data_ptr<float>() + 4 * C * strips_cd,
+                     static_cast<int>(strips_id), strips_id > 0};
+  // Group blocks: at most one per SM (each holds up to 255 registers per thread), looping over items.
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, es.get_device()));
-  const auto blocks = [&](int64_t groups) { return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(groups, sms))); };
+  const auto blocks = [&](int64_t items) { return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(items, sms))); };
   float* losses = group_loss.data_ptr<float>();
 
   dispatch_float_types(es.scalar_type(), "led_cuda", [&](auto tag) {
@@ -628,24 +711,34 @@ std::tuple<at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in, const at::T
       using TY = std::remove_cv_t<std::remove_pointer_t<decltype(y)>>;
       members_kernel<T, TY><<<static_cast<unsigned>(C + B), kThreads, 0, stream>>>(
           y, pos.stride(0), pos.stride(1), B, C, cd_idx, cd_cnt, id_idx, id_cnt, n_active, active, losses, g,
-          grad.stride(0), grad.stride(1), D);
+          grad.stride(0), grad.stride(1), D, lists_of_strips);
     };
     if (pos.scalar_type() == at::kFloat) members(pos.data_ptr<float>());
     else members(pos.data_ptr<bool>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    // CD: groups are labels, members are images. ID: the other way round.
+    // CD: groups are labels, members are images; then ID: the other way round. Each family's launches
+    // (one, or three when striped) in order; the last one of the call adds the losses.
     const FamilyArgs cd{es.stride(1), es.stride(0), es.stride(2), et.stride(1), et.stride(0), et.stride(2),
                         grad.stride(1), grad.stride(0), B, D, static_cast<float>(2.0 * lambda_cd), false};
-    group_kernel<T, T><<<blocks(C), kThreads, 0, stream>>>(s, t, g, cd_idx, cd_cnt, n_active, active, losses, cd,
-                                                            Finalize{});
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     const FamilyArgs id{es.stride(0), es.stride(1), es.stride(2), et.stride(0), et.stride(1), et.stride(2),
                         grad.stride(0), grad.stride(1), C, D, static_cast<float>(2.0 * lambda_id), true};
     const Finalize fin{out.data_ptr<float>(), losses, n_active + 2, C, B, static_cast<float>(lambda_cd),
                        static_cast<float>(lambda_id)};
-    group_kernel<T, T><<<blocks(B), kThreads, 0, stream>>>(s, t, g, id_idx, id_cnt, n_active + 1, active + C,
-                                                            losses + C, id, fin);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const auto family = [&](const FamilyArgs& f, const int* idx, const int* cnt, const int* n_act, const int* act,
+                            float* loss, const Strips& st, int64_t groups, bool ends_call) {
+      const unsigned grid0 = blocks(groups + groups * st.max_strips), grid = blocks(groups * st.max_strips);
+      group_kernel<0, T, T><<<grid0, kThreads, 0, stream>>>(s, t, g, idx, cnt, n_act, act, loss, f, st,
+                                                             ends_call && !st.on ? fin : Finalize{});
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (!st.on) return;
+      group_kernel<1, T, T><<<grid, kThreads, 0, stream>>>(s, t, g, idx, cnt, n_act, act, loss, f, st, Finalize{});
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      group_kernel<2, T, T><<<grid, kThreads, 0, stream>>>(s, t, g, idx, cnt, n_act, act, loss, f, st,
+                                                           ends_call ? fin : Finalize{});
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    family(cd, cd_idx, cd_cnt, n_active, active, losses, st_cd, C, false);
+    family(id, id_idx, id_cnt, n_active + 1, active + C, losses + C, st_id, B, true);
   });
   if (mixed) grad = grad.to(es_in.scalar_type());
   return {out, grad};

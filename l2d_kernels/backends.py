@@ -98,11 +98,12 @@ def available_backends() -> list[str]:
 
 
 AUTO_ORDER = ("cuda", "triton", "torch")
-# LED above this batch: "auto" prefers Triton to the CUDA extension. The CUDA kernel gives each
-# group one thread block, so a label positive in most of a large batch is one block's serial work;
-# Triton splits large groups over row tiles. Measured on an H100 (fp32, forward + backward, second
-# run): at B = 16..64 neither wins throughout (CUDA 0.24 vs Triton 0.45 ms at 64 x 20, 1.06 vs
-# 0.56 ms at 64 x 80, 0.33 vs 0.72 ms at 16 x 9605), at B = 1024 CUDA 77.9 ms vs Triton 7.8 ms.
+# LED above this batch: "auto" prefers Triton to the CUDA extension. Measured on an H100 (fp32,
+# forward + backward, second run) with the CUDA kernel of that run, which gave each group one thread
+# block: at B = 16..64 neither won throughout (CUDA 0.24 vs Triton 0.45 ms at 64 x 20, 1.06 vs
+# 0.56 ms at 64 x 80, 0.33 vs 0.72 ms at 16 x 9605), at B = 1024 CUDA 77.9 ms vs Triton 7.8 ms. The
+# CUDA kernel now spreads a group above 64 members over row tiles too (csrc/led.cu); the threshold
+# stays until a GPU run has compared the two again.
 CUDA_LED_MAX_BATCH = 128
 
 

@@ -141,17 +141,26 @@ def test_led_duplicate_rows_in_large_groups_stay_finite(ops):
 
 
 @pytest.mark.parametrize("transpose", [False, True], ids=["cd-groups", "id-groups"])
-def test_led_groups_of_several_tiles(ops, transpose):
-    """Groups of 128, 129 and 150 members: two full 64-row tiles, and three with a ragged last one;
-    a width of 72 ends in a partial 32-wide chunk."""
-    sizes = torch.tensor([150, 129, 128, 3])
-    y = torch.arange(150)[:, None] < sizes[None, :]
+@pytest.mark.parametrize("members", [128, 150])
+def test_led_groups_of_several_tiles(ops, transpose, members):
+    """Groups of 65 to 150 members: with at most 128 possible members a group's tile pairs stay in one
+    block; with more, every row tile is a work item of its own over three launches (striped). Full
+    and ragged last tiles; a width of 72 ends in a partial 32-wide chunk. The striped sums must not
+    depend on the order of a block's threads either."""
+    sizes = torch.tensor([s for s in (150, 129, 128, 65, 3) if s <= members])
+    y = torch.arange(members)[:, None] < sizes[None, :]
     if transpose:
         y = y.T.contiguous()
     es, et, _ = embeddings(*y.shape, 72, seed=21)
     es, et = es.float(), et.float()
     losses, grad = _led(ops, es, et, y)
     _check_fp32(losses, grad, es, et, y)
+    ops.set_order(2, 11)
+    try:
+        other = _led(ops, es, et, y)
+    finally:
+        ops.set_order(0, 0)
+    assert torch.equal(losses, other[0]) and torch.equal(grad, other[1])
 
 
 @pytest.mark.parametrize("members", [9, 33, 70], ids=lambda n: f"{n}-members")
