@@ -1,11 +1,12 @@
-// LED in CUDA: every group's distances, normalization, loss and gradient, one thread block per group,
-// without a relation tensor in global memory (the formulas are those of l2d_kernels/ops/triton_led.py).
+// LED in CUDA: every group's distances, normalization, loss and gradient, without a relation tensor
+// in global memory (the formulas are those of l2d_kernels/ops/triton_led.py).
 //
 // Launches: members_kernel compacts each group's members from the targets and writes the zero rows
-// of the gradient; group_kernel runs once per family (CD writes its groups' rows, ID adds into them),
-// and the last ID block to finish adds the group losses. Every sum runs in a fixed order and no float atomics are
-// used: results are bitwise reproducible. Squared norms are the Gram's own diagonal, so identical
-// rows are exactly 0 apart.
+// of the gradient; group_kernel runs once per family (three times for a striped family, below; CD
+// writes its groups' rows, ID adds into them), and the last block of the last launch adds the group
+// losses. Every sum runs in a fixed order and no float atomics are used: results are bitwise
+// reproducible. Squared norms are the Gram's own diagonal (or the same fmaf chain), so identical rows
+// are exactly 0 apart.
 //
 // A group of at most 64 members is one tile (one_tile_group, T = 16, 32 or 64 rows by its size):
 // one pass over the width builds both Gram matrices in registers, the distances, means, Huber and K
@@ -42,15 +43,10 @@ namespace {
 constexpr int kOneTile = 64;  // the largest group of the one-tile path, and the tile of larger groups
 constexpr float kDistEps = 1e-12f;
 
-// One block per group (CD groups first, then ID groups): the group's members in order, its size, and
-// for a group of two or more its index in its family's list of active groups (an integer atomic: the
-// lists' order varies, each group's arithmetic does not). A group of fewer than two has loss 0 here.
-// CD blocks also write zero into the gradient rows of their label outside the group (all of them
-// when it has fewer than two members), so that every row is written once before ID adds into it.
 // Where members_kernel lists the row tiles of the groups above 64 members of a striped family
 // (max_strips[family] > 0; see Strips).
 struct StripLists {
-  int* n_items;     // [2]: CD, ID
+  int* n_items;  // [2]: CD, ID
   int* items[2];
   int max_strips[2];
 };
@@ -58,6 +54,13 @@ struct StripLists {
 __device__ __forceinline__ bool positive(bool y) { return y; }
 __device__ __forceinline__ bool positive(float y) { return y > 0.5f; }
 
+// One block per group (CD groups first, then ID groups): the group's members in order and its size;
+// a group of two to 64 members (or more, in a family that is not striped) goes on its family's list
+// of active groups, a larger one of a striped family puts its row tiles on the list of work items
+// (integer atomics: the lists' order varies, each group's arithmetic does not); a group of fewer
+// than two has loss 0 here. CD blocks also write zero into the gradient rows of their label outside
+// the group (all of them when it has fewer than two members), so that every row is written once
+// before ID adds into it.
 template <typename TG, typename TY>
 __global__ void members_kernel(const TY* __restrict__ pos, int64_t y_sb, int64_t y_sc, int64_t B, int64_t C,
                                int* __restrict__ cd_idx, int* __restrict__ cd_cnt, int* __restrict__ id_idx,
