@@ -43,7 +43,9 @@ __device__ __forceinline__ LogProbs clamped_log_probs(float z, float lo, float h
   return r;
 }
 
-template <typename T>
+// kPacked: both inputs row-major and dense, so label k is at offset k (no 64-bit division by C per
+// label, which costs as much as the rest of the label's arithmetic).
+template <typename T, bool kPacked>
 __global__ void mld_kernel(const T* __restrict__ zs, const T* __restrict__ zt, T* __restrict__ grad,
                            float* __restrict__ out, int64_t B, int64_t C, int64_t zs_sb, int64_t zs_sc,
                            int64_t zt_sb, int64_t zt_sc, float inv_t, float loss_scale, float grad_scale,
@@ -53,9 +55,14 @@ __global__ void mld_kernel(const T* __restrict__ zs, const T* __restrict__ zt, T
   float partial = 0.f;
   #pragma unroll 4
   for (int64_t k = blockIdx.x * (int64_t)kThreads + threadIdx.x; k < n; k += (int64_t)gridDim.x * kThreads) {
-    const int64_t b = k / C, c = k % C;
-    const LogProbs s = clamped_log_probs(to_float(zs[b * zs_sb + c * zs_sc]) * inv_t, lo, hi);
-    const LogProbs t = clamped_log_probs(to_float(zt[b * zt_sb + c * zt_sc]) * inv_t, lo, hi);
+    int64_t s_at = k, t_at = k;
+    if constexpr (!kPacked) {
+      const int64_t b = k / C, c = k % C;
+      s_at = b * zs_sb + c * zs_sc;
+      t_at = b * zt_sb + c * zt_sc;
+    }
+    const LogProbs s = clamped_log_probs(to_float(zs[s_at]) * inv_t, lo, hi);
+    const LogProbs t = clamped_log_probs(to_float(zt[t_at]) * inv_t, lo, hi);
     const float pt = expf(t.log_p), qt = expf(t.log_q);
     const float loss = pt * kl_excess(t.log_p - s.log_p) + qt * kl_excess(t.log_q - s.log_q);
     const bool p_free = s.log_sig >= lo && s.log_sig <= hi;
@@ -113,11 +120,15 @@ std::tuple<at::Tensor, at::Tensor> mld_cuda(const at::Tensor& zs_in, const at::T
   const float lo = static_cast<float>(std::log(eps)), hi = static_cast<float>(std::log1p(-eps));
   dispatch_float_types(zs.scalar_type(), "mld_cuda", [&](auto tag) {
     using T = decltype(tag);
-    mld_kernel<T><<<blocks, kThreads, 0, stream>>>(
-        reinterpret_cast<const T*>(zs.data_ptr()), reinterpret_cast<const T*>(zt.data_ptr()),
-        reinterpret_cast<T*>(grad.data_ptr()), out.data_ptr<float>(), B, C, zs.stride(0), zs.stride(1),
-        zt.stride(0), zt.stride(1), static_cast<float>(1.0 / temperature), loss_scale, grad_scale, lo, hi, per_label,
-        single);
+    const auto launch = [&](auto kernel) {
+      kernel<<<blocks, kThreads, 0, stream>>>(
+          reinterpret_cast<const T*>(zs.data_ptr()), reinterpret_cast<const T*>(zt.data_ptr()),
+          reinterpret_cast<T*>(grad.data_ptr()), out.data_ptr<float>(), B, C, zs.stride(0), zs.stride(1),
+          zt.stride(0), zt.stride(1), static_cast<float>(1.0 / temperature), loss_scale, grad_scale, lo, hi,
+          per_label, single);
+    };
+    if (zs.is_contiguous() && zt.is_contiguous()) launch(mld_kernel<T, true>);
+    else launch(mld_kernel<T, false>);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (mixed) grad = grad.to(zs_in.scalar_type());
