@@ -184,6 +184,24 @@ __device__ __forceinline__ void entry_of(int k, int& a, int& b) {
 
 __device__ __forceinline__ float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 
+// One width of both Grams' 4 x 4 blocks: rows 4 tr .. 4 tr + 3 of the student and teacher chunks si,
+// ti against columns 4 tc .. of sj, tj (the same chunks for a single tile), at offsets row_at and
+// col_at of transposed chunks (16-byte aligned). The fmaf chains run in width order.
+__device__ __forceinline__ void gram_width(const float* si, const float* ti, const float* sj, const float* tj,
+                                           int row_at, int col_at, float (&gs)[4][4], float (&gt)[4][4]) {
+  const float4 as = load4(si + row_at), bs = load4(sj + col_at);
+  const float4 at = load4(ti + row_at), bt = load4(tj + col_at);
+  const float ras[4] = {as.x, as.y, as.z, as.w}, rbs[4] = {bs.x, bs.y, bs.z, bs.w};
+  const float rat[4] = {at.x, at.y, at.z, at.w}, rbt[4] = {bt.x, bt.y, bt.z, bt.w};
+  #pragma unroll
+  for (int u = 0; u < 4; ++u)
+    #pragma unroll
+    for (int v = 0; v < 4; ++v) {
+      gs[u][v] = fmaf(ras[u], rbs[v], gs[u][v]);
+      gt[u][v] = fmaf(rat[u], rbt[v], gt[u][v]);
+    }
+}
+
 // Values i of a chunk held by this thread: member r = e / kWidth, width c = e % kWidth of the
 // chunk, e = threadIdx.x + kThreads i (a warp reads 32 consecutive widths of one member row).
 template <int T, typename TX>
@@ -247,19 +265,8 @@ __device__ void one_tile_group(const TS* __restrict__ s, const TT* __restrict__ 
       load_chunk<T>(s, f.s_m, f.s_d, sh.rows, f.width, (k + 1) * C::kWidth, next_s);
       load_chunk<T>(t, f.t_m, f.t_d, sh.rows, f.width, (k + 1) * C::kWidth, next_t);
     }
-    for (int c = q; c < C::kWidth; c += C::kSlices) {
-      const float4 as = load4(cs + c * C::kPad + 4 * tr), bs = load4(cs + c * C::kPad + 4 * tc);
-      const float4 at = load4(ct + c * C::kPad + 4 * tr), bt = load4(ct + c * C::kPad + 4 * tc);
-      const float ras[4] = {as.x, as.y, as.z, as.w}, rbs[4] = {bs.x, bs.y, bs.z, bs.w};
-      const float rat[4] = {at.x, at.y, at.z, at.w}, rbt[4] = {bt.x, bt.y, bt.z, bt.w};
-      #pragma unroll
-      for (int u = 0; u < 4; ++u)
-        #pragma unroll
-        for (int v = 0; v < 4; ++v) {
-          gs[u][v] = fmaf(ras[u], rbs[v], gs[u][v]);
-          gt[u][v] = fmaf(rat[u], rbt[v], gt[u][v]);
-        }
-    }
+    for (int c = q; c < C::kWidth; c += C::kSlices)
+      gram_width(cs, ct, cs, ct, c * C::kPad + 4 * tr, c * C::kPad + 4 * tc, gs, gt);
     __syncthreads();
   }
 
@@ -435,17 +442,7 @@ __device__ void pair_gram(const TS* __restrict__ s, const TT* __restrict__ t, co
     const float* sj = chunk + 2 * kArray;
     const float* tj = chunk + 3 * kArray;
     for (int c = 0; c < C::kWidth; ++c) {
-      const float4 as = load4(si + c * C::kPad + 4 * tr), bs = load4(sj + c * C::kPad + 4 * tc);
-      const float4 at = load4(ti + c * C::kPad + 4 * tr), bt = load4(tj + c * C::kPad + 4 * tc);
-      const float ras[4] = {as.x, as.y, as.z, as.w}, rbs[4] = {bs.x, bs.y, bs.z, bs.w};
-      const float rat[4] = {at.x, at.y, at.z, at.w}, rbt[4] = {bt.x, bt.y, bt.z, bt.w};
-      #pragma unroll
-      for (int u = 0; u < 4; ++u)
-        #pragma unroll
-        for (int v = 0; v < 4; ++v) {
-          gs[u][v] = fmaf(ras[u], rbs[v], gs[u][v]);
-          gt[u][v] = fmaf(rat[u], rbt[v], gt[u][v]);
-        }
+      gram_width(si, ti, sj, tj, c * C::kPad + 4 * tr, c * C::kPad + 4 * tc, gs, gt);
       const float x = chunk[n_array * kArray + c * C::kPad + n_row];
       norm = fmaf(x, x, norm);
     }

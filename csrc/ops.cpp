@@ -2,11 +2,13 @@
 // in Python (l2d_kernels/ops/library.py), shared with the Triton operators.
 #include <torch/library.h>
 
+#include <string>
+
 #include "ops.h"
 
 TORCH_LIBRARY_FRAGMENT(l2d_kernels, m) {
-  m.def("mld_cuda(Tensor zs, Tensor zt, str reduction, float eps, float temperature) -> (Tensor, Tensor)");
-  m.def("led_cuda(Tensor es, Tensor et, Tensor targets, float lambda_cd, float lambda_id) -> (Tensor, Tensor)");
+  m.def((std::string("mld_cuda") + l2d::kMldArgs).c_str());
+  m.def((std::string("led_cuda") + l2d::kLedArgs).c_str());
 }
 
 TORCH_LIBRARY_IMPL(l2d_kernels, CUDA, m) {

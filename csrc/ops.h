@@ -8,6 +8,13 @@
 
 namespace l2d {
 
+// The operators' arguments and results, for every registration of them (ops.cpp, and the CPU
+// emulator's in tests/cuda_emu), so that the schemas cannot drift apart.
+inline constexpr char kMldArgs[] =
+    "(Tensor zs, Tensor zt, str reduction, float eps, float temperature) -> (Tensor, Tensor)";
+inline constexpr char kLedArgs[] =
+    "(Tensor es, Tensor et, Tensor targets, float lambda_cd, float lambda_id) -> (Tensor, Tensor)";
+
 // (loss in float32, d loss / d zs in zs's dtype)
 std::tuple<at::Tensor, at::Tensor> mld_cuda(const at::Tensor& zs, const at::Tensor& zt, c10::string_view reduction,
                                             double eps, double temperature);

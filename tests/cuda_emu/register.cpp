@@ -2,11 +2,13 @@
 // kernels (compiled for the host with emu.h) on CPU tensors.
 #include <torch/library.h>
 
+#include <string>
+
 #include "ops.h"
 
 TORCH_LIBRARY(l2d_emu, m) {
-  m.def("mld(Tensor zs, Tensor zt, str reduction, float eps, float temperature) -> (Tensor, Tensor)");
-  m.def("led(Tensor es, Tensor et, Tensor targets, float lambda_cd, float lambda_id) -> (Tensor, Tensor)");
+  m.def((std::string("mld") + l2d::kMldArgs).c_str());
+  m.def((std::string("led") + l2d::kLedArgs).c_str());
 }
 
 TORCH_LIBRARY_IMPL(l2d_emu, CPU, m) {
