@@ -15,14 +15,17 @@ PARAM = "cuda-emulated"
 
 
 def wanted() -> bool:
-    """Emulate where the real CUDA backend cannot run and a C++ compiler exists; L2D_TEST_EMULATED_CUDA=0
-    turns it off, =1 makes a missing compiler an error instead of a skip."""
+    """Emulate where the real CUDA backend cannot run and the build tools exist (a C++ compiler and
+    ninja, which the test extras install); L2D_TEST_EMULATED_CUDA=0 turns it off, =1 makes missing
+    tools an error instead of a skip."""
     import torch
+    from torch.utils import cpp_extension
 
     setting = os.environ.get("L2D_TEST_EMULATED_CUDA", "")
     if setting == "0" or torch.cuda.is_available():
         return False
-    return setting == "1" or shutil.which(os.environ.get("CXX", "c++")) is not None
+    tools = shutil.which(os.environ.get("CXX", "c++")) is not None and cpp_extension.is_ninja_available()
+    return setting == "1" or tools
 
 
 @functools.lru_cache(maxsize=None)
