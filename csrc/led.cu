@@ -23,7 +23,6 @@
 // of its own, on its own SM, and the sweeps are three launches whose sums are kept per row tile and
 // added in row-tile order; otherwise the group's at most four tile pairs stay in one block.
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -674,8 +673,12 @@ std::tuple<at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in, const at::T
   auto i32 = es.options().dtype(at::kInt), f32 = es.options().dtype(at::kFloat);
 
   at::Tensor grad = at::empty({B, C, D}, es.options());
-  at::Tensor lists = at::empty({2 * B * C + 2 * (B + C)}, i32);
-  int* cd_idx = lists.data_ptr<int>();
+  // Counters first (active CD groups, active ID groups, blocks done, CD and ID work items), zeroed
+  // by a memset on the stream rather than a fill kernel; then the member lists.
+  at::Tensor lists = at::empty({5 + 2 * B * C + 2 * (B + C)}, i32);
+  int* n_active = lists.data_ptr<int>();
+  C10_CUDA_CHECK(cudaMemsetAsync(n_active, 0, 5 * sizeof(int), stream));
+  int* cd_idx = n_active + 5;
   int* id_idx = cd_idx + B * C;
   int* cd_cnt = id_idx + B * C;
   int* id_cnt = cd_cnt + C;
@@ -684,8 +687,6 @@ std::tuple<at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in, const at::T
   // exceed 128 members; up to 128, a larger group's four tile pairs stay in one block.
   const auto strips_of = [](int64_t n_members) { return n_members > 2 * kOneTile ? (n_members + kOneTile - 1) / kOneTile : 0; };
   const int64_t strips_cd = strips_of(B), strips_id = strips_of(C);
-  at::Tensor counters = at::zeros({5}, i32);  // active CD groups, active ID groups, blocks done, CD and ID items
-  int* n_active = counters.data_ptr<int>();
   at::Tensor items = at::empty({C * strips_cd + B * strips_id}, i32);
   at::Tensor sums = at::empty({4 * (C * strips_cd + B * strips_id)}, f32);
   at::Tensor group_loss = at::empty({C + B}, f32);
