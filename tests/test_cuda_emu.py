@@ -25,8 +25,12 @@ ORDERS = [(0, 0), (1, 0), (2, 7)]  # by thread index, reversed, a random permuta
 
 @pytest.fixture(scope="module")
 def ops():
+    """The emulated operators, with every CPU tensor of this module's tests in a guarded mapping
+    (tests/cuda_emu/guard.cpp): a kernel touching memory past a buffer's end stops the run."""
     emulated = emulated_cuda.ops()
+    emulated.guard_memory(True)
     yield emulated
+    emulated.guard_memory(False)
     emulated.set_order(0, 0)
 
 
@@ -45,6 +49,21 @@ def test_emulator_runs_block_level_code(ops):
 def test_emulator_stops_where_a_gpu_would_hang(ops, name, message):
     with pytest.raises(RuntimeError, match=message):
         ops.selftest(name)
+
+
+def test_guarded_memory_stops_a_write_past_the_end(ops):
+    """In a fresh process (the fault ends it): a kernel writing 64 bytes past its output's end dies of
+    a segmentation fault under guarded memory."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); from cuda_emu.build import build; ops = build(); "
+              "ops.guard_memory(True); ops.selftest('write_past_end')")
+    run = subprocess.run([sys.executable, "-c", script, str(here)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == -signal.SIGSEGV, run.stderr[-2000:]
 
 
 def test_emulator_orders_expose_a_missing_barrier(ops):

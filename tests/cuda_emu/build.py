@@ -50,7 +50,7 @@ def build(verbose: bool = False):
         if not target.exists() or target.read_text() != text:  # keep mtimes stable for the cache
             target.write_text(text)
         sources.append(str(target))
-    sources += [str(HERE / "register.cpp"), str(HERE / "selftest.cpp")]
+    sources += [str(HERE / name) for name in ("register.cpp", "selftest.cpp", "guard.cpp")]
     cpp_extension.load(
         name="l2d_emu",
         sources=sources,

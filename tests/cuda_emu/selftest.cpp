@@ -42,6 +42,11 @@ __global__ void missing_barrier_kernel(float* out) {
   out[blockIdx.x * kN + threadIdx.x] = values[(threadIdx.x + 1) % kN];
 }
 
+// Writes 64 bytes past the end of its output (past any alignment slack of a guarded allocation).
+__global__ void write_past_end_kernel(float* out, int64_t n) {
+  if (threadIdx.x == 0) out[n + 16] = 1.f;
+}
+
 }  // namespace
 
 at::Tensor selftest(const std::string& name) {
@@ -51,6 +56,7 @@ at::Tensor selftest(const std::string& name) {
   else if (name == "divergent_barrier") ::l2d_emu::launch(divergent_barrier_kernel, 1, kN)(p);
   else if (name == "partial_shuffle") ::l2d_emu::launch(partial_shuffle_kernel, 1, kN)(p);
   else if (name == "missing_barrier") ::l2d_emu::launch(missing_barrier_kernel, 2, kN)(p);
+  else if (name == "write_past_end") ::l2d_emu::launch(write_past_end_kernel, 1, kN)(p, out.numel());
   else TORCH_CHECK(false, "no self-test ", name);
   return out;
 }
