@@ -19,7 +19,7 @@ _EMULATED = [emulated_cuda.PARAM] if emulated_cuda.wanted() else []
 @pytest.fixture(params=api_backends() + _EMULATED)
 def backend(request, monkeypatch):
     if request.param == emulated_cuda.PARAM:
-        return emulated_cuda.install(monkeypatch)
+        return emulated_cuda.install(monkeypatch, request)
     return request.param
 
 

@@ -1,6 +1,7 @@
 """The API tests' ``"cuda-emulated"`` backend: where no GPU is present, ``backend="cuda"`` runs the
 CUDA extension's host code and kernels compiled for the CPU emulator (emu.h, build.py) on CPU
-tensors, so that the API suite checks csrc/ on every CI run. Only the backend lookup is redirected
+tensors, so that the API suite checks csrc/ on every CI run (with the test's tensors in guarded
+memory). Only the backend lookup is redirected
 (the ``"cuda"`` backend is allowed on CPU tensors and its launcher is the emulated operator); the
 autograd function, input checks and everything else are the library's own.
 """
@@ -35,12 +36,15 @@ def ops():
     return build()
 
 
-def install(monkeypatch) -> str:
-    """Route ``backend="cuda"`` to the emulated operators for one test; returns the name to pass."""
+def install(monkeypatch, request) -> str:
+    """Route ``backend="cuda"`` to the emulated operators for one test, with the tensors it makes in
+    guarded memory (guard.cpp: an access outside a tensor stops the run); returns the name to pass."""
     from l2d_kernels import backends
     from l2d_kernels.ops import library
 
     emulated = ops()
+    emulated.guard_memory(True)
+    request.addfinalizer(lambda: emulated.guard_memory(False))
     real_problem, real_launcher = backends.backend_problem, library._launcher
 
     def backend_problem(name, device):
