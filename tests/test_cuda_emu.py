@@ -1,8 +1,9 @@
 """The CUDA kernels of csrc/ in the CPU emulator (tests/cuda_emu): the emulator itself, then every
-path of the LED kernel (the one-tile sizes 16, 32 and 64 and the tiled path above 64 members, both
-families, every dtype, several groups per block) against SPEC's float64 formulas, and bitwise equal
-results under three orders of running a block's threads, so that a shared-memory read that lacks
-its barrier shows.
+path of the LED kernel (the one-tile sizes 16, 32 and 64; pairs of 64-row tiles above 64 members,
+in one block or striped over blocks; both families, every dtype, several groups per block) against
+SPEC's float64 formulas, and bitwise equal results under three orders of running a block's threads,
+so that a shared-memory read that lacks its barrier shows. Tensors sit in guarded memory, so that an
+access outside one stops the run.
 
 The API suite (test_api.py, test_nn.py) runs on the emulated CUDA backend too; this file covers what
 its small shapes do not reach. None of it replaces the GPU check: the emulator runs the kernels'
@@ -18,7 +19,7 @@ from helpers import embeddings, half_tol, logits, rel_err
 from l2d_kernels import reference
 
 pytestmark = pytest.mark.skipif(not emulated_cuda.wanted(), reason="a GPU is present (the real kernels are "
-                                "tested) or no C++ compiler for the emulator")
+                                "tested), or no C++ compiler or ninja to build the emulator")
 
 ORDERS = [(0, 0), (1, 0), (2, 7)]  # by thread index, reversed, a random permutation every round
 
