@@ -42,12 +42,16 @@ namespace {
 constexpr int kOneTile = 64;  // the largest group of the one-tile path, and the tile of larger groups
 constexpr float kDistEps = 1e-12f;
 
-// Where members_kernel lists the row tiles of the groups above 64 members of a striped family
-// (max_strips[family] > 0; see Strips).
-struct StripLists {
-  int* n_items;  // [2]: CD, ID
-  int* items[2];
-  int max_strips[2];
+// A family's groups of more than 64 members spread over blocks ("striped", where the family's groups
+// can exceed 128 members; max_strips > 0): each row tile I of such a group is a work item (g, I) that
+// members_kernel lists, and its three sweeps are three launches of the group kernel (kStage 0, 1,
+// 2), the sums of a sweep kept per item in global memory and added in row-tile order by every item
+// of the group in the next launch.
+struct Strips {
+  int* n_items;     // work items listed
+  int* items;       // g * max_strips + I
+  float* sums;      // [groups][max_strips][4]: distance sums (sweep 0), Huber and K sums (sweep 1)
+  int max_strips;   // row tiles of the largest possible group; 0: the family is not striped
 };
 
 __device__ __forceinline__ bool positive(bool y) { return y; }
@@ -65,7 +69,7 @@ __global__ void members_kernel(const TY* __restrict__ pos, int64_t y_sb, int64_t
                                int* __restrict__ cd_idx, int* __restrict__ cd_cnt, int* __restrict__ id_idx,
                                int* __restrict__ id_cnt, int* __restrict__ n_active, int* __restrict__ active,
                                float* __restrict__ group_loss, TG* __restrict__ grad, int64_t g_sb, int64_t g_sc,
-                               int64_t D, StripLists strips) {
+                               int64_t D, Strips cd_strips, Strips id_strips) {
   using Scan = cub::BlockScan<int, kThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
   __shared__ int running;
@@ -92,10 +96,10 @@ __global__ void members_kernel(const TY* __restrict__ pos, int64_t y_sb, int64_t
     (cd ? cd_cnt[g] : id_cnt[g - C]) = P;
     const int fam = cd ? 0 : 1;
     const int rank = static_cast<int>(cd ? g : g - C);
-    const int max_strips = cd ? strips.max_strips[0] : strips.max_strips[1];
+    const int max_strips = cd ? cd_strips.max_strips : id_strips.max_strips;
     if (P > kOneTile && max_strips > 0) {  // a striped family: one work item per row tile
       const int n = (P + kOneTile - 1) / kOneTile;
-      int* items = (cd ? strips.items[0] : strips.items[1]) + atomicAdd(strips.n_items + fam, n);
+      int* items = cd ? cd_strips.items + atomicAdd(cd_strips.n_items, n) : id_strips.items + atomicAdd(id_strips.n_items, n);
       for (int k = 0; k < n; ++k) items[k] = rank * max_strips + k;
     } else if (P >= 2) {
       active[(cd ? 0 : C) + atomicAdd(n_active + fam, 1)] = rank;
@@ -153,6 +157,15 @@ __device__ __forceinline__ float pair_dist(float sq) { return sqrtf(sq != sq ? s
 __device__ __forceinline__ float huber(float x) {
   const float ax = fabsf(x);
   return ax < 1.f ? 0.5f * x * x : ax - 0.5f;
+}
+
+// One ordered pair's terms of the loss and of the K sum: huber(x) and clamp(x, -1, 1) d, with
+// x = ds / mu_s - dt / mu_t.
+__device__ __forceinline__ void add_pair_terms(float ds, float dt, float mu_s, float mu_t, float& huber_sum,
+                                               float& k_part) {
+  const float x = ds / mu_s - dt / mu_t;
+  huber_sum += huber(x);
+  k_part += clamp_keep_nan(x, -1.f, 1.f) * ds;
 }
 
 // w(a, b) of one ordered pair (0 for a non-pair or a coincident pair, NaN kept).
@@ -319,11 +332,7 @@ __device__ void one_tile_group(const TS* __restrict__ s, const TT* __restrict__ 
   float huber_sum = 0.f, k_part = 0.f;
   #pragma unroll
   for (int k = 0; k < C::kEntries; ++k)
-    if (pair[k]) {
-      const float x = ds[k] / mu_s - dt[k] / mu_t;
-      huber_sum += huber(x);
-      k_part += clamp_keep_nan(x, -1.f, 1.f) * ds[k];
-    }
+    if (pair[k]) add_pair_terms(ds[k], dt[k], mu_s, mu_t, huber_sum, k_part);
   const float loss = block_sum(huber_sum, sh.reduce) / p_f;
   const float k_sum = block_sum(k_part, sh.reduce);
   if (threadIdx.x == 0) *loss_out = loss;
@@ -487,11 +496,7 @@ __device__ void strip_sweep(const TS* __restrict__ s, const TT* __restrict__ t, 
       if constexpr (kSweep == 0) {
         if (pair) out[0] += ds, out[1] += dt;
       } else if constexpr (kSweep == 1) {
-        if (pair) {
-          const float x = ds / in.mu_s - dt / in.mu_t;
-          out[0] += huber(x);
-          out[1] += clamp_keep_nan(x, -1.f, 1.f) * ds;
-        }
+        if (pair) add_pair_terms(ds, dt, in.mu_s, in.mu_t, out[0], out[1]);
       } else {
         sh.buf[(4 * tr + u) * C::kPad + 4 * tc + v] =
             pair_weight(pair, sq, ds, dt, in.mu_s, in.mu_t, in.k_sum, p_f, n_pairs);
@@ -528,18 +533,6 @@ __device__ void large_group(const TS* __restrict__ s, const TT* __restrict__ t, 
   float unused[2];
   for (int i0 = 0; i0 < P; i0 += kOneTile) strip_sweep<2>(s, t, members, P, f, sh, grad, i0, in, unused);
 }
-
-// Groups of more than 64 members spread over blocks ("striped"), where a family's groups can exceed
-// 128 members: each row tile I of such a group is one work item (g, I), and its three sweeps are
-// three launches (kStage 0, 1, 2), the sums of a sweep kept per item in global memory and added in
-// row-tile order by every item of the group in the next launch.
-struct Strips {
-  const int* n_items;  // work items listed by members_kernel
-  const int* items;    // g * max_strips + I
-  float* sums;         // [groups][max_strips][4]: distance sums (sweep 0), Huber and K sums (sweep 1)
-  int max_strips;      // row tiles of the largest possible group
-  bool on;             // the family is striped
-};
 
 template <int kStage, typename TS, typename TT>
 __device__ void strip_item(const TS* __restrict__ es, const TT* __restrict__ et, TS* __restrict__ grad,
@@ -633,7 +626,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       __syncthreads();  // the next group reuses shared memory
     }
   }
-  if (st.on) {
+  if (st.max_strips > 0) {
     const int n = *st.n_items;
     for (int i = blockIdx.x; i < n; i += gridDim.x) {
       strip_item<kStage>(es, et, grad, idx, cnt, group_loss, f, st, shared, st.items[i]);
@@ -673,9 +666,16 @@ std::tuple<at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in, const at::T
   auto i32 = es.options().dtype(at::kInt), f32 = es.options().dtype(at::kFloat);
 
   at::Tensor grad = at::empty({B, C, D}, es.options());
-  // Counters first (active CD groups, active ID groups, blocks done, CD and ID work items), zeroed
-  // by a memset on the stream rather than a fill kernel; then the member lists.
-  at::Tensor lists = at::empty({5 + 2 * B * C + 2 * (B + C)}, i32);
+  // Striped families (groups of more than 64 members spread over blocks): those whose groups can
+  // exceed 128 members; up to 128, a larger group's four tile pairs stay in one block.
+  const auto strips_of = [](int64_t n_members) { return n_members > 2 * kOneTile ? (n_members + kOneTile - 1) / kOneTile : 0; };
+  const int64_t strips_cd = strips_of(B), strips_id = strips_of(C);
+  const int64_t n_items = C * strips_cd + B * strips_id;
+  // One int buffer: counters first (active CD groups, active ID groups, blocks done, CD and ID work
+  // items), zeroed by a memset on the stream rather than a fill kernel; then the member lists, the
+  // active groups and the striped families' work items. One float buffer: the group losses, then
+  // the striped sweeps' sums.
+  at::Tensor lists = at::empty({5 + 2 * B * C + 2 * (B + C) + n_items}, i32);
   int* n_active = lists.data_ptr<int>();
   C10_CUDA_CHECK(cudaMemsetAsync(n_active, 0, 5 * sizeof(int), stream));
   int* cd_idx = n_active + 5;
@@ -683,25 +683,17 @@ std::tuple<at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in, const at::T
   int* cd_cnt = id_idx + B * C;
   int* id_cnt = cd_cnt + C;
   int* active = id_cnt + B;  // [C] active CD groups, then [B] active ID groups
-  // Striped families (groups of more than 64 members spread over blocks): those whose groups can
-  // exceed 128 members; up to 128, a larger group's four tile pairs stay in one block.
-  const auto strips_of = [](int64_t n_members) { return n_members > 2 * kOneTile ? (n_members + kOneTile - 1) / kOneTile : 0; };
-  const int64_t strips_cd = strips_of(B), strips_id = strips_of(C);
-  at::Tensor items = at::empty({C * strips_cd + B * strips_id}, i32);
-  at::Tensor sums = at::empty({4 * (C * strips_cd + B * strips_id)}, f32);
-  at::Tensor group_loss = at::empty({C + B}, f32);
+  int* items = active + B + C;
+  at::Tensor group_loss = at::empty({C + B + 4 * n_items}, f32);
+  float* losses = group_loss.data_ptr<float>();
+  float* sums = losses + C + B;
   at::Tensor out = at::empty({3}, f32);
-  const StripLists lists_of_strips{n_active + 3, {items.data_ptr<int>(), items.data_ptr<int>() + C * strips_cd},
-                                   {static_cast<int>(strips_cd), static_cast<int>(strips_id)}};
-  const Strips st_cd{n_active + 3, items.data_ptr<int>(), sums.data_ptr<float>(), static_cast<int>(strips_cd),
-                     strips_cd > 0};
-  const Strips st_id{n_active + 4, items.data_ptr<int>() + C * strips_cd, sums.data_ptr<float>() + 4 * C * strips_cd,
-                     static_cast<int>(strips_id), strips_id > 0};
+  const Strips st_cd{n_active + 3, items, sums, static_cast<int>(strips_cd)};
+  const Strips st_id{n_active + 4, items + C * strips_cd, sums + 4 * C * strips_cd, static_cast<int>(strips_id)};
   // Group blocks: at most one per SM (each holds up to 255 registers per thread), looping over items.
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, es.get_device()));
-  const auto blocks = [&](int64_t items) { return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(items, sms))); };
-  float* losses = group_loss.data_ptr<float>();
+  const auto blocks = [&](int64_t work) { return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(work, sms))); };
 
   dispatch_float_types(es.scalar_type(), "led_cuda", [&](auto tag) {
     using T = decltype(tag);
@@ -712,7 +704,7 @@ std::tuple<at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in, const at::T
       using TY = std::remove_cv_t<std::remove_pointer_t<decltype(y)>>;
       members_kernel<T, TY><<<static_cast<unsigned>(C + B), kThreads, 0, stream>>>(
           y, pos.stride(0), pos.stride(1), B, C, cd_idx, cd_cnt, id_idx, id_cnt, n_active, active, losses, g,
-          grad.stride(0), grad.stride(1), D, lists_of_strips);
+          grad.stride(0), grad.stride(1), D, st_cd, st_id);
     };
     if (pos.scalar_type() == at::kFloat) members(pos.data_ptr<float>());
     else members(pos.data_ptr<bool>());
@@ -729,9 +721,9 @@ std::tuple<at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in, const at::T
                             float* loss, const Strips& st, int64_t groups, bool ends_call) {
       const unsigned grid0 = blocks(groups + groups * st.max_strips), grid = blocks(groups * st.max_strips);
       group_kernel<0, T, T><<<grid0, kThreads, 0, stream>>>(s, t, g, idx, cnt, n_act, act, loss, f, st,
-                                                             ends_call && !st.on ? fin : Finalize{});
+                                                             ends_call && st.max_strips == 0 ? fin : Finalize{});
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (!st.on) return;
+      if (st.max_strips == 0) return;
       group_kernel<1, T, T><<<grid, kThreads, 0, stream>>>(s, t, g, idx, cnt, n_act, act, loss, f, st, Finalize{});
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       group_kernel<2, T, T><<<grid, kThreads, 0, stream>>>(s, t, g, idx, cnt, n_act, act, loss, f, st,

@@ -65,7 +65,6 @@ struct Runtime {
   dim3 block_dim, grid_dim;
   const std::function<void()>* body = nullptr;
   std::string error;
-  uint64_t barriers = 0, shuffles = 0;  // counts, for the tests' sanity checks
   // The order in which the threads waiting to run are resumed, each round (between two barrier
   // releases): 0 by index, 1 reversed, 2 a fresh random permutation per round (seeded). A kernel
   // whose threads read shared memory that another thread writes without a barrier between gives
@@ -99,7 +98,6 @@ inline void wait(State s) {
 }
 
 inline void syncthreads() {
-  ++rt().barriers;
   wait(State::block_barrier);
 }
 
@@ -114,7 +112,6 @@ T warp_exchange(unsigned mask, T value, F source_lane) {
   uint64_t bits = 0;
   std::memcpy(&bits, &value, sizeof(T));
   r.slots[me] = bits;
-  ++r.shuffles;
   wait(State::warp_barrier);
   const int src = source_lane(static_cast<int>(lane));
   T out = value;
