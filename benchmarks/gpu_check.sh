@@ -30,7 +30,7 @@
 #   time, to compare with the default)
 #
 # Writes under $OUT: summary.txt (one line per step, failures named), log-<phase>.txt (every step's
-# output), gpu.txt, the built extension (_C*.so, to carry into the next phase), and for bench:
+# output; the --quick run's results.json too), gpu.txt, the built extension (_C*.so, to carry into the next phase), and for bench:
 # profile-<card>.md, step-profile-<card>.md (benchmarks/step_profile.py: where a training step's time
 # goes), bench-<card>.json / .md / .png. Exits non-zero if a step failed.
 set -uo pipefail
@@ -141,8 +141,8 @@ cmake_build() {
 
 train_quick() {  # the training loop's short run on the GPU: bf16 autocast, the fused losses in training
     step train-quick "${1:-120}" bash -c "rm -rf build/train-quick && $PY -m l2d_kernels.train --quick --device cuda \
-        --out build/train-quick && cp build/train-quick/results.json '$OUT/train-quick-results.json' &&
-        $PY -c \"import json, math; r = json.load(open('$OUT/train-quick-results.json'));
+        --out build/train-quick && cat build/train-quick/results.json &&
+        $PY -c \"import json, math; r = json.load(open('build/train-quick/results.json'));
 assert r['precision'] == 'bfloat16 autocast', r['precision'];
 assert all(math.isfinite(r[k]) for k in ('teacher_map', 'vanilla_map', 'l2d_map')), r\""
 }
