@@ -99,10 +99,10 @@ def _per_call_us(fn, device: str, calls: int) -> float:
     return 1e6 * (time.perf_counter() - start) / calls
 
 
-def launch_costs(device: str = "cuda", calls: int = 2000) -> str:
-    """What one launch costs the host, against which the fused calls' host time reads: a Triton
-    kernel that does nothing, with as many arguments as the LED kernel takes, and one PyTorch
-    elementwise op. Back to back with one synchronization, so each is max(host, device) per call."""
+def _empty_kernel():
+    """A Triton kernel that does nothing. Triton resolves the names in a kernel's annotations (``tl``)
+    among its module's globals, so the kernel and that import live at module level, not in a function."""
+    global tl
     import triton
     import triton.language as tl
 
@@ -111,6 +111,14 @@ def launch_costs(device: str = "cuda", calls: int = 2000) -> str:
                A: tl.constexpr, B: tl.constexpr):
         pass
 
+    return _empty
+
+
+def launch_costs(device: str = "cuda", calls: int = 2000) -> str:
+    """What one launch costs the host, against which the fused calls' host time reads: a Triton
+    kernel that does nothing, with as many arguments as the LED kernel takes, and one PyTorch
+    elementwise op. Back to back with one synchronization, so each is max(host, device) per call."""
+    _empty = _empty_kernel()
     x = torch.zeros(64, device=device)
     ints = list(range(1, 13))
     empty = _per_call_us(lambda: _empty[(1,)](x, x, x, x, x, x, *ints, 0.5, A=True, B=False), device, calls)
