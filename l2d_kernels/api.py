@@ -13,7 +13,7 @@ from ._checks import (
     check_reduction,
     check_weight,
 )
-from .backends import auto_order_led, resolve_backend
+from .backends import resolve_backend
 from .ops import library
 
 
@@ -80,8 +80,7 @@ def fused_led(
     device = check_embeddings(student_emb, teacher_emb, targets)
     check_weight("lambda_cd", lambda_cd)
     check_weight("lambda_id", lambda_id)
-    name = resolve_backend(backend, device, (student_emb.dtype, teacher_emb.dtype),
-                           order=auto_order_led(student_emb.shape[0]))
+    name = resolve_backend(backend, device, (student_emb.dtype, teacher_emb.dtype))
     teacher_emb = teacher_emb.detach()
     if name == "torch":
         dtype = _compute_dtype(student_emb, teacher_emb)

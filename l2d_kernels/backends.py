@@ -97,31 +97,24 @@ def available_backends() -> list[str]:
     return [name for name in BACKENDS[1:] if backend_problem(name, device) is None]
 
 
+# "auto" on CUDA tensors, every loss and shape. Measured on an H100 (third run, 2026-11-27, fp32,
+# forward + backward): the CUDA extension beat Triton in every LED case, 64 x 20 to 1024 x 80
+# (5.70 against 8.43 ms at a batch of 1024, where the second run's one-block-per-group CUDA kernel
+# had taken 77.9 ms and "auto" preferred Triton above a batch of 128). MLD: CUDA's eager calls were
+# as fast or faster (a cheaper launch), although Triton's MLD kernel itself is faster (33 against
+# 50 us at 4096 x 1000), which shows in a CUDA graph (49.6 against 67.7 us per replay).
 AUTO_ORDER = ("cuda", "triton", "torch")
-# LED above this batch: "auto" prefers Triton to the CUDA extension. Measured on an H100 (fp32,
-# forward + backward, second run) with the CUDA kernel of that run, which gave each group one thread
-# block: at B = 16..64 neither won throughout (CUDA 0.24 vs Triton 0.45 ms at 64 x 20, 1.06 vs
-# 0.56 ms at 64 x 80, 0.33 vs 0.72 ms at 16 x 9605), at B = 1024 CUDA 77.9 ms vs Triton 7.8 ms. The
-# CUDA kernel now spreads a group above 64 members over row tiles too (csrc/led.cu); the threshold
-# stays until a GPU run has compared the two again.
-CUDA_LED_MAX_BATCH = 128
 
 
-def auto_order_led(batch: int) -> tuple[str, ...]:
-    """The order in which "auto" tries backends for an LED call of this batch size."""
-    return AUTO_ORDER if batch <= CUDA_LED_MAX_BATCH else ("triton", "cuda", "torch")
-
-
-def resolve_backend(backend, device: torch.device, dtypes, order: tuple[str, ...] = AUTO_ORDER) -> str:
-    """The concrete backend for a call; raises ValueError or BackendUnavailableError. ``order`` is
-    the preference of "auto" among the backends that run here."""
+def resolve_backend(backend, device: torch.device, dtypes) -> str:
+    """The concrete backend for a call; raises ValueError or BackendUnavailableError."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     fused_ok = all(dt in (torch.float32, torch.bfloat16, torch.float16) for dt in dtypes)
     if backend == "auto":
         if device.type != "cuda" or not fused_ok:
             return "torch"
-        return next(name for name in order if backend_problem(name, device) is None)
+        return next(name for name in AUTO_ORDER if backend_problem(name, device) is None)
     problem = backend_problem(backend, device)
     if problem is not None:
         raise BackendUnavailableError(problem)
