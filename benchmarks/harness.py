@@ -15,6 +15,7 @@ recorded with its reason (benchmark JSON key ``l2d_unmeasured``) and shown as su
 from __future__ import annotations
 
 import os
+import statistics
 import time
 
 import pytest
@@ -147,10 +148,11 @@ def cuda_graphed(fn):
     return graph.replay
 
 
-def run_case(benchmark, request, fn, info: dict, rounds: int = 20):
+def run_case(benchmark, request, fn, info: dict, rounds: int = 20, setup=None):
     """Warm up, measure memory, then time ``fn``; record an out-of-memory or too-slow case instead.
     For a ``+graph`` form, memory is that of an eager call (the graph holds the same buffers) and the
-    timed call is a replay."""
+    timed call is a replay. ``setup``, if given, runs untimed before every round (one call per round
+    then): the training step uses it to time a baseline step right before each measured one."""
     if not selected(info["form"], info["shape"], _dtype(info["dtype"]), info["pass_"]):
         pytest.skip(f"not in the {BENCH_SET!r} benchmark set")
     benchmark.extra_info.update(info)
@@ -177,10 +179,21 @@ def run_case(benchmark, request, fn, info: dict, rounds: int = 20):
     # Calls back to back within a round, one device synchronization per round: a round lasts at least
     # ROUND_S, so the synchronization's own latency (hundreds of microseconds on a virtual machine's
     # GPU) does not enter a short call's median; pytest-benchmark reports time per call.
-    iterations = max(1, min(1000, int(ROUND_S / per_call)))
+    iterations = 1 if setup else max(1, min(1000, int(ROUND_S / per_call)))
     benchmark.extra_info["calls_per_round"] = iterations
-    rounds = max(3, min(rounds, int(2.0 / (per_call * iterations))))
-    benchmark.pedantic(fn, rounds=rounds, iterations=iterations, warmup_rounds=1)
+    if not setup:
+        rounds = max(3, min(rounds, int(2.0 / (per_call * iterations))))
+    benchmark.pedantic(fn, rounds=rounds, iterations=iterations, warmup_rounds=1, setup=setup)
+
+
+def paired_losses_s(form_times: list[float], baseline_times: list[float]) -> tuple[float, float]:
+    """(median over the pairs of form - baseline, median baseline) for rounds each preceded by one
+    baseline step: the last len(form_times) baselines pair with the rounds (any earlier ones preceded
+    warm-up rounds). A drift over minutes moves both members of a pair alike and cancels."""
+    if not form_times or len(baseline_times) < len(form_times):
+        raise ValueError(f"{len(form_times)} rounds need as many baselines, got {len(baseline_times)}")
+    baseline = baseline_times[len(baseline_times) - len(form_times):]
+    return (statistics.median(f - b for f, b in zip(form_times, baseline)), statistics.median(baseline))
 
 
 def _dtype(name: str) -> torch.dtype | None:

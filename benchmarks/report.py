@@ -25,9 +25,9 @@ GRAPHED = "+graph"  # a form replayed from a CUDA graph (benchmarks/harness.py):
 def _fmt_time(seconds: float | None) -> str:
     if seconds is None:
         return "-"
-    if seconds < 1e-3:
+    if abs(seconds) < 1e-3:
         return f"{seconds * 1e6:.1f} us"
-    if seconds < 1:
+    if abs(seconds) < 1:
         return f"{seconds * 1e3:.2f} ms"
     return f"{seconds:.2f} s"
 
@@ -46,6 +46,8 @@ def load(path: pathlib.Path):
         key = (info["loss"], info["pass_"], info["shape"], info["dtype"].removeprefix("torch."))
         cases[key][info["form"]] = dict(median=bench["stats"]["median"], peak=info.get("peak_extra_mib"),
                                         floor_us=info.get("floor_us"))
+        if "paired_losses_s" in info:  # the training step's paired rounds (benchmarks/test_step.py)
+            cases[key][info["form"]]["paired_losses_s"] = info["paired_losses_s"]
         shapes[(info["loss"], info["shape"])] = (info["B"], info["C"], info["D"])
     for info in data.get("l2d_unmeasured", []):
         key = (info["loss"], info["pass_"], info["shape"], info["dtype"].removeprefix("torch."))
@@ -140,8 +142,10 @@ def markdown(cases, shapes, meta) -> str:
 def _step_table(cases, keys) -> list[str]:
     """The training step: median per form and the share of the step spent in the losses."""
     lines = ["## Whole training step (ResNet-101 teacher, ResNet-34 student, batch 64, 224 x 224, bf16 autocast, Adam)",
-             "", "Losses' share: (step - the BCE-only step) / step.", "",
-             "| form | median step | losses' share | step vs eager-authors |", "|---|---|---|---|"]
+             "", "Losses per step: the median of (form step - the BCE-only step timed just before it), over "
+             "paired rounds; losses' share: that over the form's median step (without pairs: the difference "
+             "of the two medians).", "",
+             "| form | median step | losses per step | losses' share | step vs eager-authors |", "|---|---|---|---|---|"]
     for key in keys:
         cells = cases[key]
         floor = cells.get("bce-only", {}).get("median")
@@ -151,12 +155,16 @@ def _step_table(cases, keys) -> list[str]:
             if cell is None:
                 continue
             if "status" in cell:
-                lines.append(f"| {form} | {cell['status']} | - | - |")
+                lines.append(f"| {form} | {cell['status']} | - | - | - |")
                 continue
             t = cell["median"]
-            share = "-" if floor is None or form == "bce-only" else f"{max(t - floor, 0.0) / t:.1%}"
+            losses = cell.get("paired_losses_s")
+            if losses is None and floor is not None and form != "bce-only":
+                losses = t - floor
+            cost = "-" if losses is None else _fmt_time(losses) + ("" if "paired_losses_s" in cell else " (unpaired)")
+            share = "-" if losses is None else f"{max(losses, 0.0) / t:.1%}"
             speed = "-" if authors is None else _fmt_ratio(authors / t)
-            lines.append(f"| {form} | {_fmt_time(t)} | {share} | {speed} |")
+            lines.append(f"| {form} | {_fmt_time(t)} | {cost} | {share} | {speed} |")
     return lines + [""]
 
 

@@ -48,8 +48,21 @@ def test_plot_is_written(results, tmp_path):
 def test_markdown_gives_the_losses_share_of_a_training_step(results, tmp_path):
     report.main([str(results), "--out", str(tmp_path), "--no-plot"])
     text = (tmp_path / "bench-test.md").read_text()
-    assert "| eager-authors | 160.00 ms | 81.2% | 1.00x |" in text  # (160 - 30) / 160
-    assert "| fused-triton | 30.30 ms | 1.0% | 5.28x |" in text  # (30.3 - 30) / 30.3, 160 / 30.3
+    assert "| eager-authors | 160.00 ms | 130.00 ms (unpaired) | 81.2% | 1.00x |" in text  # (160 - 30) / 160
+    assert "| fused-triton | 30.30 ms | 300.0 us (unpaired) | 1.0% | 5.28x |" in text  # (30.3 - 30) / 30.3, 160 / 30.3
+
+
+def test_a_step_timed_in_paired_rounds_reports_the_paired_cost(results, tmp_path):
+    data = json.loads(results.read_text())
+    step = next(b for b in data["benchmarks"] if b["extra_info"]["loss"] == "step"
+                and b["extra_info"]["form"] == "fused-triton")
+    step["stats"]["median"] = 0.040  # drifted rounds: 10 ms above the BCE-only median of 30 ms
+    step["extra_info"]["paired_losses_s"] = 0.0004  # the BCE-only steps beside them drifted alike
+    results.write_text(json.dumps(data))
+    report.main([str(results), "--out", str(tmp_path), "--no-plot"])
+    text = (tmp_path / "bench-test.md").read_text()
+    assert "| fused-triton | 40.00 ms | 400.0 us | 1.0% | 4.00x |" in text
+    assert "| bce-only | 30.00 ms | - | - |" in text
 
 
 def test_split_runs_are_merged_into_one_report(results, tmp_path):
