@@ -9,9 +9,11 @@
 TORCH_LIBRARY_FRAGMENT(l2d_kernels, m) {
   m.def((std::string("mld_cuda") + l2d::kMldArgs).c_str());
   m.def((std::string("led_cuda") + l2d::kLedArgs).c_str());
+  m.def((std::string("led_scale_cuda") + l2d::kLedScaleArgs).c_str());
 }
 
 TORCH_LIBRARY_IMPL(l2d_kernels, CUDA, m) {
   m.impl("mld_cuda", &l2d::mld_cuda);
   m.impl("led_cuda", &l2d::led_cuda);
+  m.impl("led_scale_cuda", &l2d::led_scale_cuda);
 }

@@ -14,6 +14,7 @@ inline constexpr char kMldArgs[] =
     "(Tensor zs, Tensor zt, str reduction, float eps, float temperature) -> (Tensor, Tensor)";
 inline constexpr char kLedArgs[] =
     "(Tensor es, Tensor et, Tensor targets, float lambda_cd, float lambda_id) -> (Tensor, Tensor)";
+inline constexpr char kLedScaleArgs[] = "(Tensor(a!) grad, Tensor targets, Tensor grad_output) -> ()";
 
 // (loss in float32, d loss / d zs in zs's dtype)
 std::tuple<at::Tensor, at::Tensor> mld_cuda(const at::Tensor& zs, const at::Tensor& zt, c10::string_view reduction,
@@ -22,5 +23,9 @@ std::tuple<at::Tensor, at::Tensor> mld_cuda(const at::Tensor& zs, const at::Tens
 // (float32 [lambda_cd * CD + lambda_id * ID, CD, ID], d total / d es in es's dtype)
 std::tuple<at::Tensor, at::Tensor> led_cuda(const at::Tensor& es, const at::Tensor& et, const at::Tensor& targets,
                                             double lambda_cd, double lambda_id);
+
+// The LED backward: grad *= grad_output in place, reading only the rows whose target is positive
+// (every other row is zero) unless grad_output is inf or NaN.
+void led_scale_cuda(const at::Tensor& grad, const at::Tensor& targets, const at::Tensor& grad_output);
 
 }  // namespace l2d

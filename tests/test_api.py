@@ -206,6 +206,25 @@ def test_led_nan_propagates_from_a_member_row(backend):
     assert torch.isnan(fused_led(es, et, y, backend=backend))
 
 
+@pytest.mark.parametrize("scale", [-2.5, 0.0, float("inf"), float("nan")])
+def test_led_backward_multiplies_the_whole_gradient_by_grad_output(backend, scale):
+    """The fused backward is grad_output times the forward's gradient, rows outside every group (zero)
+    included: they stay zero for a finite grad_output (the kernels skip them) and become NaN for an
+    inf or NaN one (0 * inf), as a multiply gives; for targets of any dtype."""
+    if backend == "torch":
+        pytest.skip("the eager reference differentiates its own graph; the contract is the fused backward's")
+    es, et, y = embeddings(6, 5, 12, device=DEVICE, density=0.5)
+    for targets in (y, y.double() * 0.9, y.long().t().contiguous().t()):
+        x = es.clone().requires_grad_()
+        (plain,) = torch.autograd.grad(fused_led(x, et, targets, backend=backend), x)
+        x = es.clone().requires_grad_()
+        (scaled,) = torch.autograd.grad(fused_led(x, et, targets, backend=backend), x,
+                                        grad_outputs=torch.tensor(scale, device=DEVICE))
+        torch.testing.assert_close(scaled, plain * scale, rtol=0, atol=0, equal_nan=True)
+    zero_rows = (plain == 0).all(-1)
+    assert zero_rows.any() and not zero_rows.all()
+
+
 def test_led_is_bitwise_reproducible(backend):
     es, et, y = embeddings(12, 80, 24, device=DEVICE)
     first = run_led(es, et, y, backend=backend)

@@ -20,6 +20,20 @@ def test_operators_are_registered_with_cuda_and_fake_kernels(op):
     assert not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU")
 
 
+def test_the_backward_scaling_is_registered_in_place_with_a_fake_kernel():
+    name = "l2d_kernels::led_scale_cuda"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "Meta")
+    schema = torch.ops.l2d_kernels.led_scale_cuda.default._schema
+    assert [a.name for a in schema.arguments] == ["grad", "targets", "grad_output"]
+    assert [bool(a.alias_info and a.alias_info.is_write) for a in schema.arguments] == [True, False, False]
+    assert len(schema.returns) == 0
+    with FakeTensorMode():
+        grad = torch.empty(4, 3, 8, device="cuda")
+        assert torch.ops.l2d_kernels.led_scale_cuda(grad, torch.empty(4, 3, device="cuda", dtype=torch.bool),
+                                                    torch.empty((), device="cuda")) is None
+
+
 def test_schemas():
     mld = torch.ops.l2d_kernels.mld_cuda.default._schema
     led = torch.ops.l2d_kernels.led_cuda.default._schema
@@ -47,3 +61,8 @@ def test_led_fake_kernel(dtype):
         losses, grad = torch.ops.l2d_kernels.led_cuda(es, es, y, 100.0, 1000.0)
     assert losses.shape == (3,) and losses.dtype == torch.float32
     assert grad.shape == (4, 3, 8) and grad.dtype == dtype and grad.device.type == "cuda"
+
+
+def test_an_extension_without_an_operator_the_package_calls_counts_as_another_build():
+    assert cuda_ext.missing_operators() == []
+    assert cuda_ext.missing_operators(("led_cuda", "led_from_the_future_cuda")) == ["led_from_the_future_cuda"]

@@ -24,6 +24,17 @@ def test_led_op_passes_opcheck(fused_backend):
                                                                            "test_autograd_registration"))
 
 
+def test_led_scale_op_passes_opcheck(fused_backend):
+    """The CUDA backend's in-place backward scaling is an operator too (its schema declares the
+    mutation of grad); Triton's is a launcher called from the autograd function."""
+    if fused_backend != "cuda":
+        pytest.skip("only the CUDA extension registers the scaling as an operator")
+    _, _, y = embeddings(6, 5, 8, device=DEVICE, density=0.5)
+    grad = torch.randn(6, 5, 8, device=DEVICE)
+    torch.library.opcheck(torch.ops.l2d_kernels.led_scale_cuda.default, (grad, y, torch.tensor(2.0, device=DEVICE)),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 def test_compiles_without_graph_breaks(fused_backend):
     zs, zt = logits(5, 7, device=DEVICE)
     es, et, y = embeddings(6, 7, 8, device=DEVICE, density=0.5)

@@ -84,6 +84,9 @@ def _launchers():
             for B, C in ((130, 3), (64, 40), (32, 20)):
                 es = torch.zeros(B, C, 40, dtype=dtype)
                 triton_led.led_forward(es, es, torch.zeros(B, C, dtype=torch.bool), 100.0, 1000.0)
+            # The backward's scaling, with bool and float targets.
+            for y in (torch.zeros(4, 3, dtype=torch.bool), torch.zeros(4, 3)):
+                triton_led.led_scale(torch.zeros(4, 3, 40, dtype=dtype), y, torch.ones(()))
         # The kernel profile's empty kernel (benchmarks/kernel_profile.py), which measures a launch's
         # host cost on the GPU: only the compiled path resolves its annotations among the module's
         # globals, so a kernel that the interpreter runs can still fail there (it did, on an H100).

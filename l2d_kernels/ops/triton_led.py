@@ -519,6 +519,36 @@ def _run_family(es, et, grad, targets, idx, cnt, group_loss, groups_dim: int, sc
                            norms, part1, part2, ADD=not first, **common)
 
 
+@triton.jit
+def _scale_kernel(grad, y_ptr, y_sb, y_sc, C, D, grad_output, BLOCK_D: tl.constexpr):
+    """Row r = (r // C, r % C) of the gradient times grad_output, if its target is positive or
+    grad_output is inf or NaN (see led_scale)."""
+    r = tl.program_id(0).to(tl.int64)
+    s = tl.load(grad_output).to(tl.float32)
+    flag = tl.load(y_ptr + (r // C) * y_sb + (r % C) * y_sc).to(tl.float32)
+    finite = tl.abs(s) <= 3.4028234663852886e38  # false for inf and NaN
+    end = tl.where((flag > 0.5) | (finite == 0), D, 0)  # widths to scale: all of the row, or none
+    row = grad + r * D
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        inside = d < end
+        v = tl.load(row + d, mask=inside, other=0.0)
+        tl.store(row + d, (v.to(tl.float32) * s).to(grad.dtype.element_ty), mask=inside)
+
+
+@on_input_device
+def led_scale(grad: torch.Tensor, targets: torch.Tensor, grad_output: torch.Tensor) -> None:
+    """The backward's ``grad *= grad_output``, in place. Only rows whose target is positive can be
+    non-zero (groups are made of them; the forward writes every other row as zero), so with a finite
+    grad_output the other rows are not touched: most of the gradient at large label counts. An inf or
+    NaN grad_output scales every row (0 * inf is NaN, as in a multiply)."""
+    B, C, D = grad.shape
+    if B * C * D == 0:
+        return
+    _scale_kernel[(B * C,)](grad, targets, targets.stride(0), targets.stride(1), C, D, grad_output,
+                            BLOCK_D=min(1024, next_power_of_2(D)))
+
+
 @on_input_device
 def led_forward(es: torch.Tensor, et: torch.Tensor, targets: torch.Tensor, lambda_cd: float, lambda_id: float):
     """Launch the LED kernels: returns (float32 [total, cd, id], d total / d es in es's dtype)."""

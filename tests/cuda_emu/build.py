@@ -18,7 +18,7 @@ import sys
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CSRC = ROOT / "csrc"
-KERNEL_SOURCES = ["mld.cu", "led.cu"]
+KERNEL_SOURCES = ["mld.cu", "led.cu", "scale.cu"]
 # Misaligned accesses (a float4 load off a 16-byte boundary faults on the GPU) stop the process with
 # the source line, instead of passing on the CPU.
 SANITIZE = ["-fsanitize=alignment", "-fno-sanitize-recover=alignment"]
