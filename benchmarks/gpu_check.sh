@@ -6,8 +6,8 @@
 #   PHASE=all    install; build the extension in the background while the suite runs on the Triton
 #                backend, then the suite on the CUDA backend, each with compute-sanitizer (memcheck and
 #                racecheck; the driver's small set where the full one takes too long) and CMake + CTest
-#                and the training loop's --quick run (bf16 autocast) beside it; then the profile, `pytest benchmarks/` and the report, with
-#                nothing else on the GPU.
+#                and the training loop's --quick run (bf16 autocast) beside it; then the profile, `pytest benchmarks/`,
+#                the report, Nsight Compute and the step profile, with nothing else on the GPU.
 #
 #   PHASE=check  install the project (no downloads); build the CUDA extension wheel for this card in
 #                the background while the test suite runs on the Triton backend; then the suite on
@@ -16,7 +16,8 @@
 #   PHASE=bench  install (reusing a carried extension when L2D_PREBUILT_C names one, else building
 #                it), then a per-kernel profile of the fused calls (benchmarks/kernel_profile.py), then
 #                `pytest benchmarks/` one file at a time and the report (markdown table,
-#                PNG plot, merged JSON). Optional, in this order: L2D_RETEST="pytest args" (tests to
+#                PNG plot, merged JSON), then Nsight Compute over the kernels furthest from their targets
+#                (benchmarks/ncu_driver.py, into the log) and the step profile. Optional, in this order: L2D_RETEST="pytest args" (tests to
 #                rerun first), L2D_PROBES="command" (diagnostics), L2D_SANITIZE_AFTER="cuda triton"
 #                (compute-sanitizer after the benchmarks, with the time left).
 #
@@ -161,7 +162,13 @@ bench_all() {
     # The report reads what the benchmarks wrote, so it gets 30 s past the deadline that cut them.
     DEADLINE=$((DEADLINE + 30)) step report 30 $PY benchmarks/report.py "${jsons[@]}" \
         --merged "$OUT/bench-$card.json" --out "$OUT"
-    # A diagnostic, last: it runs only if the phase has time left.
+    # Diagnostics, last: each runs only if the phase has time left. Nsight Compute's view of the
+    # kernels furthest from their targets (COCO's LED group kernels on both backends, MLD at 4096 x
+    # 1000), into the log; then where a training step's time goes.
+    local sections="--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis --section SchedulerStats"
+    step ncu 100 bash -c "cd benchmarks && ncu -k regex:group_kernel --launch-skip 2 --launch-count 2 $sections $PY ncu_driver.py led 64 80 768 cuda &&
+        ncu -k regex:_main_kernel --launch-skip 2 --launch-count 2 $sections $PY ncu_driver.py led 64 80 768 triton &&
+        ncu -k regex:mld_kernel --launch-skip 1 --launch-count 1 $sections $PY ncu_driver.py mld 4096 1000 cuda"
     step step-profile 60 bash -c "cd benchmarks && $PY step_profile.py --out '$OUT/step-profile-$card.md'"
 }
 

@@ -1,4 +1,7 @@
-"""The per-kernel profile command, run on the CPU (torch backend, small shapes)."""
+"""The diagnostics, run on the CPU (torch backend, small shapes): the per-kernel profile command and the
+Nsight Compute driver."""
+
+import pytest
 
 import kernel_profile
 
@@ -61,3 +64,12 @@ def test_launch_costs_line():
     line = kernel_profile.launch_costs(kernel_profile.DEVICE.type, calls=3)
     assert line.startswith("Host cost of one launch: an empty Triton kernel with 19 arguments ")
     assert line.count(" us") == 2
+
+
+def test_ncu_driver_runs_both_cases_and_refuses_an_unknown_one():
+    import ncu_driver
+
+    assert ncu_driver.main(["led", "3", "4", "8", "torch"]) == 0
+    assert ncu_driver.main(["mld", "3", "4", "torch"]) == 0
+    with pytest.raises(SystemExit, match="unknown loss"):
+        ncu_driver.main(["bce", "3", "4", "torch"])
