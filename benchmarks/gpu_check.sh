@@ -23,12 +23,11 @@
 #
 #   OUT=/path/to/results bash benchmarks/gpu_check.sh                  (default OUT: ./gpu-out)
 #   L2D_BENCH=full PHASE=bench ...                                     (every case; default: quick)
-#   L2D_PROFILE_WARPS=4,16 ...     (the kernel profile adds Triton LED rows at those warp counts; default
-#                                   16, after the no-ahead rows; empty for none)
+#   L2D_PROFILE_ARGS="--triton-led-warps 4,16 --triton-led-no-ahead" ...
+#                                  (extra rows in the kernel profile: Triton LED at other warp counts, or
+#                                   with each width chunk loaded when used; default none, for time)
 #   DEADLINE=300 ...               (seconds: steps are cut short so that the phase ends by then; the
 #                                   report alone may run 30 s past it)
-#   (the profile adds triton/no-ahead rows, the Triton LED kernels with their chunks loaded one at a
-#   time, to compare with the default)
 #
 # Writes under $OUT: summary.txt (one line per step, failures named), log-<phase>.txt (every step's
 # output; the --quick run's results.json too), gpu.txt, the built extension (_C*.so, to carry into the next phase), and for bench:
@@ -150,7 +149,7 @@ assert all(math.isfinite(r[k]) for k in ('teacher_map', 'vanilla_map', 'l2d_map'
 
 bench_all() {
     step profile "${L2D_PROFILE_LIMIT:-120}" $PY benchmarks/kernel_profile.py \
-        --triton-led-warps "${L2D_PROFILE_WARPS-16}" --triton-led-no-ahead --out "$OUT/profile-$card.md"
+        ${L2D_PROFILE_ARGS:-} --out "$OUT/profile-$card.md"
     # One pytest run per file, each writing its JSON as it ends, so a deadline cuts one file, not all.
     rm -rf build/bench && mkdir -p build/bench
     jsons=()
