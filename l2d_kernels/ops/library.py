@@ -13,10 +13,11 @@ Eager calls (everything outside ``torch.compile``) skip the operator's Python di
 scales only the gradient rows whose target is positive (the backend's ``led_scale``; every other row
 is zero, and stays so under a finite ``grad_output``): at 16 x 9605 x 256 the H100 spent 126 us of a
 278 us call multiplying the whole gradient, nearly all of it zeros. Under ``torch.compile`` the
-backward is the plain in-place multiply. On a 2-core CPU, with the launchers stubbed out so that only the host path is timed
-(``benchmarks/host_overhead.py``), a forward + ``autograd.grad`` of ``fused_mld`` took 97-108 us
-through the operator and 52-57 us this way, ``fused_led`` 132-140 us and 72-87 us (its total no
-longer goes through an indexing node, whose backward launched two more kernels).
+backward is the plain in-place multiply. On a 2-core CPU, with the launchers stubbed out so that
+only the host path is timed (``benchmarks/host_overhead.py``), a forward + ``autograd.grad`` of
+``fused_mld`` took 97-108 us through the operator and 52-57 us this way, ``fused_led`` 132-140 us
+and 72-87 us (its total no longer goes through an indexing node, whose backward launched two more
+kernels).
 
     l2d_kernels::mld_<backend>(zs, zt, reduction, eps, temperature) -> (loss, d loss / d zs)
     l2d_kernels::led_<backend>(es, et, targets, lambda_cd, lambda_id)
