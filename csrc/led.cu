@@ -34,6 +34,7 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "led_common.cuh"
 #include "ops.h"
 
 namespace l2d {
@@ -53,9 +54,6 @@ struct Strips {
   float* sums;      // [groups][max_strips][4]: distance sums (sweep 0), Huber and K sums (sweep 1)
   int max_strips;   // row tiles of the largest possible group; 0: the family is not striped
 };
-
-__device__ __forceinline__ bool positive(bool y) { return y; }
-__device__ __forceinline__ bool positive(float y) { return y > 0.5f; }
 
 // One block per group (CD groups first, then ID groups): the group's members in order and its size;
 // a group of two to 64 members (or more, in a family that is not striped) goes on its family's list
@@ -658,9 +656,7 @@ std::tuple<at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in, const at::T
   const bool mixed = es_in.scalar_type() != et_in.scalar_type();
   const at::Tensor es = mixed ? es_in.to(at::kFloat) : es_in;
   const at::Tensor et = mixed ? et_in.to(at::kFloat) : et_in;
-  // Targets: bool and float32 read as they are, any other dtype compared once into bool.
-  const bool direct = targets.scalar_type() == at::kBool || targets.scalar_type() == at::kFloat;
-  const at::Tensor pos = direct ? targets : targets.gt(0.5);
+  const at::Tensor pos = readable_targets(targets);
   const int64_t B = es.size(0), C = es.size(1), D = es.size(2);
   auto stream = c10::cuda::getCurrentCUDAStream();
   auto i32 = es.options().dtype(at::kInt), f32 = es.options().dtype(at::kFloat);
@@ -691,8 +687,7 @@ std::tuple<at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in, const at::T
   const Strips st_cd{n_active + 3, items, sums, static_cast<int>(strips_cd)};
   const Strips st_id{n_active + 4, items + C * strips_cd, sums + 4 * C * strips_cd, static_cast<int>(strips_id)};
   // Group blocks: at most one per SM (each holds up to 255 registers per thread), looping over items.
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, es.get_device()));
+  const int sms = sm_count(es.get_device());
   const auto blocks = [&](int64_t work) { return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(work, sms))); };
 
   dispatch_float_types(es.scalar_type(), "led_cuda", [&](auto tag) {
@@ -700,14 +695,12 @@ std::tuple<at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in, const at::T
     const T* s = reinterpret_cast<const T*>(es.data_ptr());
     const T* t = reinterpret_cast<const T*>(et.data_ptr());
     T* g = reinterpret_cast<T*>(grad.data_ptr());
-    const auto members = [&](const auto* y) {
+    with_targets(pos, [&](const auto* y) {
       using TY = std::remove_cv_t<std::remove_pointer_t<decltype(y)>>;
       members_kernel<T, TY><<<static_cast<unsigned>(C + B), kThreads, 0, stream>>>(
           y, pos.stride(0), pos.stride(1), B, C, cd_idx, cd_cnt, id_idx, id_cnt, n_active, active, losses, g,
           grad.stride(0), grad.stride(1), D, st_cd, st_id);
-    };
-    if (pos.scalar_type() == at::kFloat) members(pos.data_ptr<float>());
-    else members(pos.data_ptr<bool>());
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     // CD: groups are labels, members are images; then ID: the other way round. Each family's launches
     // (one, or three when striped) in order; the last one of the call adds the losses.

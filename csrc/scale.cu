@@ -14,15 +14,13 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "led_common.cuh"
 #include "ops.h"
 
 namespace l2d {
 namespace {
 
 constexpr int kScaleThreads = 256;
-
-__device__ __forceinline__ bool is_positive(bool y) { return y; }
-__device__ __forceinline__ bool is_positive(float y) { return y > 0.5f; }
 
 // One warp per row of the gradient [rows, D] (rows = B C, row r = (r / C, r % C)), rows strided over
 // the grid.
@@ -34,7 +32,7 @@ __global__ void scale_rows_kernel(TG* __restrict__ grad, const TY* __restrict__ 
   const int64_t warps = kScaleThreads / 32;
   const int lane = threadIdx.x % 32;
   for (int64_t r = blockIdx.x * warps + threadIdx.x / 32; r < rows; r += gridDim.x * warps) {
-    if (!every_row && !is_positive(y[(r / C) * y_sb + (r % C) * y_sc])) continue;
+    if (!every_row && !positive(y[(r / C) * y_sb + (r % C) * y_sc])) continue;
     TG* row = grad + r * D;
     for (int64_t d = lane; d < D; d += 32) row[d] = from_float<TG>(to_float(row[d]) * s);
   }
@@ -51,25 +49,21 @@ void led_scale_cuda(const at::Tensor& grad, const at::Tensor& targets, const at:
   TORCH_CHECK(grad_output.numel() == 1, "led_scale_cuda: grad_output must hold one value");
   const c10::cuda::CUDAGuard guard(grad.device());
   const at::Tensor go = grad_output.to(at::kFloat);
-  const bool direct = targets.scalar_type() == at::kBool || targets.scalar_type() == at::kFloat;
-  const at::Tensor pos = direct ? targets : targets.gt(0.5);
+  const at::Tensor pos = readable_targets(targets);
   const int64_t C = grad.size(1), D = grad.size(2), rows = grad.size(0) * C;
   if (rows == 0 || D == 0) return;
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, grad.get_device()));
+  const int64_t sms = sm_count(grad.get_device());
   const int64_t warps = kScaleThreads / 32;
-  const auto blocks = static_cast<unsigned>(std::min<int64_t>((rows + warps - 1) / warps, int64_t{sms} * 16));
+  const auto blocks = static_cast<unsigned>(std::min<int64_t>((rows + warps - 1) / warps, sms * 16));
   auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_float_types(grad.scalar_type(), "led_scale_cuda", [&](auto tag) {
     using T = decltype(tag);
     T* g = reinterpret_cast<T*>(grad.data_ptr());
-    const auto launch = [&](const auto* y) {
+    with_targets(pos, [&](const auto* y) {
       using TY = std::remove_cv_t<std::remove_pointer_t<decltype(y)>>;
       scale_rows_kernel<T, TY><<<blocks, kScaleThreads, 0, stream>>>(g, y, pos.stride(0), pos.stride(1), rows, C, D,
                                                                       go.data_ptr<float>());
-    };
-    if (pos.scalar_type() == at::kFloat) launch(pos.data_ptr<float>());
-    else launch(pos.data_ptr<bool>());
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
