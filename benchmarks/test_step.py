@@ -14,7 +14,6 @@ difference of medians taken minutes apart measured the drift, not the losses (19
 where the kernel profile counted 0.1-0.3 ms of device time, under 1%).
 """
 
-
 import time
 
 import pytest

@@ -29,7 +29,5 @@ def missing_operators(names=OPERATORS) -> list:
     return [op for op in names if not hasattr(torch.ops.l2d_kernels, op)]
 
 
-if _C is not None:
-    missing = missing_operators()
-    if missing:
-        load_error = f"it was built from other sources (no {', '.join(missing)}): rebuild it"
+if _C is not None and missing_operators():
+    load_error = f"it was built from other sources (no {', '.join(missing_operators())}): rebuild it"
