@@ -23,5 +23,6 @@ def test_all_kernels_compile(arch):
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "compiled" in done.stdout
     for kernel in ("_mld_kernel", "_members_kernel", "_main_kernel", "_means_kernel", "_stats_kernel",
-                   "_grad_kernel", "_finalize_kernel", "_scale_kernel", "_empty"):
+                   "_grad_kernel", "_plan_kernel", "_gram_kernel", "_split_kernel", "_finalize_kernel",
+                   "_scale_kernel", "_empty"):
         assert kernel in done.stdout

@@ -1,8 +1,10 @@
-"""The Triton LED kernels: the large-group (tiled) path, ragged groups, and differential tests
-against the eager reference on random shapes and target patterns.
+"""The Triton LED kernels: the large-group (tiled) path, ragged groups, the width-split path and its
+scratch plan, and differential tests against the eager reference on random shapes and target patterns.
 
 Groups above SMALL_MAX members take three tiled passes; at the interpreter's small shapes the
-limits are lowered so that those passes run here too.
+limits are lowered so that those passes run here too. Groups of at most SMALL_MAX members are split
+over width slices of SLICE_WIDTH (64) when the width is larger; the tests' widths are smaller, so
+``slices`` runs them both whole and split into slices of 8.
 """
 
 import pytest
@@ -24,6 +26,15 @@ def small_tiles(monkeypatch):
 
     monkeypatch.setattr(triton_led, "SMALL_MAX", 16)
     monkeypatch.setattr(triton_led, "TILE", 16)
+
+
+@pytest.fixture(params=[0, 8], ids=["whole-groups", "width-split"])
+def slices(request, monkeypatch):
+    """Every group of at most SMALL_MAX members whole in one program, or split into 8-wide slices."""
+    from l2d_kernels.ops import triton_led
+
+    monkeypatch.setattr(triton_led, "SLICE_WIDTH", request.param)
+    return request.param
 
 
 def _eager_float32_error(es, et, y, lambda_cd, lambda_id, w_total, w_grad):
@@ -55,13 +66,13 @@ def _check(es, et, y, lambda_cd=100.0, lambda_id=1000.0, tol=1e-4):
 
 
 @pytest.mark.parametrize("shape", [(40, 3, 20), (3, 37, 18), (21, 21, 5)])
-def test_large_groups_take_the_tiled_path(small_tiles, shape):
+def test_large_groups_take_the_tiled_path(small_tiles, slices, shape):
     es, et, y = embeddings(*shape, density=0.9, device=DEVICE, seed=4)
     _check(es, et, y)
 
 
 @pytest.mark.parametrize("ahead", [True, False], ids=["chunks-ahead", "chunk-at-a-time"])
-def test_ragged_groups_mix_both_paths(small_tiles, monkeypatch, ahead):
+def test_ragged_groups_mix_both_paths(small_tiles, slices, monkeypatch, ahead):
     # Group sizes from 0 to 36 in both families: single-program groups and tiled ones in one launch.
     from l2d_kernels.ops import triton_led
 
@@ -76,7 +87,7 @@ def test_ragged_groups_mix_both_paths(small_tiles, monkeypatch, ahead):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("transpose", [False, True], ids=["cd-groups", "id-groups"])
 @pytest.mark.parametrize("members", [70, 64, 32], ids=lambda n: f"{n}-members")
-def test_single_program_groups_of_every_size_class(monkeypatch, ahead, dtype, transpose, members):
+def test_single_program_groups_of_every_size_class(monkeypatch, slices, ahead, dtype, transpose, members):
     """Groups of 0-2, 3-16, 17-32, 33-64 and 65-128 members, the single-program sizes (both families:
     the CD launch writes the gradient, the ID launch adds to it), with the width chunks loaded one
     ahead (the default) and one at a time; a width of 40 leaves a partial last chunk. With at most 32
@@ -101,13 +112,13 @@ def test_single_program_groups_of_every_size_class(monkeypatch, ahead, dtype, tr
     assert rel_err(x.grad, w_grad) <= half_tol(rel_err(eager_x.grad, w_grad), dtype)
 
 
-def test_tiled_path_is_bitwise_reproducible(small_tiles):
+def test_tiled_path_is_bitwise_reproducible(small_tiles, slices):
     es, et, y = embeddings(34, 4, 10, density=0.8, device=DEVICE, seed=8)
     first = _check(es, et, y)
     assert torch.equal(first, _check(es, et, y))
 
 
-def test_tiled_path_with_duplicate_rows_stays_finite(small_tiles):
+def test_tiled_path_with_duplicate_rows_stays_finite(small_tiles, slices):
     es, et, y = embeddings(20, 2, 8, density=1.0, device=DEVICE, seed=9)
     es[5] = es[3]
     es[17] = es[3]
@@ -148,3 +159,96 @@ def test_tiled_path_half_precision(small_tiles, monkeypatch, dtype, ahead):
     eager_x = es.clone().requires_grad_()
     reference.led_vectorized(eager_x, et, y).backward()
     assert rel_err(x.grad, w_grad) <= half_tol(rel_err(eager_x.grad, w_grad), dtype)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    B=st.integers(1, 12), C=st.integers(1, 12), D=st.integers(1, 40), slice_width=st.sampled_from([4, 8, 16]),
+    density=st.sampled_from([0.0, 0.2, 0.5, 0.8, 1.0]), seed=st.integers(0, 2**16),
+)
+def test_width_split_matches_the_formula_on_random_shapes_and_targets(B, C, D, slice_width, density, seed):
+    from unittest import mock
+
+    from l2d_kernels.ops import triton_led
+
+    es, et, y = embeddings(B, C, D, density=density, seed=seed, device=DEVICE)
+    with mock.patch.object(triton_led, "SLICE_WIDTH", slice_width):
+        _check(es, et, y)
+
+
+def _expected_plan(y, n_s, cap, small_max):
+    """The plan's offsets by its definition: groups of 2..small_max members, CD then ID, each taking
+    n_s * 2 * tile^2 floats in order; a group whose end passes cap gets -1 (and still counts)."""
+    sizes = [int(n) for n in (y > 0.5).sum(0)] + [int(n) for n in (y > 0.5).sum(1)]
+    offs, running = [], 0
+    for p in sizes:
+        if 2 <= p <= small_max:
+            tile = 16 if p <= 16 else 32 if p <= 32 else 64 if p <= 64 else 128
+            area = n_s * 2 * tile * tile
+            offs.append(running if running + area <= cap else -1)
+            running += area
+        else:
+            offs.append(-1)
+    return offs
+
+
+@pytest.mark.parametrize("shape,small_max", [((40, 9), 128), ((150, 6), 128), ((7, 140), 128), ((36, 20), 16)])
+@pytest.mark.parametrize("room", ["all", "few"])
+def test_plan_places_groups_in_order_while_they_fit(monkeypatch, shape, small_max, room):
+    """Both families, with and without member lists (150 or 140 possible members), several blocks of
+    groups and of members: the offsets are those of the definition, with scratch for every group or
+    for the first three only (later groups, even smaller ones, get none)."""
+    from l2d_kernels.ops import triton_led
+
+    monkeypatch.setattr(triton_led, "SMALL_MAX", small_max)
+    monkeypatch.setattr(triton_led, "PLAN_BLOCK", 16)
+    B, C = shape
+    g = torch.Generator().manual_seed(B * C)
+    # Group sizes from 0 to all: each label's density differs.
+    y = torch.rand(B, C, generator=g) < torch.linspace(0.0, 1.0, C)[None, :]
+    n_s = 3
+    placed = [o for o in _expected_plan(y, n_s, 2**40, small_max) if o >= 0]
+    assert len(placed) > 3
+    cap = 2**40 if room == "all" else placed[3]  # the fourth group's start: room for three
+    cd_cnt = (y > 0.5).sum(0).to(torch.int32).to(DEVICE)
+    id_cnt = (y > 0.5).sum(1).to(torch.int32).to(DEVICE)
+    offs = triton_led._plan(y.to(DEVICE), cd_cnt, id_cnt, n_s, cap).cpu().tolist()
+    assert offs == _expected_plan(y, n_s, cap, small_max)
+    assert sum(o >= 0 for o in offs) == (len(placed) if room == "all" else 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_groups_past_the_scratch_are_done_whole(monkeypatch, dtype):
+    """With scratch for only a few groups, the plan splits those and the rest (of CD, and all of ID) run
+    whole in their slice-0 programs, in one call: results within the formula's tolerance, bitwise
+    reproducible."""
+    from l2d_kernels.ops import triton_led
+
+    monkeypatch.setattr(triton_led, "SLICE_WIDTH", 8)
+    B, C, D = 36, 9, 24
+    y = (torch.arange(B)[:, None] < torch.tensor([0, 1, 2, 3, 15, 16, 17, 33, 36])[None, :]).to(DEVICE)
+    es, et, _ = embeddings(B, C, D, dtype=dtype, device=DEVICE, seed=16)
+    n_s = triton_led._split_slices(D)
+    cap = 4 * n_s * 2 * 32 * 32  # bytes: a few groups' partial Grams
+    monkeypatch.setattr(triton_led, "SCRATCH_MIN_BYTES", cap)
+    monkeypatch.setattr(triton_led, "SCRATCH_GRAD_FRACTION", 10**9)
+    # The plan (checked against its definition above): CD's groups of 2, 3, 15 and 16 members fill the
+    # scratch; CD's larger groups and every ID group (2 to 8 members) are past it.
+    expected = _expected_plan(y.cpu(), n_s, cap // 4, triton_led.SMALL_MAX)
+    assert [o >= 0 for o in expected[:C]] == [False, False, True, True, True, True, False, False, False]
+    assert all(o < 0 for o in expected[C:])
+    x = es.clone().requires_grad_()
+    total = fused_led(x, et, y, backend="triton")
+    total.backward()
+    again = es.clone().requires_grad_()
+    total_again = fused_led(again, et, y, backend="triton")
+    total_again.backward()
+    assert torch.equal(total, total_again) and torch.equal(x.grad, again.grad)
+    n = lambda t: t.detach().double().cpu().numpy()  # noqa: E731
+    w_total, _, _, w_grad = oracle.led(n(es), n(et), n(y))
+    if dtype == torch.float32:
+        _check(es, et, y)
+    else:
+        eager_x = es.clone().requires_grad_()
+        reference.led_vectorized(eager_x, et, y).backward()
+        assert rel_err(x.grad, w_grad) <= half_tol(rel_err(eager_x.grad, w_grad), dtype)

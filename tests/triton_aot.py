@@ -81,9 +81,12 @@ def _launchers():
             # 130 members > SMALL_MAX, so the large-group passes launch too; then launches whose groups
             # hold at most 64 and at most 32 members (the main kernel is compiled for the sizes a
             # launch can need: 130 / 3, 64 / 40 and 32 / 20 possible members).
+            # Each at a width of one slice (every group whole in one program) and of three (the
+            # width-split path: plan, partial Grams, split gradient).
             for B, C in ((130, 3), (64, 40), (32, 20)):
-                es = torch.zeros(B, C, 40, dtype=dtype)
-                triton_led.led_forward(es, es, torch.zeros(B, C, dtype=torch.bool), 100.0, 1000.0)
+                for width in (40, 3 * triton_led.SLICE_WIDTH):
+                    es = torch.zeros(B, C, width, dtype=dtype)
+                    triton_led.led_forward(es, es, torch.zeros(B, C, dtype=torch.bool), 100.0, 1000.0)
             # The backward's scaling, with bool and float targets.
             for y in (torch.zeros(4, 3, dtype=torch.bool), torch.zeros(4, 3)):
                 triton_led.led_scale(torch.zeros(4, 3, 40, dtype=dtype), y, torch.ones(()))

@@ -19,16 +19,23 @@ Launches, all on the device, none waiting for the host:
 
 1. only for a family that can hold groups of more than ``SMALL_MAX`` members: ``_members_kernel``
    compacts each group's members (targets > 0.5) into an index list for the tiled passes. Otherwise
-   each program of step 2 finds its group's members in the targets itself (a prefix sum over at most
+   each program finds its group's members in the targets itself (a prefix sum over at most
    ``SMALL_MAX`` flags); with neither family needing lists, the call has one launch fewer.
-2. per family, ``_main_kernel`` over ``(group, row tile)``: a group of at most ``SMALL_MAX`` members
-   is done entirely by one program (one Gram per side, on chip, in a tile of 16, 32, 64 or 128 rows;
-   up to 64 members, each width chunk is loaded while the previous one is multiplied, ``LOAD_AHEAD``);
-   a larger one gets its row tiles' squared norms. Each launch compiles only the tile sizes its
-   groups can need (``MAX_P``, from the number of possible members), so that the registers of the
-   largest do not limit how many programs of a launch of small groups share an SM. The CD launch
-   also writes the zero gradient of every row outside a group, so the gradient buffer needs no
-   separate fill.
+2. Groups of 2 to ``SMALL_MAX`` members, where the width is more than one slice (``SLICE_WIDTH``):
+   ``_plan_kernel`` (one program) places each such group's partial Grams in a scratch;
+   ``_gram_kernel`` over ``(slice, group)``, both families in one launch, computes each placed
+   group's Grams over one width slice; per family, ``_split_kernel`` over ``(slice, group)`` sums a
+   group's slices in order, takes its loss and pair weights, and writes its gradient at that slice's
+   widths. A group the scratch had no room for is done whole by its slice-0 program, as in 2'.
+2'. Where the width is one slice (or ``SLICE_WIDTH`` is 0), per family, ``_main_kernel`` over
+   ``(group, row tile)``: a group of at most ``SMALL_MAX`` members is done entirely by one program
+   (one Gram per side, on chip).
+   In both, a whole group takes a tile of 16, 32, 64 or 128 rows (up to 64 members, each width chunk
+   is loaded while the previous one is multiplied, ``LOAD_AHEAD``), and a larger group gets its row
+   tiles' squared norms. Each launch compiles only the tile sizes its groups can need (``MAX_P``,
+   from the number of possible members), so that the registers of the largest do not limit how
+   many programs of a launch of small groups share an SM. The CD launch also writes the zero
+   gradient of every row outside a group, so the gradient buffer needs no separate fill.
 3. only when a family can hold groups larger than ``SMALL_MAX``, three passes over ``(group, row
    tile, column tile)`` that recompute their Gram tiles instead of storing them: ``_means_kernel``
    (distance sums), ``_stats_kernel`` (Huber and ``K`` sums), ``_grad_kernel`` (the gradient).
@@ -52,6 +59,21 @@ TILE = 64
 TILE_BLOCK_D = 32
 NUM_WARPS = 8
 MEMBERS_BLOCK = 1024
+# Width-split path: every group of 2 to SMALL_MAX members is spread over cdiv(width, SLICE_WIDTH)
+# programs, one per slice of SLICE_WIDTH widths; each computes its slice's partial Grams
+# (``_gram_kernel``), then each sums all slices' partials in order and writes its slice of the
+# gradient (``_split_kernel``). A group then costs a few width chunks per program instead of the
+# whole width in one. Partial Grams live in a scratch of a SCRATCH_GRAD_FRACTION of the gradient,
+# within SCRATCH_MIN_BYTES..SCRATCH_MAX_BYTES, placed by ``_plan_kernel`` in group order; a group
+# past it is done whole (the real-label benchmark shapes need 0.2-2.8 MiB; a batch of 1024 needs
+# more than it gets). SLICE_WIDTH 0 (or a width of at most SLICE_WIDTH) keeps every
+# group whole, one program each, with two launches fewer. Read at each launch.
+SLICE_WIDTH = 64
+SCRATCH_MIN_BYTES = 4 << 20
+SCRATCH_MAX_BYTES = 32 << 20
+SCRATCH_GRAD_FRACTION = 16
+PLAN_BLOCK = 128  # groups per step of the plan
+PLAN_MEMBERS = 32  # members per step of a group count (a 128 x 32 block of flags: no spills at sm_90)
 # Groups of up to 64 members, and the tiles of large groups, load each width chunk one chunk ahead, so
 # that the loads' latency passes during the previous chunk's products; groups of 17-32 and of 33-64
 # members then take tiles of 32 and 64 rows, and every 64-row tile 16-wide chunks (32-wide ones and a
@@ -127,21 +149,21 @@ def _dot_nt(a, b, acc):
 
 
 @triton.jit
-def _gram(S, T, s_m, s_d, t_m, t_d, rows_i, ok_i, rows_j, ok_j, D,
+def _gram(S, T, s_m, s_d, t_m, t_d, rows_i, ok_i, rows_j, ok_j, lo, D,
           BI: tl.constexpr, BJ: tl.constexpr, BLOCK_D: tl.constexpr, SAME: tl.constexpr, AHEAD: tl.constexpr):
-    """Student and teacher Gram tiles, rows i x rows j (``SAME``: the j rows are the i rows). With
-    ``AHEAD`` each width chunk's rows are loaded one chunk ahead, so that their memory latency passes
-    during the previous chunk's products (the same products in the same order); the load past the
-    last chunk is masked off entirely."""
+    """Student and teacher Gram tiles, rows i x rows j (``SAME``: the j rows are the i rows), over the
+    widths ``lo <= d < D``. With ``AHEAD`` each width chunk's rows are loaded one chunk ahead, so that
+    their memory latency passes during the previous chunk's products (the same products in the same
+    order); the load past the last chunk is masked off entirely."""
     gs = tl.zeros((BI, BJ), dtype=tl.float32)
     gt = tl.zeros((BI, BJ), dtype=tl.float32)
     if AHEAD:
-        a = _load_rows(S, rows_i, ok_i, 0, D, s_m, s_d, BLOCK_D)
-        ta = _load_rows(T, rows_i, ok_i, 0, D, t_m, t_d, BLOCK_D)
+        a = _load_rows(S, rows_i, ok_i, lo, D, s_m, s_d, BLOCK_D)
+        ta = _load_rows(T, rows_i, ok_i, lo, D, t_m, t_d, BLOCK_D)
         if not SAME:
-            b = _load_rows(S, rows_j, ok_j, 0, D, s_m, s_d, BLOCK_D)
-            tb = _load_rows(T, rows_j, ok_j, 0, D, t_m, t_d, BLOCK_D)
-        for d0 in range(0, D, BLOCK_D):
+            b = _load_rows(S, rows_j, ok_j, lo, D, s_m, s_d, BLOCK_D)
+            tb = _load_rows(T, rows_j, ok_j, lo, D, t_m, t_d, BLOCK_D)
+        for d0 in range(lo, D, BLOCK_D):
             a_next = _load_rows(S, rows_i, ok_i, d0 + BLOCK_D, D, s_m, s_d, BLOCK_D)
             ta_next = _load_rows(T, rows_i, ok_i, d0 + BLOCK_D, D, t_m, t_d, BLOCK_D)
             if SAME:
@@ -157,7 +179,7 @@ def _gram(S, T, s_m, s_d, t_m, t_d, rows_i, ok_i, rows_j, ok_j, D,
             a = a_next
             ta = ta_next
     else:
-        for d0 in range(0, D, BLOCK_D):
+        for d0 in range(lo, D, BLOCK_D):
             a = _load_rows(S, rows_i, ok_i, d0, D, s_m, s_d, BLOCK_D)
             ta = _load_rows(T, rows_i, ok_i, d0, D, t_m, t_d, BLOCK_D)
             if SAME:
@@ -192,17 +214,18 @@ def _pair_weights(x, ds, sq_s, pair, mu_s, k_sum, p_f, n_pairs):
 
 
 @triton.jit
-def _write_grad(S, s_m, s_d, G, g_m, rows_i, ok_i, rows_j, ok_j, w, rowsum, D, scale,
+def _write_grad(S, s_m, s_d, G, g_m, rows_i, ok_i, rows_j, ok_j, w, rowsum, lo, D, scale,
                 ADD: tl.constexpr, BLOCK_D: tl.constexpr, SAME: tl.constexpr, AHEAD: tl.constexpr):
-    """grad[rows_i] (+)= scale * (rowsum * S[rows_i] - w @ S[rows_j]), in width chunks (``SAME``: j is i;
-    ``AHEAD``: each chunk's rows, and adding the gradient so far, loaded one chunk ahead)."""
+    """grad[rows_i] (+)= scale * (rowsum * S[rows_i] - w @ S[rows_j]) at the widths ``lo <= d < D``, in
+    width chunks (``SAME``: j is i; ``AHEAD``: each chunk's rows, and adding the gradient so far,
+    loaded one chunk ahead)."""
     if AHEAD:
-        si = _load_rows(S, rows_i, ok_i, 0, D, s_m, s_d, BLOCK_D).to(tl.float32)
+        si = _load_rows(S, rows_i, ok_i, lo, D, s_m, s_d, BLOCK_D).to(tl.float32)
         if not SAME:
-            sj = _load_rows(S, rows_j, ok_j, 0, D, s_m, s_d, BLOCK_D).to(tl.float32)
+            sj = _load_rows(S, rows_j, ok_j, lo, D, s_m, s_d, BLOCK_D).to(tl.float32)
         if ADD:
-            g_cur = _load_rows(G, rows_i, ok_i, 0, D, g_m, 1, BLOCK_D).to(tl.float32)
-    for d0 in range(0, D, BLOCK_D):
+            g_cur = _load_rows(G, rows_i, ok_i, lo, D, g_m, 1, BLOCK_D).to(tl.float32)
+    for d0 in range(lo, D, BLOCK_D):
         if AHEAD:
             si_next = _load_rows(S, rows_i, ok_i, d0 + BLOCK_D, D, s_m, s_d, BLOCK_D).to(tl.float32)
             if not SAME:
@@ -247,14 +270,9 @@ def _member_rows(members, hit, rank, k, P, BLOCK: tl.constexpr, OWN: tl.constexp
 
 
 @triton.jit
-def _small_group(S, T, s_m, s_d, t_m, t_d, G, g_m, members, hit, rank, k, P, loss_ptr, D, scale,
-                 ADD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, AHEAD: tl.constexpr,
-                 OWN: tl.constexpr):
-    """A whole group of at most BLOCK members: one Gram per side, then loss and gradient (``AHEAD``:
-    width chunks loaded one ahead, for block sizes whose registers have room for two chunks; ``OWN``:
-    members from the program's own flags, see ``_main_kernel``)."""
-    r, rows, ok = _member_rows(members, hit, rank, k, P, BLOCK, OWN)
-    gs, gt = _gram(S, T, s_m, s_d, t_m, t_d, rows, ok, rows, ok, D, BLOCK, BLOCK, BLOCK_D, True, AHEAD)
+def _group_weights(gs, gt, r, ok, P, loss_ptr, STORE_LOSS, BLOCK: tl.constexpr):
+    """From a whole group's Gram tiles (student, teacher; member rank r, r < P): the group's loss
+    (stored if ``STORE_LOSS``), the pair weights w(a, b) and their row sums."""
     ns_col, ns_row = _diagonal(gs, BLOCK)
     nt_col, nt_row = _diagonal(gt, BLOCK)
     pair = ok[:, None] & ok[None, :] & (r[:, None] != r[None, :])
@@ -265,10 +283,24 @@ def _small_group(S, T, s_m, s_d, t_m, t_d, G, g_m, members, hit, rank, k, P, los
     mu_s = _div(_sum2(tl.where(pair, ds, 0.0)), n_pairs)
     mu_t = _div(_sum2(tl.where(pair, dt, 0.0)), n_pairs)
     x = _div(ds, mu_s) - _div(dt, mu_t)
-    tl.store(loss_ptr, _div(_sum2(tl.where(pair, _huber(x), 0.0)), p_f))
+    if STORE_LOSS:
+        tl.store(loss_ptr, _div(_sum2(tl.where(pair, _huber(x), 0.0)), p_f))
     k_sum = _sum2(tl.where(pair, clamp(x, -1.0, 1.0) * ds, 0.0))
     w = _pair_weights(x, ds, sq_s, pair, mu_s, k_sum, p_f, n_pairs)
-    _write_grad(S, s_m, s_d, G, g_m, rows, ok, rows, ok, w, tl.sum(w, axis=1), D, scale, ADD, BLOCK_D, True, AHEAD)
+    return w, tl.sum(w, axis=1)
+
+
+@triton.jit
+def _small_group(S, T, s_m, s_d, t_m, t_d, G, g_m, members, hit, rank, k, P, loss_ptr, D, scale,
+                 ADD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, AHEAD: tl.constexpr,
+                 OWN: tl.constexpr):
+    """A whole group of at most BLOCK members: one Gram per side, then loss and gradient (``AHEAD``:
+    width chunks loaded one ahead, for block sizes whose registers have room for two chunks; ``OWN``:
+    members from the program's own flags, see ``_main_kernel``)."""
+    r, rows, ok = _member_rows(members, hit, rank, k, P, BLOCK, OWN)
+    gs, gt = _gram(S, T, s_m, s_d, t_m, t_d, rows, ok, rows, ok, 0, D, BLOCK, BLOCK, BLOCK_D, True, AHEAD)
+    w, rowsum = _group_weights(gs, gt, r, ok, P, loss_ptr, True, BLOCK)
+    _write_grad(S, s_m, s_d, G, g_m, rows, ok, rows, ok, w, rowsum, 0, D, scale, ADD, BLOCK_D, True, AHEAD)
 
 
 @triton.jit
@@ -285,7 +317,7 @@ def _tile_distances(S, T, s_m, s_d, t_m, t_d, members, norms, P, i, j, D, TILE: 
     """Distances of row tile i against column tile j of a large group, with their pair mask."""
     rank_i, ok_i, rows_i = _tile_rows(members, i, P, TILE)
     rank_j, ok_j, rows_j = _tile_rows(members, j, P, TILE)
-    gs, gt = _gram(S, T, s_m, s_d, t_m, t_d, rows_i, ok_i, rows_j, ok_j, D, TILE, TILE, BLOCK_D, False, AHEAD)
+    gs, gt = _gram(S, T, s_m, s_d, t_m, t_d, rows_i, ok_i, rows_j, ok_j, 0, D, TILE, TILE, BLOCK_D, False, AHEAD)
     ns_i = tl.load(norms + 2 * rank_i, mask=ok_i, other=0.0)
     nt_i = tl.load(norms + 2 * rank_i + 1, mask=ok_i, other=0.0)
     ns_j = tl.load(norms + 2 * rank_j, mask=ok_j, other=0.0)
@@ -304,6 +336,55 @@ def _group(S, T, G, s_g, t_g, g_g, idx, cnt, N, norms, g):
 
 
 @triton.jit
+def _group_members(S, T, G, s_g, t_g, g_g, Y, y_g, y_m, idx, cnt, N, norms, g,
+                   LISTS: tl.constexpr, N_PAD: tl.constexpr):
+    """Group g's base pointers (embeddings, gradient, member list, norm scratch), its size P and, without
+    member lists (at most SMALL_MAX possible members), what ``_member_rows`` needs to find its members
+    in the targets: the flags ``hit`` at positions ``k`` and their ranks, by a prefix sum over N_PAD."""
+    if LISTS:
+        S_g, T_g, G_g, members, norms_g, P = _group(S, T, G, s_g, t_g, g_g, idx, cnt, N, norms, g)
+        k = tl.arange(0, 16)  # unused with member lists
+        hit = k < 0
+        rank = k
+    else:
+        k = tl.arange(0, N_PAD)
+        flags = tl.load(Y + g.to(tl.int64) * y_g + k.to(tl.int64) * y_m, mask=k < N, other=0).to(tl.float32)
+        hit = (flags > 0.5) & (k < N)
+        rank = tl.cumsum(hit.to(tl.int32), axis=0) - 1
+        P = tl.sum(hit.to(tl.int32), axis=0)
+        g64 = g.to(tl.int64)
+        S_g, T_g, G_g, members, norms_g = S + g64 * s_g, T + g64 * t_g, G + g64 * g_g, idx, norms
+    return S_g, T_g, G_g, members, norms_g, P, hit, rank, k
+
+
+@triton.jit
+def _whole_small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr, D, scale,
+                       ADD: tl.constexpr, AHEAD: tl.constexpr, MAX_P: tl.constexpr, OWN: tl.constexpr,
+                       SMALL_MAX: tl.constexpr):
+    """A group of 2 to SMALL_MAX members, all of its width, in this program. Sizes of tile, so that a
+    group of a few members does not pay for a large padded one; a size no group of this launch can
+    reach (MAX_P) is not compiled, so that its registers do not weigh on the others."""
+    if P <= 16:
+        _small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr, D,
+                     scale, ADD, 16, 64, AHEAD, OWN)
+    elif P <= 64:
+        if AHEAD:
+            if P <= 32:
+                if MAX_P >= 32:
+                    _small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P,
+                                 loss_ptr, D, scale, ADD, 32, 16, True, OWN)
+            elif MAX_P >= 64:
+                _small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P,
+                             loss_ptr, D, scale, ADD, 64, 16, True, OWN)
+        elif MAX_P >= 32:  # one chunk at a time (as before LOAD_AHEAD): 17-64 members in one size
+            _small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr,
+                         D, scale, ADD, 64, 32, False, OWN)
+    elif MAX_P >= 128:
+        _small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr, D,
+                     scale, ADD, SMALL_MAX, 16, False, OWN)
+
+
+@triton.jit
 def _main_kernel(
     S, T, s_g, s_m, s_d, t_g, t_m, t_d, G, g_g, g_m,
     Y, y_g, y_m, idx, cnt, N, D, scale, loss_ptr, norms,
@@ -313,21 +394,8 @@ def _main_kernel(
 ):
     g = tl.program_id(0)
     i = tl.program_id(1)
-    if not LARGE:
-        # At most SMALL_MAX possible members: the program finds its group's members in the targets
-        # itself (their ranks by a prefix sum over N_PAD flags), so no member lists exist.
-        k = tl.arange(0, N_PAD)
-        flags = tl.load(Y + g.to(tl.int64) * y_g + k.to(tl.int64) * y_m, mask=k < N, other=0).to(tl.float32)
-        hit = (flags > 0.5) & (k < N)
-        rank = tl.cumsum(hit.to(tl.int32), axis=0) - 1
-        P = tl.sum(hit.to(tl.int32), axis=0)
-        g64 = g.to(tl.int64)
-        S_g, T_g, G_g, members, norms_g = S + g64 * s_g, T + g64 * t_g, G + g64 * g_g, idx, norms
-    else:
-        S_g, T_g, G_g, members, norms_g, P = _group(S, T, G, s_g, t_g, g_g, idx, cnt, N, norms, g)
-        k = tl.arange(0, 16)  # unused with member lists
-        hit = k < 0
-        rank = k
+    S_g, T_g, G_g, members, norms_g, P, hit, rank, k = _group_members(
+        S, T, G, s_g, t_g, g_g, Y, y_g, y_m, idx, cnt, N, norms, g, LARGE, N_PAD)
 
     if ZERO_OUTSIDE:
         # Rows i*TILE.. of this group's axis that are not in a group of two or more get zero gradient.
@@ -344,27 +412,8 @@ def _main_kernel(
         if P < 2:
             tl.store(loss_ptr + g, 0.0)
         elif P <= SMALL_MAX:
-            # Sizes of tile, so that a group of a few members does not pay for a large padded one; a
-            # size no group of this launch can reach (MAX_P) is not compiled, so that its registers do
-            # not weigh on the others.
-            if P <= 16:
-                _small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr + g, D,
-                             scale, ADD, 16, 64, AHEAD, not LARGE)
-            elif P <= 64:
-                if AHEAD:
-                    if P <= 32:
-                        if MAX_P >= 32:
-                            _small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P,
-                                         loss_ptr + g, D, scale, ADD, 32, 16, True, not LARGE)
-                    elif MAX_P >= 64:
-                        _small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P,
-                                     loss_ptr + g, D, scale, ADD, 64, 16, True, not LARGE)
-                elif MAX_P >= 32:  # one chunk at a time (as before LOAD_AHEAD): 17-64 members in one size
-                    _small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr + g,
-                                 D, scale, ADD, 64, 32, False, not LARGE)
-            elif MAX_P >= 128:
-                _small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr + g, D,
-                             scale, ADD, SMALL_MAX, 16, False, not LARGE)
+            _whole_small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr + g, D,
+                               scale, ADD, AHEAD, MAX_P, not LARGE, SMALL_MAX)
     if LARGE:
         _large_group_norms(S_g, T_g, s_m, s_d, t_m, t_d, members, norms_g, P, i, D, SMALL_MAX, TILE, BLOCK_D, AHEAD)
 
@@ -375,7 +424,7 @@ def _large_group_norms(S_g, T_g, s_m, s_d, t_m, t_d, members, norms_g, P, i, D,
     """A large group's squared norms, row tile i (the tiled passes read them)."""
     if (P > SMALL_MAX) & (i * TILE < P):
         rank, ok, rows = _tile_rows(members, i, P, TILE)
-        gs, gt = _gram(S_g, T_g, s_m, s_d, t_m, t_d, rows, ok, rows, ok, D, TILE, TILE, BLOCK_D, True, AHEAD)
+        gs, gt = _gram(S_g, T_g, s_m, s_d, t_m, t_d, rows, ok, rows, ok, 0, D, TILE, TILE, BLOCK_D, True, AHEAD)
         ns, _ = _diagonal(gs, TILE)
         nt, _ = _diagonal(gt, TILE)
         tl.store(norms_g + 2 * rank, ns, mask=ok)
@@ -470,11 +519,183 @@ def _grad_kernel(
                 S_g, T_g, s_m, s_d, t_m, t_d, members, norms_g, P, i, j, D, TILE, BLOCK_D, AHEAD)
             w = _pair_weights(_div(ds, mu_s) - _div(dt, mu_t), ds, sq_s, pair, mu_s, k_sum, p_f, n_pairs)
             if j == 0:
-                _write_grad(S_g, s_m, s_d, G_g, g_m, rows_i, ok_i, rows_j, ok_j, w, tl.sum(w, axis=1), D, scale,
+                _write_grad(S_g, s_m, s_d, G_g, g_m, rows_i, ok_i, rows_j, ok_j, w, tl.sum(w, axis=1), 0, D, scale,
                             ADD, BLOCK_D, False, AHEAD)
             else:
-                _write_grad(S_g, s_m, s_d, G_g, g_m, rows_i, ok_i, rows_j, ok_j, w, tl.sum(w, axis=1), D, scale,
+                _write_grad(S_g, s_m, s_d, G_g, g_m, rows_i, ok_i, rows_j, ok_j, w, tl.sum(w, axis=1), 0, D, scale,
                             True, BLOCK_D, False, AHEAD)
+
+
+@triton.jit
+def _tile_of(P):
+    """The Gram tile of a group of P members (2 <= P <= SMALL_MAX) on the width-split path."""
+    return tl.where(P <= 16, 16, tl.where(P <= 32, 32, tl.where(P <= 64, 64, 128)))
+
+
+@triton.jit
+def _plan_family(Y, y_g, y_m, n_groups, N, cnt, offs, running, cap,
+                 LISTS: tl.constexpr, N_S: tl.constexpr, SMALL_MAX: tl.constexpr, BG: tl.constexpr,
+                 BM: tl.constexpr):
+    """Offsets into the partial-Gram scratch of one family's groups (see ``_plan_kernel``)."""
+    for g0 in range(0, n_groups, BG):
+        gg = g0 + tl.arange(0, BG)
+        inside = gg < n_groups
+        if LISTS:
+            P = tl.load(cnt + gg, mask=inside, other=0)
+        else:
+            P = tl.zeros((BG,), dtype=tl.int32)
+            for m0 in range(0, N, BM):
+                mm = m0 + tl.arange(0, BM)
+                ptrs = Y + gg[:, None].to(tl.int64) * y_g + mm[None, :].to(tl.int64) * y_m
+                flag = tl.load(ptrs, mask=inside[:, None] & (mm < N)[None, :], other=0).to(tl.float32)
+                P += tl.sum((flag > 0.5).to(tl.int32), axis=1)
+        tile = _tile_of(P).to(tl.int64)
+        area = tl.where(inside & (P >= 2) & (P <= SMALL_MAX), N_S * 2 * tile * tile, 0)
+        end = running + tl.cumsum(area, axis=0)
+        tl.store(offs + gg, tl.where((area > 0) & (end <= cap), end - area, -1), mask=inside)
+        running += tl.sum(area, axis=0)
+    return running
+
+
+@triton.jit
+def _plan_kernel(Y, y_b, y_c, B, C, cd_cnt, id_cnt, offs, cap,
+                 CD_LISTS: tl.constexpr, ID_LISTS: tl.constexpr, N_S: tl.constexpr, SMALL_MAX: tl.constexpr,
+                 BG: tl.constexpr, CD_BM: tl.constexpr, ID_BM: tl.constexpr):
+    """One program: for every group of 2 to SMALL_MAX members (CD groups 0..C-1, then ID groups), where
+    its N_S partial Gram pairs start in the scratch (floats), in group order while they fit in ``cap``;
+    -1 for every other group (fewer than 2 members, a large group, or past the scratch)."""
+    running = tl.zeros((), dtype=tl.int64)
+    running = _plan_family(Y, y_c, y_b, C, B, cd_cnt, offs, running, cap, CD_LISTS, N_S, SMALL_MAX, BG, CD_BM)
+    _plan_family(Y, y_b, y_c, B, C, id_cnt, offs + C, running, cap, ID_LISTS, N_S, SMALL_MAX, BG, ID_BM)
+
+
+@triton.jit
+def _slice_gram(S_g, T_g, s_m, s_d, t_m, t_d, members, hit, rank, k, P, part_g, s, lo, hi,
+                BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, AHEAD: tl.constexpr, OWN: tl.constexpr):
+    """Slice s of a group's Grams (widths lo..hi), stored as the s-th [2, BLOCK, BLOCK] block of part_g."""
+    r, rows, ok = _member_rows(members, hit, rank, k, P, BLOCK, OWN)
+    gs, gt = _gram(S_g, T_g, s_m, s_d, t_m, t_d, rows, ok, rows, ok, lo, hi, BLOCK, BLOCK, BLOCK_D, True, AHEAD)
+    at = part_g + s * (2 * BLOCK * BLOCK) + r[:, None] * BLOCK + r[None, :]
+    tl.store(at, gs)
+    tl.store(at + BLOCK * BLOCK, gt)
+
+
+@triton.jit
+def _gram_slices(S, T, s_g, s_m, s_d, t_g, t_m, t_d, Y, y_g, y_m, idx, cnt, N, part, off, g, s, lo, hi,
+                 LISTS: tl.constexpr, N_PAD: tl.constexpr, MAX_P: tl.constexpr, AHEAD: tl.constexpr):
+    S_g, T_g, _, members, _, P, hit, rank, k = _group_members(
+        S, T, S, s_g, t_g, s_g, Y, y_g, y_m, idx, cnt, N, S, g, LISTS, N_PAD)
+    part_g = part + off
+    if P <= 16:
+        _slice_gram(S_g, T_g, s_m, s_d, t_m, t_d, members, hit, rank, k, P, part_g, s, lo, hi, 16, 64, AHEAD,
+                    not LISTS)
+    elif P <= 32:
+        if MAX_P >= 32:
+            _slice_gram(S_g, T_g, s_m, s_d, t_m, t_d, members, hit, rank, k, P, part_g, s, lo, hi, 32, 16, AHEAD,
+                        not LISTS)
+    elif P <= 64:
+        if MAX_P >= 64:
+            _slice_gram(S_g, T_g, s_m, s_d, t_m, t_d, members, hit, rank, k, P, part_g, s, lo, hi, 64, 16, AHEAD,
+                        not LISTS)
+    elif MAX_P >= 128:
+        _slice_gram(S_g, T_g, s_m, s_d, t_m, t_d, members, hit, rank, k, P, part_g, s, lo, hi, 128, 16, False,
+                    not LISTS)
+
+
+@triton.jit
+def _gram_kernel(
+    S, T, s_b, s_c, s_d, t_b, t_c, t_d, Y, y_b, y_c, B, C, D, offs, part, cd_idx, cd_cnt, id_idx, id_cnt,
+    CD_LISTS: tl.constexpr, ID_LISTS: tl.constexpr, CD_N_PAD: tl.constexpr, ID_N_PAD: tl.constexpr,
+    CD_MAX_P: tl.constexpr, ID_MAX_P: tl.constexpr, AHEAD: tl.constexpr, SLICE: tl.constexpr,
+):
+    """Program (s, g): width slice s of the Grams of group g (CD groups 0..C-1, then ID groups), for
+    every group the plan gave a place in the scratch."""
+    s = tl.program_id(0)
+    g = tl.program_id(1)
+    off = tl.load(offs + g)
+    if off >= 0:
+        lo = s * SLICE
+        hi = tl.minimum(lo + SLICE, D)
+        if g < C:
+            _gram_slices(S, T, s_c, s_b, s_d, t_c, t_b, t_d, Y, y_c, y_b, cd_idx, cd_cnt, B, part, off, g, s, lo,
+                         hi, CD_LISTS, CD_N_PAD, CD_MAX_P, AHEAD)
+        else:
+            _gram_slices(S, T, s_b, s_c, s_d, t_b, t_c, t_d, Y, y_b, y_c, id_idx, id_cnt, C, part, off, g - C, s,
+                         lo, hi, ID_LISTS, ID_N_PAD, ID_MAX_P, AHEAD)
+
+
+@triton.jit
+def _slice_grad(S_g, s_m, s_d, G_g, g_m, members, hit, rank, k, P, loss_ptr, part_g, s, lo, hi, scale,
+                ADD: tl.constexpr, N_S: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+                AHEAD: tl.constexpr, OWN: tl.constexpr):
+    """Slice s of a split group's gradient: its Grams summed over the N_S slices in order, the loss
+    (slice 0 stores it) and weights, then the gradient at widths lo..hi."""
+    r, rows, ok = _member_rows(members, hit, rank, k, P, BLOCK, OWN)
+    at = part_g + r[:, None] * BLOCK + r[None, :]
+    gs = tl.load(at)
+    gt = tl.load(at + BLOCK * BLOCK)
+    for q in range(1, N_S):
+        gs += tl.load(at + q * (2 * BLOCK * BLOCK))
+        gt += tl.load(at + q * (2 * BLOCK * BLOCK) + BLOCK * BLOCK)
+    w, rowsum = _group_weights(gs, gt, r, ok, P, loss_ptr, s == 0, BLOCK)
+    _write_grad(S_g, s_m, s_d, G_g, g_m, rows, ok, rows, ok, w, rowsum, lo, hi, scale, ADD, BLOCK_D, True, AHEAD)
+
+
+@triton.jit
+def _split_kernel(
+    S, T, s_g, s_m, s_d, t_g, t_m, t_d, G, g_g, g_m,
+    Y, y_g, y_m, idx, cnt, N, D, scale, loss_ptr, norms, offs, part,
+    ZERO_OUTSIDE: tl.constexpr, ADD: tl.constexpr, AHEAD: tl.constexpr, MAX_P: tl.constexpr, LARGE: tl.constexpr,
+    N_PAD: tl.constexpr, N_S: tl.constexpr, SLICE: tl.constexpr,
+    SMALL_MAX: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One family on the width-split path, program (s, g): width slice s of group g's gradient (and the
+    zero gradient of the rows outside groups, CD); a group the plan left out (past the scratch) is
+    done whole by its slice-0 program; a large group's squared norms, row tiles s, s + N_S, ..."""
+    s = tl.program_id(0)
+    g = tl.program_id(1)
+    S_g, T_g, G_g, members, norms_g, P, hit, rank, k = _group_members(
+        S, T, G, s_g, t_g, g_g, Y, y_g, y_m, idx, cnt, N, norms, g, LARGE, N_PAD)
+    lo = s * SLICE
+    hi = tl.minimum(lo + SLICE, D)
+    if ZERO_OUTSIDE:
+        # The rows of this group's axis that are not in a group of two or more get zero gradient.
+        zero = tl.zeros((TILE, BLOCK_D), dtype=G.dtype.element_ty)
+        for m0 in range(0, N, TILE):
+            m = m0 + tl.arange(0, TILE)
+            flag = tl.load(Y + g.to(tl.int64) * y_g + m.to(tl.int64) * y_m, mask=m < N, other=0).to(tl.float32)
+            outside = (m < N) & ((flag <= 0.5) | (P < 2))
+            for d0 in range(lo, hi, BLOCK_D):
+                dd = d0 + tl.arange(0, BLOCK_D)
+                ptrs = G_g + m[:, None].to(tl.int64) * g_m + dd[None, :]
+                tl.store(ptrs, zero, mask=outside[:, None] & (dd < hi)[None, :])
+    off = tl.load(offs + g)
+    if off >= 0:
+        part_g = part + off
+        if P <= 16:
+            _slice_grad(S_g, s_m, s_d, G_g, g_m, members, hit, rank, k, P, loss_ptr + g, part_g, s, lo, hi, scale,
+                        ADD, N_S, 16, 64, AHEAD, not LARGE)
+        elif P <= 32:
+            if MAX_P >= 32:
+                _slice_grad(S_g, s_m, s_d, G_g, g_m, members, hit, rank, k, P, loss_ptr + g, part_g, s, lo, hi,
+                            scale, ADD, N_S, 32, 16, AHEAD, not LARGE)
+        elif P <= 64:
+            if MAX_P >= 64:
+                _slice_grad(S_g, s_m, s_d, G_g, g_m, members, hit, rank, k, P, loss_ptr + g, part_g, s, lo, hi,
+                            scale, ADD, N_S, 64, 16, AHEAD, not LARGE)
+        elif MAX_P >= 128:
+            _slice_grad(S_g, s_m, s_d, G_g, g_m, members, hit, rank, k, P, loss_ptr + g, part_g, s, lo, hi, scale,
+                        ADD, N_S, 128, 16, False, not LARGE)
+    elif s == 0:
+        if P < 2:
+            tl.store(loss_ptr + g, 0.0)
+        elif P <= SMALL_MAX:
+            _whole_small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr + g, D,
+                               scale, ADD, AHEAD, MAX_P, not LARGE, SMALL_MAX)
+    if LARGE:
+        for i in range(s, tl.cdiv(P, TILE), N_S):
+            _large_group_norms(S_g, T_g, s_m, s_d, t_m, t_d, members, norms_g, P, i, D, SMALL_MAX, TILE, BLOCK_D,
+                               AHEAD)
 
 
 @triton.jit
@@ -486,37 +707,110 @@ def _finalize_kernel(group_loss, C, B, out, lambda_cd, lambda_id, BLOCK: tl.cons
     tl.store(out + 2, id_)
 
 
-def _run_family(es, et, grad, targets, idx, cnt, group_loss, groups_dim: int, scale: float, first: bool):
-    """All groups of one family; ``groups_dim`` is 1 for CD (groups are labels), 0 for ID. ``idx`` and
-    ``cnt``: the member lists, needed only when a group can exceed SMALL_MAX members (else None)."""
+def _family_args(es, et, grad, targets, groups_dim: int):
+    """One family's geometry: (groups, members, width, embedding strides, gradient strides, target
+    strides), with the groups along ``groups_dim`` (1 for CD, whose groups are labels; 0 for ID)."""
     members_dim = 1 - groups_dim
     shape = es.shape
-    n_groups, n_members, width = shape[groups_dim], shape[members_dim], shape[2]
-    large = n_members > SMALL_MAX
-    grid = (n_groups, cdiv(n_members, TILE))
-    # Large groups' tiles: 16-wide chunks when loaded ahead (registers, as for the 64-row small tile).
-    common = dict(SMALL_MAX=SMALL_MAX, TILE=TILE, BLOCK_D=16 if LOAD_AHEAD else TILE_BLOCK_D, AHEAD=LOAD_AHEAD,
-                  num_warps=NUM_WARPS)
     s_str, t_str, g_str, y_str = es.stride(), et.stride(), grad.stride(), targets.stride()
     strides = (s_str[groups_dim], s_str[members_dim], s_str[2], t_str[groups_dim], t_str[members_dim], t_str[2])
-    g_g, g_m = g_str[groups_dim], g_str[members_dim]
+    return (shape[groups_dim], shape[members_dim], shape[2], strides, (grad.stride(groups_dim), g_str[members_dim]),
+            (y_str[groups_dim], y_str[members_dim]))
+
+
+def _max_p(n_members: int) -> int:
+    """The largest one-program tile a family's launch compiles: its groups hold at most n_members."""
+    return max(16, min(next_power_of_2(n_members), SMALL_MAX))
+
+
+def _n_pad(n_members: int) -> int:
+    """Flags a program reads to find its group's members itself (16, unused, with member lists)."""
+    return 16 if n_members > SMALL_MAX else max(16, next_power_of_2(n_members))
+
+
+def _common():
+    # Large groups' tiles: 16-wide chunks when loaded ahead (registers, as for the 64-row small tile).
+    return dict(SMALL_MAX=SMALL_MAX, TILE=TILE, BLOCK_D=16 if LOAD_AHEAD else TILE_BLOCK_D, AHEAD=LOAD_AHEAD,
+                num_warps=NUM_WARPS)
+
+
+def _large_passes(es, et, grad, idx, cnt, group_loss, geometry, norms, scale: float, first: bool, common):
+    """The three tiled passes of the groups above SMALL_MAX members (a family whose groups can be large)."""
+    n_groups, n_members, width, strides, (g_g, g_m), _ = geometry
+    grid = (n_groups, cdiv(n_members, TILE))
+    part1 = torch.empty(grid[0] * grid[1] * 2, dtype=torch.float32, device=es.device)
+    part2 = torch.empty_like(part1)
+    _means_kernel[grid](es, et, *strides, grad, g_g, idx, cnt, n_members, width, norms, part1, **common)
+    _stats_kernel[grid](es, et, *strides, grad, g_g, idx, cnt, n_members, width, norms, part1, part2, **common)
+    _grad_kernel[grid](es, et, *strides, grad, g_g, g_m, idx, cnt, n_members, width, scale, group_loss,
+                       norms, part1, part2, ADD=not first, **common)
+
+
+def _run_family(es, et, grad, targets, idx, cnt, group_loss, groups_dim: int, scale: float, first: bool):
+    """All groups of one family, each small group whole in one program; ``groups_dim`` is 1 for CD
+    (groups are labels), 0 for ID. ``idx`` and ``cnt``: the member lists, needed only when a group can
+    exceed SMALL_MAX members (else None)."""
+    geometry = _family_args(es, et, grad, targets, groups_dim)
+    n_groups, n_members, width, strides, (g_g, g_m), (y_g, y_m) = geometry
+    large = n_members > SMALL_MAX
+    grid = (n_groups, cdiv(n_members, TILE))
+    common = _common()
     if large:
         norms = torch.empty(n_groups * n_members * 2, dtype=torch.float32, device=es.device)
     else:  # the pointers the kernel does not read without large groups: any tensor will do
         idx = cnt = norms = group_loss
     _main_kernel[grid](
-        es, et, *strides, grad, g_g, g_m, targets, y_str[groups_dim], y_str[members_dim],
-        idx, cnt, n_members, width, scale, group_loss, norms, ZERO_OUTSIDE=first, ADD=not first,
-        MAX_P=max(16, min(next_power_of_2(n_members), SMALL_MAX)), LARGE=large,
-        N_PAD=16 if large else max(16, next_power_of_2(n_members)), **common,
+        es, et, *strides, grad, g_g, g_m, targets, y_g, y_m, idx, cnt, n_members, width, scale, group_loss, norms,
+        ZERO_OUTSIDE=first, ADD=not first, MAX_P=_max_p(n_members), LARGE=large, N_PAD=_n_pad(n_members), **common,
     )
     if large:
-        part1 = torch.empty(grid[0] * grid[1] * 2, dtype=torch.float32, device=es.device)
-        part2 = torch.empty_like(part1)
-        _means_kernel[grid](es, et, *strides, grad, g_g, idx, cnt, n_members, width, norms, part1, **common)
-        _stats_kernel[grid](es, et, *strides, grad, g_g, idx, cnt, n_members, width, norms, part1, part2, **common)
-        _grad_kernel[grid](es, et, *strides, grad, g_g, g_m, idx, cnt, n_members, width, scale, group_loss,
-                           norms, part1, part2, ADD=not first, **common)
+        _large_passes(es, et, grad, idx, cnt, group_loss, geometry, norms, scale, first, common)
+
+
+def _run_family_split(es, et, grad, targets, idx, cnt, group_loss, groups_dim: int, scale: float, first: bool,
+                      offs, part, n_s: int):
+    """One family on the width-split path (``_split_kernel``), after ``_gram_kernel``."""
+    geometry = _family_args(es, et, grad, targets, groups_dim)
+    n_groups, n_members, width, strides, (g_g, g_m), (y_g, y_m) = geometry
+    large = n_members > SMALL_MAX
+    common = _common()
+    if large:
+        norms = torch.empty(n_groups * n_members * 2, dtype=torch.float32, device=es.device)
+    else:
+        idx = cnt = norms = group_loss
+    _split_kernel[(n_s, n_groups)](
+        es, et, *strides, grad, g_g, g_m, targets, y_g, y_m, idx, cnt, n_members, width, scale, group_loss, norms,
+        offs, part, ZERO_OUTSIDE=first, ADD=not first, MAX_P=_max_p(n_members), LARGE=large,
+        N_PAD=_n_pad(n_members), N_S=n_s, SLICE=SLICE_WIDTH, **common,
+    )
+    if large:
+        _large_passes(es, et, grad, idx, cnt, group_loss, geometry, norms, scale, first, common)
+
+
+def _split_scratch(es, grad, n_s: int) -> int:
+    """Floats of partial-Gram scratch for the width-split path: what every group at its family's
+    largest tile would need, at most the gradient's bytes / SCRATCH_GRAD_FRACTION, bounded to
+    SCRATCH_MIN_BYTES..SCRATCH_MAX_BYTES (groups the plan cannot place are done whole)."""
+    B, C, _ = es.shape
+    worst = n_s * 2 * (C * _max_p(B) ** 2 + B * _max_p(C) ** 2)
+    fraction = grad.numel() * grad.element_size() // SCRATCH_GRAD_FRACTION
+    return min(worst, min(max(SCRATCH_MIN_BYTES, fraction), SCRATCH_MAX_BYTES) // 4)
+
+
+def _plan(targets, cd_cnt, id_cnt, n_s: int, cap: int) -> torch.Tensor:
+    """``_plan_kernel``'s offsets (int64, CD groups then ID groups) for ``n_s`` slices and ``cap`` floats."""
+    B, C = targets.shape
+    offs = torch.empty(C + B, dtype=torch.int64, device=targets.device)
+    _plan_kernel[(1,)](
+        targets, targets.stride(0), targets.stride(1), B, C, cd_cnt, id_cnt, offs, cap, CD_LISTS=B > SMALL_MAX,
+        ID_LISTS=C > SMALL_MAX, N_S=n_s, SMALL_MAX=SMALL_MAX, BG=PLAN_BLOCK, CD_BM=min(_n_pad(B), PLAN_MEMBERS),
+        ID_BM=min(_n_pad(C), PLAN_MEMBERS), num_warps=NUM_WARPS)
+    return offs
+
+
+def _split_slices(D: int) -> int:
+    """Width slices per group on the split path (1: the whole-group path)."""
+    return cdiv(D, SLICE_WIDTH) if SLICE_WIDTH > 0 else 1
 
 
 @triton.jit
@@ -566,7 +860,26 @@ def led_forward(es: torch.Tensor, et: torch.Tensor, targets: torch.Tensor, lambd
         _members_kernel[(C * cd_lists + B * id_lists,)](
             targets, targets.stride(0), targets.stride(1), B, C, cd_idx, cd_cnt, id_idx, id_cnt,
             CD=cd_lists, ID=id_lists, BLOCK=min(MEMBERS_BLOCK, next_power_of_2(max(B, C))))
-    _run_family(es, et, grad, targets, cd_idx, cd_cnt, group_loss[:C], 1, 2.0 * lambda_cd, first=True)
-    _run_family(es, et, grad, targets, id_idx, id_cnt, group_loss[C:], 0, 2.0 * lambda_id, first=False)
+    n_s = _split_slices(es.shape[2])
+    if n_s == 1:
+        _run_family(es, et, grad, targets, cd_idx, cd_cnt, group_loss[:C], 1, 2.0 * lambda_cd, first=True)
+        _run_family(es, et, grad, targets, id_idx, id_cnt, group_loss[C:], 0, 2.0 * lambda_id, first=False)
+    else:
+        part = torch.empty(_split_scratch(es, grad, n_s), dtype=torch.float32, device=device)
+        cnt_any = group_loss  # a pointer for a family without member lists (not read)
+        offs = _plan(targets, cd_cnt if cd_lists else cnt_any, id_cnt if id_lists else cnt_any, n_s, part.numel())
+        y_b, y_c = targets.stride()
+        s_b, s_c, s_d = es.stride()
+        t_b, t_c, t_d = et.stride()
+        _gram_kernel[(n_s, C + B)](
+            es, et, s_b, s_c, s_d, t_b, t_c, t_d, targets, y_b, y_c, B, C, es.shape[2], offs, part,
+            cd_idx if cd_lists else cnt_any, cd_cnt if cd_lists else cnt_any,
+            id_idx if id_lists else cnt_any, id_cnt if id_lists else cnt_any,
+            CD_LISTS=cd_lists, ID_LISTS=id_lists, CD_N_PAD=_n_pad(B), ID_N_PAD=_n_pad(C), CD_MAX_P=_max_p(B),
+            ID_MAX_P=_max_p(C), AHEAD=LOAD_AHEAD, SLICE=SLICE_WIDTH, num_warps=NUM_WARPS)
+        _run_family_split(es, et, grad, targets, cd_idx, cd_cnt, group_loss[:C], 1, 2.0 * lambda_cd, True,
+                          offs[:C], part, n_s)
+        _run_family_split(es, et, grad, targets, id_idx, id_cnt, group_loss[C:], 0, 2.0 * lambda_id, False,
+                          offs[C:], part, n_s)
     _finalize_kernel[(1,)](group_loss, C, B, out, lambda_cd, lambda_id, BLOCK=SUM_BLOCK)
     return out, grad
