@@ -23,9 +23,10 @@
 #
 #   OUT=/path/to/results bash benchmarks/gpu_check.sh                  (default OUT: ./gpu-out)
 #   L2D_BENCH=full PHASE=bench ...                                     (every case; default: quick)
-#   L2D_PROFILE_ARGS="--triton-led-warps 4,16 --triton-led-no-ahead" ...
-#                                  (extra rows in the kernel profile: Triton LED at other warp counts, or
-#                                   with each width chunk loaded when used; default none, for time)
+#   L2D_PROFILE_ARGS="--triton-led-warps 4,16 --triton-led-no-ahead --triton-led-slices 0,32" ...
+#                                  (extra rows in the kernel profile: Triton LED at other warp counts,
+#                                   with each width chunk loaded when used, at other slice widths;
+#                                   default: slice width 0, every group whole, for the comparison)
 #   DEADLINE=300 ...               (seconds: steps are cut short so that the phase ends by then; the
 #                                   report alone may run 30 s past it)
 #
@@ -148,8 +149,10 @@ assert all(math.isfinite(r[k]) for k in ('teacher_map', 'vanilla_map', 'l2d_map'
 }
 
 bench_all() {
+    # Default extra rows: Triton LED with every group whole (slice width 0), the kernels before the
+    # width split, beside the default's, in the same run.
     step profile "${L2D_PROFILE_LIMIT:-120}" $PY benchmarks/kernel_profile.py \
-        ${L2D_PROFILE_ARGS:-} --out "$OUT/profile-$card.md"
+        ${L2D_PROFILE_ARGS:---triton-led-slices 0} --out "$OUT/profile-$card.md"
     # One pytest run per file, each writing its JSON as it ends, so a deadline cuts one file, not all.
     rm -rf build/bench && mkdir -p build/bench
     jsons=()
@@ -166,7 +169,7 @@ bench_all() {
     # 1000), into the log; then where a training step's time goes.
     local sections="--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis --section SchedulerStats"
     step ncu 100 bash -c "cd benchmarks && ncu -k regex:group_kernel --launch-skip 2 --launch-count 2 $sections $PY ncu_driver.py led 64 80 768 cuda &&
-        ncu -k regex:_main_kernel --launch-skip 2 --launch-count 2 $sections $PY ncu_driver.py led 64 80 768 triton &&
+        ncu -k 'regex:_gram_kernel|_split_kernel' --launch-skip 3 --launch-count 3 $sections $PY ncu_driver.py led 64 80 768 triton &&
         ncu -k regex:mld_kernel --launch-skip 1 --launch-count 1 $sections $PY ncu_driver.py mld 4096 1000 cuda"
     step step-profile 60 bash -c "cd benchmarks && $PY step_profile.py --out '$OUT/step-profile-$card.md'"
 }

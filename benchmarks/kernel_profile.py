@@ -20,6 +20,8 @@ shapes on a machine without a GPU: the benchmark suite's), it runs ``--calls`` c
 (backend ``triton/wN``), to see whether the default (``triton_led.NUM_WARPS``) is the right one.
 ``--triton-led-no-ahead`` adds Triton LED rows with ``triton_led.LOAD_AHEAD`` off (backend
 ``triton/no-ahead``: each width chunk loaded when it is used, as in the first H100 runs).
+``--triton-led-slices 0,32,128`` adds Triton LED rows with ``triton_led.SLICE_WIDTH`` set to each
+(backend ``triton/sliceN``; 0 keeps every group whole in one program, as before the width split).
 """
 
 from __future__ import annotations
@@ -141,6 +143,13 @@ def _triton_led_one_chunk_at_a_time():
     return mock.patch.object(triton_led, "LOAD_AHEAD", False)
 
 
+def _triton_led_slices(width):
+    """The Triton LED kernels with groups split into slices of ``width`` widths (0: whole groups)."""
+    from l2d_kernels.ops import triton_led
+
+    return mock.patch.object(triton_led, "SLICE_WIDTH", width)
+
+
 def _kernel_cell(name: str, n: float, mean_us: float, slots=()) -> str:
     cell = f"{name[:48]} {n:g}x{mean_us:.1f}"
     return cell + (f" ({' + '.join(f'{t:.1f}' for t in slots)})" if slots else "")
@@ -165,6 +174,8 @@ def main(argv=None) -> int:
                         help="comma-separated warp counts: extra Triton LED rows launched with each")
     parser.add_argument("--triton-led-no-ahead", action="store_true",
                         help="extra Triton LED rows with each width chunk loaded when it is used (LOAD_AHEAD off)")
+    parser.add_argument("--triton-led-slices", default="",
+                        help="comma-separated slice widths: extra Triton LED rows with each (0: whole groups)")
     args = parser.parse_args(argv)
     device = DEVICE.type
     if args.backends:
@@ -178,6 +189,8 @@ def main(argv=None) -> int:
         if backend == "triton" and args.triton_led_no_ahead:
             runs.append(("triton/no-ahead", "triton", led_cases, _triton_led_one_chunk_at_a_time))
         if backend == "triton":
+            runs += [(f"triton/slice{w}", "triton", led_cases, lambda w=int(w): _triton_led_slices(w))
+                     for w in args.triton_led_slices.split(",") if w]
             runs += [(f"triton/w{w}", "triton", led_cases, lambda w=int(w): _triton_led_warps(w))
                      for w in args.triton_led_warps.split(",") if w]
     title = f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n\n" if device == "cuda" else ""

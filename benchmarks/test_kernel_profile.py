@@ -34,16 +34,25 @@ def test_triton_led_variants_are_extra_rows_and_leave_the_default(tmp_path):
     if "triton" not in available_backends():
         import pytest
         pytest.skip(f"no Triton backend here: {available_backends()}")
-    default = triton_led.NUM_WARPS, triton_led.LOAD_AHEAD
+    default = triton_led.NUM_WARPS, triton_led.LOAD_AHEAD, triton_led.SLICE_WIDTH
     out = tmp_path / "profile.md"
     assert kernel_profile.main(["--backends", "triton", "--calls", "1", "--triton-led-warps", "2",
-                                "--triton-led-no-ahead", "--out", str(out)]) == 0
-    assert (triton_led.NUM_WARPS, triton_led.LOAD_AHEAD) == default
+                                "--triton-led-no-ahead", "--triton-led-slices", "0,16", "--out", str(out)]) == 0
+    assert (triton_led.NUM_WARPS, triton_led.LOAD_AHEAD, triton_led.SLICE_WIDTH) == default
     labels = [line.split(" | ")[0][2:] + "/" + line.split(" | ")[1] for line in out.read_text().splitlines()
               if line.startswith("| triton")]
     n_led = sum(loss == "led" for loss, _ in kernel_profile.CASES)
     assert labels == ([f"triton/{loss}" for loss, _ in kernel_profile.CASES] + ["triton/no-ahead/led"] * n_led
-                      + ["triton/w2/led"] * n_led)
+                      + ["triton/slice0/led"] * n_led + ["triton/slice16/led"] * n_led + ["triton/w2/led"] * n_led)
+
+
+def test_slices_variant_sets_the_width_inside_and_restores_it():
+    from l2d_kernels.ops import triton_led
+
+    default = triton_led.SLICE_WIDTH
+    with kernel_profile._triton_led_slices(0):
+        assert triton_led.SLICE_WIDTH == 0
+    assert triton_led.SLICE_WIDTH == default
 
 
 def test_no_ahead_variant_turns_the_switch_off_inside_and_restores_it():
