@@ -23,8 +23,8 @@ Launches, all on the device, none waiting for the host:
    ``SMALL_MAX`` flags); with neither family needing lists, the call has one launch fewer.
 2. Groups of 2 to ``SMALL_MAX`` members, where the width is more than one slice (``SLICE_WIDTH``):
    ``_plan_kernel`` (one program) places each such group's partial Grams in a scratch;
-   ``_gram_kernel`` over ``(slice, group)``, both families in one launch, computes each placed
-   group's Grams over one width slice; per family, ``_split_kernel`` over ``(slice, group)`` sums a
+   ``_gram_kernel`` over ``(group, slice)``, both families in one launch, computes each placed
+   group's Grams over one width slice; per family, ``_split_kernel`` over ``(group, slice)`` sums a
    group's slices in order, takes its loss and pair weights, and writes its gradient at that slice's
    widths. A group the scratch had no room for is done whole by its slice-0 program, as in 2'.
 2'. Where the width is one slice (or ``SLICE_WIDTH`` is 0), per family, ``_main_kernel`` over
@@ -608,10 +608,10 @@ def _gram_kernel(
     CD_LISTS: tl.constexpr, ID_LISTS: tl.constexpr, CD_N_PAD: tl.constexpr, ID_N_PAD: tl.constexpr,
     CD_MAX_P: tl.constexpr, ID_MAX_P: tl.constexpr, AHEAD: tl.constexpr, SLICE: tl.constexpr,
 ):
-    """Program (s, g): width slice s of the Grams of group g (CD groups 0..C-1, then ID groups), for
+    """Program (g, s): width slice s of the Grams of group g (CD groups 0..C-1, then ID groups), for
     every group the plan gave a place in the scratch."""
-    s = tl.program_id(0)
-    g = tl.program_id(1)
+    g = tl.program_id(0)  # groups on the first axis: up to 2^31 - 1 of them (the others stop at 65535)
+    s = tl.program_id(1)
     off = tl.load(offs + g)
     if off >= 0:
         lo = s * SLICE
@@ -649,11 +649,11 @@ def _split_kernel(
     N_PAD: tl.constexpr, N_S: tl.constexpr, SLICE: tl.constexpr,
     SMALL_MAX: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One family on the width-split path, program (s, g): width slice s of group g's gradient (and the
+    """One family on the width-split path, program (g, s): width slice s of group g's gradient (and the
     zero gradient of the rows outside groups, CD); a group the plan left out (past the scratch) is
     done whole by its slice-0 program; a large group's squared norms, row tiles s, s + N_S, ..."""
-    s = tl.program_id(0)
-    g = tl.program_id(1)
+    g = tl.program_id(0)  # groups on the first axis: up to 2^31 - 1 of them (the others stop at 65535)
+    s = tl.program_id(1)
     S_g, T_g, G_g, members, norms_g, P, hit, rank, k = _group_members(
         S, T, G, s_g, t_g, g_g, Y, y_g, y_m, idx, cnt, N, norms, g, LARGE, N_PAD)
     lo = s * SLICE
@@ -778,7 +778,7 @@ def _run_family_split(es, et, grad, targets, idx, cnt, group_loss, groups_dim: i
         norms = torch.empty(n_groups * n_members * 2, dtype=torch.float32, device=es.device)
     else:
         idx = cnt = norms = group_loss
-    _split_kernel[(n_s, n_groups)](
+    _split_kernel[(n_groups, n_s)](
         es, et, *strides, grad, g_g, g_m, targets, y_g, y_m, idx, cnt, n_members, width, scale, group_loss, norms,
         offs, part, ZERO_OUTSIDE=first, ADD=not first, MAX_P=_max_p(n_members), LARGE=large,
         N_PAD=_n_pad(n_members), N_S=n_s, SLICE=SLICE_WIDTH, **common,
@@ -871,7 +871,7 @@ def led_forward(es: torch.Tensor, et: torch.Tensor, targets: torch.Tensor, lambd
         y_b, y_c = targets.stride()
         s_b, s_c, s_d = es.stride()
         t_b, t_c, t_d = et.stride()
-        _gram_kernel[(n_s, C + B)](
+        _gram_kernel[(C + B, n_s)](
             es, et, s_b, s_c, s_d, t_b, t_c, t_d, targets, y_b, y_c, B, C, es.shape[2], offs, part,
             cd_idx if cd_lists else cnt_any, cd_cnt if cd_lists else cnt_any,
             id_idx if id_lists else cnt_any, id_cnt if id_lists else cnt_any,
