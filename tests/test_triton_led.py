@@ -228,7 +228,7 @@ def test_groups_past_the_scratch_are_done_whole(monkeypatch, dtype):
     B, C, D = 36, 9, 24
     y = (torch.arange(B)[:, None] < torch.tensor([0, 1, 2, 3, 15, 16, 17, 33, 36])[None, :]).to(DEVICE)
     es, et, _ = embeddings(B, C, D, dtype=dtype, device=DEVICE, seed=16)
-    n_s = triton_led._split_slices(D)
+    n_s, _ = triton_led._split_slices(D)
     cap = 4 * n_s * 2 * 32 * 32  # bytes: a few groups' partial Grams
     monkeypatch.setattr(triton_led, "SCRATCH_MIN_BYTES", cap)
     monkeypatch.setattr(triton_led, "SCRATCH_GRAD_FRACTION", 10**9)
@@ -252,3 +252,27 @@ def test_groups_past_the_scratch_are_done_whole(monkeypatch, dtype):
         eager_x = es.clone().requires_grad_()
         reference.led_vectorized(eager_x, et, y).backward()
         assert rel_err(x.grad, w_grad) <= half_tol(rel_err(eager_x.grad, w_grad), dtype)
+
+
+def test_slices_widen_past_max_slices(monkeypatch):
+    from l2d_kernels.ops import triton_led
+
+    assert triton_led._split_slices(768) == (12, 64)  # the default at D = 768
+    assert triton_led._split_slices(64) == (1, 64)
+    assert triton_led._split_slices(2048) == (16, 128)
+    assert triton_led._split_slices(2049) == (11, 192)
+    monkeypatch.setattr(triton_led, "SLICE_WIDTH", 0)
+    assert triton_led._split_slices(2048) == (1, 2048)
+
+
+def test_widened_slices_match_the_formula(monkeypatch):
+    """Slices of a multiple of SLICE_WIDTH (4 x 4 = 16 widths, three slices of a width of 40)."""
+    from l2d_kernels.ops import triton_led
+
+    monkeypatch.setattr(triton_led, "SLICE_WIDTH", 4)
+    monkeypatch.setattr(triton_led, "MAX_SLICES", 3)
+    assert triton_led._split_slices(40) == (3, 16)
+    B, C = 36, 9
+    y = torch.arange(B)[:, None] < torch.tensor([0, 1, 2, 3, 15, 16, 17, 33, 36])[None, :]
+    es, et, _ = embeddings(B, C, 40, device=DEVICE, seed=17)
+    _check(es, et, y.to(DEVICE))

@@ -66,9 +66,11 @@ MEMBERS_BLOCK = 1024
 # whole width in one. Partial Grams live in a scratch of a SCRATCH_GRAD_FRACTION of the gradient,
 # within SCRATCH_MIN_BYTES..SCRATCH_MAX_BYTES, placed by ``_plan_kernel`` in group order; a group
 # past it is done whole (the real-label benchmark shapes need 0.2-2.8 MiB; a batch of 1024 needs
-# more than it gets). SLICE_WIDTH 0 (or a width of at most SLICE_WIDTH) keeps every
+# more than it gets). Widths above MAX_SLICES slices take slices of a multiple of SLICE_WIDTH.
+# SLICE_WIDTH 0 (or a width of at most SLICE_WIDTH) keeps every
 # group whole, one program each, with two launches fewer. Read at each launch.
 SLICE_WIDTH = 64
+MAX_SLICES = 16
 SCRATCH_MIN_BYTES = 4 << 20
 SCRATCH_MAX_BYTES = 32 << 20
 SCRATCH_GRAD_FRACTION = 16
@@ -768,7 +770,7 @@ def _run_family(es, et, grad, targets, idx, cnt, group_loss, groups_dim: int, sc
 
 
 def _run_family_split(es, et, grad, targets, idx, cnt, group_loss, groups_dim: int, scale: float, first: bool,
-                      offs, part, n_s: int):
+                      offs, part, n_s: int, slice_width: int):
     """One family on the width-split path (``_split_kernel``), after ``_gram_kernel``."""
     geometry = _family_args(es, et, grad, targets, groups_dim)
     n_groups, n_members, width, strides, (g_g, g_m), (y_g, y_m) = geometry
@@ -781,7 +783,7 @@ def _run_family_split(es, et, grad, targets, idx, cnt, group_loss, groups_dim: i
     _split_kernel[(n_groups, n_s)](
         es, et, *strides, grad, g_g, g_m, targets, y_g, y_m, idx, cnt, n_members, width, scale, group_loss, norms,
         offs, part, ZERO_OUTSIDE=first, ADD=not first, MAX_P=_max_p(n_members), LARGE=large,
-        N_PAD=_n_pad(n_members), N_S=n_s, SLICE=SLICE_WIDTH, **common,
+        N_PAD=_n_pad(n_members), N_S=n_s, SLICE=slice_width, **common,
     )
     if large:
         _large_passes(es, et, grad, idx, cnt, group_loss, geometry, norms, scale, first, common)
@@ -808,9 +810,14 @@ def _plan(targets, cd_cnt, id_cnt, n_s: int, cap: int) -> torch.Tensor:
     return offs
 
 
-def _split_slices(D: int) -> int:
-    """Width slices per group on the split path (1: the whole-group path)."""
-    return cdiv(D, SLICE_WIDTH) if SLICE_WIDTH > 0 else 1
+def _split_slices(D: int) -> tuple[int, int]:
+    """(slices per group, widths per slice) on the split path; one slice: the whole-group path. A slice
+    is SLICE_WIDTH widths, or a multiple of it where that would make more than MAX_SLICES slices
+    (each program sums every slice's partial Grams)."""
+    if SLICE_WIDTH <= 0 or D <= SLICE_WIDTH:
+        return 1, D
+    width = SLICE_WIDTH * cdiv(cdiv(D, SLICE_WIDTH), MAX_SLICES)
+    return cdiv(D, width), width
 
 
 @triton.jit
@@ -860,7 +867,7 @@ def led_forward(es: torch.Tensor, et: torch.Tensor, targets: torch.Tensor, lambd
         _members_kernel[(C * cd_lists + B * id_lists,)](
             targets, targets.stride(0), targets.stride(1), B, C, cd_idx, cd_cnt, id_idx, id_cnt,
             CD=cd_lists, ID=id_lists, BLOCK=min(MEMBERS_BLOCK, next_power_of_2(max(B, C))))
-    n_s = _split_slices(es.shape[2])
+    n_s, slice_width = _split_slices(es.shape[2])
     if n_s == 1:
         _run_family(es, et, grad, targets, cd_idx, cd_cnt, group_loss[:C], 1, 2.0 * lambda_cd, first=True)
         _run_family(es, et, grad, targets, id_idx, id_cnt, group_loss[C:], 0, 2.0 * lambda_id, first=False)
@@ -876,10 +883,10 @@ def led_forward(es: torch.Tensor, et: torch.Tensor, targets: torch.Tensor, lambd
             cd_idx if cd_lists else cnt_any, cd_cnt if cd_lists else cnt_any,
             id_idx if id_lists else cnt_any, id_cnt if id_lists else cnt_any,
             CD_LISTS=cd_lists, ID_LISTS=id_lists, CD_N_PAD=_n_pad(B), ID_N_PAD=_n_pad(C), CD_MAX_P=_max_p(B),
-            ID_MAX_P=_max_p(C), AHEAD=LOAD_AHEAD, SLICE=SLICE_WIDTH, num_warps=NUM_WARPS)
+            ID_MAX_P=_max_p(C), AHEAD=LOAD_AHEAD, SLICE=slice_width, num_warps=NUM_WARPS)
         _run_family_split(es, et, grad, targets, cd_idx, cd_cnt, group_loss[:C], 1, 2.0 * lambda_cd, True,
-                          offs[:C], part, n_s)
+                          offs[:C], part, n_s, slice_width)
         _run_family_split(es, et, grad, targets, id_idx, id_cnt, group_loss[C:], 0, 2.0 * lambda_id, False,
-                          offs[C:], part, n_s)
+                          offs[C:], part, n_s, slice_width)
     _finalize_kernel[(1,)](group_loss, C, B, out, lambda_cd, lambda_id, BLOCK=SUM_BLOCK)
     return out, grad
