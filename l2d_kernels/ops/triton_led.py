@@ -360,13 +360,18 @@ def _group_members(S, T, G, s_g, t_g, g_g, Y, y_g, y_m, idx, cnt, N, norms, g,
 
 
 @triton.jit
-def _whole_small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr, D, scale,
+def _whole_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr, D, scale,
                        ADD: tl.constexpr, AHEAD: tl.constexpr, MAX_P: tl.constexpr, OWN: tl.constexpr,
                        SMALL_MAX: tl.constexpr):
-    """A group of 2 to SMALL_MAX members, all of its width, in this program. Sizes of tile, so that a
-    group of a few members does not pay for a large padded one; a size no group of this launch can
-    reach (MAX_P) is not compiled, so that its registers do not weigh on the others."""
-    if P <= 16:
+    """A group of 2 to SMALL_MAX members, all of its width, in this program (loss 0 for fewer than
+    two; nothing for a large group, see the tiled passes). Sizes of tile, so that a group of a few
+    members does not pay for a large padded one; a size no group of this launch can reach (MAX_P)
+    is not compiled, so that its registers do not weigh on the others."""
+    if P < 2:
+        tl.store(loss_ptr, 0.0)
+    elif P > SMALL_MAX:
+        pass
+    elif P <= 16:
         _small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr, D,
                      scale, ADD, 16, 64, AHEAD, OWN)
     elif P <= 64:
@@ -387,6 +392,20 @@ def _whole_small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, ran
 
 
 @triton.jit
+def _zero_outside(G_g, g_m, flags, y_m, N, P, m0, lo, D, TILE: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Zero gradient at widths lo..D of the rows m0..m0 + TILE - 1 of a group's axis that are in no
+    group of two or more (CD writes every row once, so that ID can add into all of them)."""
+    m = m0 + tl.arange(0, TILE)
+    flag = tl.load(flags + m.to(tl.int64) * y_m, mask=m < N, other=0).to(tl.float32)
+    outside = (m < N) & ((flag <= 0.5) | (P < 2))
+    zero = tl.zeros((TILE, BLOCK_D), dtype=G_g.dtype.element_ty)
+    for d0 in range(lo, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        ptrs = G_g + m[:, None].to(tl.int64) * g_m + dd[None, :]
+        tl.store(ptrs, zero, mask=outside[:, None] & (dd < D)[None, :])
+
+
+@triton.jit
 def _main_kernel(
     S, T, s_g, s_m, s_d, t_g, t_m, t_d, G, g_g, g_m,
     Y, y_g, y_m, idx, cnt, N, D, scale, loss_ptr, norms,
@@ -400,22 +419,11 @@ def _main_kernel(
         S, T, G, s_g, t_g, g_g, Y, y_g, y_m, idx, cnt, N, norms, g, LARGE, N_PAD)
 
     if ZERO_OUTSIDE:
-        # Rows i*TILE.. of this group's axis that are not in a group of two or more get zero gradient.
-        m = i * TILE + tl.arange(0, TILE)
-        flag = tl.load(Y + g.to(tl.int64) * y_g + m.to(tl.int64) * y_m, mask=m < N, other=0).to(tl.float32)
-        outside = (m < N) & ((flag <= 0.5) | (P < 2))
-        zero = tl.zeros((TILE, BLOCK_D), dtype=G.dtype.element_ty)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            ptrs = G_g + m[:, None].to(tl.int64) * g_m + dd[None, :]
-            tl.store(ptrs, zero, mask=outside[:, None] & (dd < D)[None, :])
+        _zero_outside(G_g, g_m, Y + g.to(tl.int64) * y_g, y_m, N, P, i * TILE, 0, D, TILE, BLOCK_D)
 
     if i == 0:
-        if P < 2:
-            tl.store(loss_ptr + g, 0.0)
-        elif P <= SMALL_MAX:
-            _whole_small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr + g, D,
-                               scale, ADD, AHEAD, MAX_P, not LARGE, SMALL_MAX)
+        _whole_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr + g, D, scale, ADD,
+                     AHEAD, MAX_P, not LARGE, SMALL_MAX)
     if LARGE:
         _large_group_norms(S_g, T_g, s_m, s_d, t_m, t_d, members, norms_g, P, i, D, SMALL_MAX, TILE, BLOCK_D, AHEAD)
 
@@ -661,16 +669,8 @@ def _split_kernel(
     lo = s * SLICE
     hi = tl.minimum(lo + SLICE, D)
     if ZERO_OUTSIDE:
-        # The rows of this group's axis that are not in a group of two or more get zero gradient.
-        zero = tl.zeros((TILE, BLOCK_D), dtype=G.dtype.element_ty)
         for m0 in range(0, N, TILE):
-            m = m0 + tl.arange(0, TILE)
-            flag = tl.load(Y + g.to(tl.int64) * y_g + m.to(tl.int64) * y_m, mask=m < N, other=0).to(tl.float32)
-            outside = (m < N) & ((flag <= 0.5) | (P < 2))
-            for d0 in range(lo, hi, BLOCK_D):
-                dd = d0 + tl.arange(0, BLOCK_D)
-                ptrs = G_g + m[:, None].to(tl.int64) * g_m + dd[None, :]
-                tl.store(ptrs, zero, mask=outside[:, None] & (dd < hi)[None, :])
+            _zero_outside(G_g, g_m, Y + g.to(tl.int64) * y_g, y_m, N, P, m0, lo, hi, TILE, BLOCK_D)
     off = tl.load(offs + g)
     if off >= 0:
         part_g = part + off
@@ -689,11 +689,8 @@ def _split_kernel(
             _slice_grad(S_g, s_m, s_d, G_g, g_m, members, hit, rank, k, P, loss_ptr + g, part_g, s, lo, hi, scale,
                         ADD, N_S, 128, 16, False, not LARGE)
     elif s == 0:
-        if P < 2:
-            tl.store(loss_ptr + g, 0.0)
-        elif P <= SMALL_MAX:
-            _whole_small_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr + g, D,
-                               scale, ADD, AHEAD, MAX_P, not LARGE, SMALL_MAX)
+        _whole_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr + g, D, scale, ADD,
+                     AHEAD, MAX_P, not LARGE, SMALL_MAX)
     if LARGE:
         for i in range(s, tl.cdiv(P, TILE), N_S):
             _large_group_norms(S_g, T_g, s_m, s_d, t_m, t_d, members, norms_g, P, i, D, SMALL_MAX, TILE, BLOCK_D,
