@@ -83,18 +83,21 @@ def test_ragged_groups_mix_both_paths(small_tiles, slices, monkeypatch, ahead):
     _check(es, et, y.to(DEVICE))
 
 
-@pytest.mark.parametrize("ahead", [True, False])
+@pytest.mark.parametrize("ahead,slice_width", [(True, 0), (False, 0), (True, 8)],
+                         ids=["whole-ahead", "whole-one-at-a-time", "split-ahead"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("transpose", [False, True], ids=["cd-groups", "id-groups"])
 @pytest.mark.parametrize("members", [70, 64, 32], ids=lambda n: f"{n}-members")
-def test_single_program_groups_of_every_size_class(monkeypatch, slices, ahead, dtype, transpose, members):
+def test_single_program_groups_of_every_size_class(monkeypatch, ahead, slice_width, dtype, transpose, members):
     """Groups of 0-2, 3-16, 17-32, 33-64 and 65-128 members, the single-program sizes (both families:
-    the CD launch writes the gradient, the ID launch adds to it), with the width chunks loaded one
-    ahead (the default) and one at a time; a width of 40 leaves a partial last chunk. With at most 32
-    or 64 possible members the kernel is compiled without the larger sizes."""
+    the CD launch writes the gradient, the ID launch adds to it), whole with the width chunks loaded
+    one ahead (the default) and one at a time, and split into 8-wide slices; a width of 40 leaves a
+    partial last chunk. With at most 32 or 64 possible members the kernels are compiled without the
+    larger sizes."""
     from l2d_kernels.ops import triton_led
 
     monkeypatch.setattr(triton_led, "LOAD_AHEAD", ahead)
+    monkeypatch.setattr(triton_led, "SLICE_WIDTH", slice_width)
     sizes = torch.tensor([s for s in (0, 1, 2, 9, 16, 17, 32, 40, 64, 66) if s <= members])
     y = torch.arange(members)[:, None] < sizes[None, :]
     if transpose:
