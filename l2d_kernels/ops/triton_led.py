@@ -591,25 +591,47 @@ def _slice_gram(S_g, T_g, s_m, s_d, t_m, t_d, members, hit, rank, k, P, part_g, 
 
 
 @triton.jit
+def _slice_step(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr, part_g, s, lo, hi,
+                scale, ADD: tl.constexpr, N_S: tl.constexpr, AHEAD: tl.constexpr, OWN: tl.constexpr,
+                GRAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    if GRAD:
+        _slice_grad(S_g, s_m, s_d, G_g, g_m, members, hit, rank, k, P, loss_ptr, part_g, s, lo, hi, scale, ADD,
+                    N_S, BLOCK, BLOCK_D, AHEAD, OWN)
+    else:
+        _slice_gram(S_g, T_g, s_m, s_d, t_m, t_d, members, hit, rank, k, P, part_g, s, lo, hi, BLOCK, BLOCK_D,
+                    AHEAD, OWN)
+
+
+@triton.jit
+def _split_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr, part_g, s, lo, hi,
+                 scale, ADD: tl.constexpr, N_S: tl.constexpr, MAX_P: tl.constexpr, AHEAD: tl.constexpr,
+                 OWN: tl.constexpr, GRAD: tl.constexpr):
+    """Slice s of a placed group in the tile of its size (``_tile_of``; sizes past MAX_P not compiled):
+    its partial Grams (``_gram_kernel``) or, with ``GRAD``, its gradient (``_split_kernel``)."""
+    if P <= 16:
+        _slice_step(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr, part_g, s, lo, hi,
+                    scale, ADD, N_S, AHEAD, OWN, GRAD, 16, 64)
+    elif P <= 32:
+        if MAX_P >= 32:
+            _slice_step(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr, part_g, s, lo,
+                        hi, scale, ADD, N_S, AHEAD, OWN, GRAD, 32, 16)
+    elif P <= 64:
+        if MAX_P >= 64:
+            _slice_step(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr, part_g, s, lo,
+                        hi, scale, ADD, N_S, AHEAD, OWN, GRAD, 64, 16)
+    elif MAX_P >= 128:  # 128-row tiles spill with a second chunk in flight: one chunk at a time
+        _slice_step(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr, part_g, s, lo, hi,
+                    scale, ADD, N_S, False, OWN, GRAD, 128, 16)
+
+
+@triton.jit
 def _gram_slices(S, T, s_g, s_m, s_d, t_g, t_m, t_d, Y, y_g, y_m, idx, cnt, N, part, off, g, s, lo, hi,
                  LISTS: tl.constexpr, N_PAD: tl.constexpr, MAX_P: tl.constexpr, AHEAD: tl.constexpr):
     S_g, T_g, _, members, _, P, hit, rank, k = _group_members(
         S, T, S, s_g, t_g, s_g, Y, y_g, y_m, idx, cnt, N, S, g, LISTS, N_PAD)
-    part_g = part + off
-    if P <= 16:
-        _slice_gram(S_g, T_g, s_m, s_d, t_m, t_d, members, hit, rank, k, P, part_g, s, lo, hi, 16, 64, AHEAD,
-                    not LISTS)
-    elif P <= 32:
-        if MAX_P >= 32:
-            _slice_gram(S_g, T_g, s_m, s_d, t_m, t_d, members, hit, rank, k, P, part_g, s, lo, hi, 32, 16, AHEAD,
-                        not LISTS)
-    elif P <= 64:
-        if MAX_P >= 64:
-            _slice_gram(S_g, T_g, s_m, s_d, t_m, t_d, members, hit, rank, k, P, part_g, s, lo, hi, 64, 16, AHEAD,
-                        not LISTS)
-    elif MAX_P >= 128:
-        _slice_gram(S_g, T_g, s_m, s_d, t_m, t_d, members, hit, rank, k, P, part_g, s, lo, hi, 128, 16, False,
-                    not LISTS)
+    # The gradient's arguments are not read without GRAD: the student's stand in.
+    _split_group(S_g, T_g, s_m, s_d, t_m, t_d, S_g, s_m, members, hit, rank, k, P, S, part + off, s, lo, hi,
+                 1.0, False, 1, MAX_P, AHEAD, not LISTS, False)
 
 
 @triton.jit
@@ -673,21 +695,8 @@ def _split_kernel(
             _zero_outside(G_g, g_m, Y + g.to(tl.int64) * y_g, y_m, N, P, m0, lo, hi, TILE, BLOCK_D)
     off = tl.load(offs + g)
     if off >= 0:
-        part_g = part + off
-        if P <= 16:
-            _slice_grad(S_g, s_m, s_d, G_g, g_m, members, hit, rank, k, P, loss_ptr + g, part_g, s, lo, hi, scale,
-                        ADD, N_S, 16, 64, AHEAD, not LARGE)
-        elif P <= 32:
-            if MAX_P >= 32:
-                _slice_grad(S_g, s_m, s_d, G_g, g_m, members, hit, rank, k, P, loss_ptr + g, part_g, s, lo, hi,
-                            scale, ADD, N_S, 32, 16, AHEAD, not LARGE)
-        elif P <= 64:
-            if MAX_P >= 64:
-                _slice_grad(S_g, s_m, s_d, G_g, g_m, members, hit, rank, k, P, loss_ptr + g, part_g, s, lo, hi,
-                            scale, ADD, N_S, 64, 16, AHEAD, not LARGE)
-        elif MAX_P >= 128:
-            _slice_grad(S_g, s_m, s_d, G_g, g_m, members, hit, rank, k, P, loss_ptr + g, part_g, s, lo, hi, scale,
-                        ADD, N_S, 128, 16, False, not LARGE)
+        _split_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr + g, part + off, s,
+                     lo, hi, scale, ADD, N_S, MAX_P, AHEAD, not LARGE, True)
     elif s == 0:
         _whole_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr + g, D, scale, ADD,
                      AHEAD, MAX_P, not LARGE, SMALL_MAX)
@@ -745,43 +754,27 @@ def _large_passes(es, et, grad, idx, cnt, group_loss, geometry, norms, scale: fl
                        norms, part1, part2, ADD=not first, **common)
 
 
-def _run_family(es, et, grad, targets, idx, cnt, group_loss, groups_dim: int, scale: float, first: bool):
-    """All groups of one family, each small group whole in one program; ``groups_dim`` is 1 for CD
-    (groups are labels), 0 for ID. ``idx`` and ``cnt``: the member lists, needed only when a group can
-    exceed SMALL_MAX members (else None)."""
+def _run_family(es, et, grad, targets, idx, cnt, group_loss, groups_dim: int, scale: float, first: bool,
+                split=None):
+    """All groups of one family; ``groups_dim`` is 1 for CD (groups are labels), 0 for ID. ``idx`` and
+    ``cnt``: the member lists, needed only when a group can exceed SMALL_MAX members (else None).
+    ``split``: None (each small group whole in one program, ``_main_kernel``) or the width-split
+    path's (plan offsets, scratch, slices, slice width), after ``_gram_kernel`` (``_split_kernel``)."""
     geometry = _family_args(es, et, grad, targets, groups_dim)
     n_groups, n_members, width, strides, (g_g, g_m), (y_g, y_m) = geometry
     large = n_members > SMALL_MAX
-    grid = (n_groups, cdiv(n_members, TILE))
     common = _common()
     if large:
         norms = torch.empty(n_groups * n_members * 2, dtype=torch.float32, device=es.device)
-    else:  # the pointers the kernel does not read without large groups: any tensor will do
+    else:  # the pointers the kernels do not read without large groups: any tensor will do
         idx = cnt = norms = group_loss
-    _main_kernel[grid](
-        es, et, *strides, grad, g_g, g_m, targets, y_g, y_m, idx, cnt, n_members, width, scale, group_loss, norms,
-        ZERO_OUTSIDE=first, ADD=not first, MAX_P=_max_p(n_members), LARGE=large, N_PAD=_n_pad(n_members), **common,
-    )
-    if large:
-        _large_passes(es, et, grad, idx, cnt, group_loss, geometry, norms, scale, first, common)
-
-
-def _run_family_split(es, et, grad, targets, idx, cnt, group_loss, groups_dim: int, scale: float, first: bool,
-                      offs, part, n_s: int, slice_width: int):
-    """One family on the width-split path (``_split_kernel``), after ``_gram_kernel``."""
-    geometry = _family_args(es, et, grad, targets, groups_dim)
-    n_groups, n_members, width, strides, (g_g, g_m), (y_g, y_m) = geometry
-    large = n_members > SMALL_MAX
-    common = _common()
-    if large:
-        norms = torch.empty(n_groups * n_members * 2, dtype=torch.float32, device=es.device)
+    args = (es, et, *strides, grad, g_g, g_m, targets, y_g, y_m, idx, cnt, n_members, width, scale, group_loss, norms)
+    family = dict(ZERO_OUTSIDE=first, ADD=not first, MAX_P=_max_p(n_members), LARGE=large, N_PAD=_n_pad(n_members))
+    if split is None:
+        _main_kernel[(n_groups, cdiv(n_members, TILE))](*args, **family, **common)
     else:
-        idx = cnt = norms = group_loss
-    _split_kernel[(n_groups, n_s)](
-        es, et, *strides, grad, g_g, g_m, targets, y_g, y_m, idx, cnt, n_members, width, scale, group_loss, norms,
-        offs, part, ZERO_OUTSIDE=first, ADD=not first, MAX_P=_max_p(n_members), LARGE=large,
-        N_PAD=_n_pad(n_members), N_S=n_s, SLICE=slice_width, **common,
-    )
+        offs, part, n_s, slice_width = split
+        _split_kernel[(n_groups, n_s)](*args, offs, part, **family, N_S=n_s, SLICE=slice_width, **common)
     if large:
         _large_passes(es, et, grad, idx, cnt, group_loss, geometry, norms, scale, first, common)
 
@@ -865,25 +858,20 @@ def led_forward(es: torch.Tensor, et: torch.Tensor, targets: torch.Tensor, lambd
             targets, targets.stride(0), targets.stride(1), B, C, cd_idx, cd_cnt, id_idx, id_cnt,
             CD=cd_lists, ID=id_lists, BLOCK=min(MEMBERS_BLOCK, next_power_of_2(max(B, C))))
     n_s, slice_width = _split_slices(es.shape[2])
-    if n_s == 1:
-        _run_family(es, et, grad, targets, cd_idx, cd_cnt, group_loss[:C], 1, 2.0 * lambda_cd, first=True)
-        _run_family(es, et, grad, targets, id_idx, id_cnt, group_loss[C:], 0, 2.0 * lambda_id, first=False)
-    else:
+    split_cd = split_id = None
+    if n_s > 1:
+        # A family without member lists: any tensor for the list pointers, which it does not read.
+        given = (cd_idx, cd_cnt, id_idx, id_cnt)
+        cd_idx_, cd_cnt_, id_idx_, id_cnt_ = (t if t is not None else group_loss for t in given)
         part = torch.empty(_split_scratch(es, grad, n_s), dtype=torch.float32, device=device)
-        cnt_any = group_loss  # a pointer for a family without member lists (not read)
-        offs = _plan(targets, cd_cnt if cd_lists else cnt_any, id_cnt if id_lists else cnt_any, n_s, part.numel())
-        y_b, y_c = targets.stride()
-        s_b, s_c, s_d = es.stride()
-        t_b, t_c, t_d = et.stride()
+        offs = _plan(targets, cd_cnt_, id_cnt_, n_s, part.numel())
         _gram_kernel[(C + B, n_s)](
-            es, et, s_b, s_c, s_d, t_b, t_c, t_d, targets, y_b, y_c, B, C, es.shape[2], offs, part,
-            cd_idx if cd_lists else cnt_any, cd_cnt if cd_lists else cnt_any,
-            id_idx if id_lists else cnt_any, id_cnt if id_lists else cnt_any,
-            CD_LISTS=cd_lists, ID_LISTS=id_lists, CD_N_PAD=_n_pad(B), ID_N_PAD=_n_pad(C), CD_MAX_P=_max_p(B),
-            ID_MAX_P=_max_p(C), AHEAD=LOAD_AHEAD, SLICE=slice_width, num_warps=NUM_WARPS)
-        _run_family_split(es, et, grad, targets, cd_idx, cd_cnt, group_loss[:C], 1, 2.0 * lambda_cd, True,
-                          offs[:C], part, n_s, slice_width)
-        _run_family_split(es, et, grad, targets, id_idx, id_cnt, group_loss[C:], 0, 2.0 * lambda_id, False,
-                          offs[C:], part, n_s, slice_width)
+            es, et, *es.stride(), *et.stride(), targets, *targets.stride(), B, C, es.shape[2], offs, part,
+            cd_idx_, cd_cnt_, id_idx_, id_cnt_, CD_LISTS=cd_lists, ID_LISTS=id_lists, CD_N_PAD=_n_pad(B),
+            ID_N_PAD=_n_pad(C), CD_MAX_P=_max_p(B), ID_MAX_P=_max_p(C), AHEAD=LOAD_AHEAD, SLICE=slice_width,
+            num_warps=NUM_WARPS)
+        split_cd, split_id = (offs[:C], part, n_s, slice_width), (offs[C:], part, n_s, slice_width)
+    _run_family(es, et, grad, targets, cd_idx, cd_cnt, group_loss[:C], 1, 2.0 * lambda_cd, True, split_cd)
+    _run_family(es, et, grad, targets, id_idx, id_cnt, group_loss[C:], 0, 2.0 * lambda_id, False, split_id)
     _finalize_kernel[(1,)](group_loss, C, B, out, lambda_cd, lambda_id, BLOCK=SUM_BLOCK)
     return out, grad
