@@ -129,25 +129,12 @@ def launch_costs(device: str = "cuda", calls: int = 2000) -> str:
             f"one PyTorch elementwise op {torch_op:.1f} us.\n")
 
 
-def _triton_led_warps(warps):
-    """The Triton LED kernels launched with ``warps`` warps inside (NUM_WARPS is read at each launch)."""
+def _triton_led_setting(name: str, value):
+    """The Triton LED kernels with one of their module settings changed (NUM_WARPS, LOAD_AHEAD,
+    SLICE_WIDTH: each is read at every launch), restored on exit."""
     from l2d_kernels.ops import triton_led
 
-    return mock.patch.object(triton_led, "NUM_WARPS", warps)
-
-
-def _triton_led_one_chunk_at_a_time():
-    """The Triton LED kernels as before width chunks were loaded one ahead (LOAD_AHEAD, read at each launch)."""
-    from l2d_kernels.ops import triton_led
-
-    return mock.patch.object(triton_led, "LOAD_AHEAD", False)
-
-
-def _triton_led_slices(width):
-    """The Triton LED kernels with groups split into slices of ``width`` widths (0: whole groups)."""
-    from l2d_kernels.ops import triton_led
-
-    return mock.patch.object(triton_led, "SLICE_WIDTH", width)
+    return mock.patch.object(triton_led, name, value)
 
 
 def _kernel_cell(name: str, n: float, mean_us: float, slots=()) -> str:
@@ -187,11 +174,11 @@ def main(argv=None) -> int:
     for backend in backends:  # each backend's variants right after it: a run cut short keeps the pairs
         runs.append((backend, backend, CASES, contextlib.nullcontext))
         if backend == "triton" and args.triton_led_no_ahead:
-            runs.append(("triton/no-ahead", "triton", led_cases, _triton_led_one_chunk_at_a_time))
+            runs.append(("triton/no-ahead", "triton", led_cases, lambda: _triton_led_setting("LOAD_AHEAD", False)))
         if backend == "triton":
-            runs += [(f"triton/slice{w}", "triton", led_cases, lambda w=int(w): _triton_led_slices(w))
+            runs += [(f"triton/slice{w}", "triton", led_cases, lambda w=int(w): _triton_led_setting("SLICE_WIDTH", w))
                      for w in args.triton_led_slices.split(",") if w]
-            runs += [(f"triton/w{w}", "triton", led_cases, lambda w=int(w): _triton_led_warps(w))
+            runs += [(f"triton/w{w}", "triton", led_cases, lambda w=int(w): _triton_led_setting("NUM_WARPS", w))
                      for w in args.triton_led_warps.split(",") if w]
     title = f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n\n" if device == "cuda" else ""
     if device == "cuda" and "triton" in backends:

@@ -50,7 +50,7 @@ def test_slices_variant_sets_the_width_inside_and_restores_it():
     from l2d_kernels.ops import triton_led
 
     default = triton_led.SLICE_WIDTH
-    with kernel_profile._triton_led_slices(0):
+    with kernel_profile._triton_led_setting("SLICE_WIDTH", 0):
         assert triton_led.SLICE_WIDTH == 0
     assert triton_led.SLICE_WIDTH == default
 
@@ -59,7 +59,7 @@ def test_no_ahead_variant_turns_the_switch_off_inside_and_restores_it():
     from l2d_kernels.ops import triton_led
 
     assert triton_led.LOAD_AHEAD
-    with kernel_profile._triton_led_one_chunk_at_a_time():
+    with kernel_profile._triton_led_setting("LOAD_AHEAD", False):
         assert not triton_led.LOAD_AHEAD
     assert triton_led.LOAD_AHEAD
 
