@@ -184,7 +184,7 @@ if [ "$PHASE" = all ]; then
     # H100: memcheck over the full driver on the Triton kernels did not end in 150 s beside the tests
     # (the small set took under 115 s); the CUDA kernels' full memcheck takes about 8 s.
     sanitize_beside triton 150 small
-    pytest_gpu torch,triton tests-triton 200
+    pytest_gpu torch,triton tests-triton "${L2D_TRITON_TEST_LIMIT:-240}"
     wait $build_pid || failed=1
     rm -f "$OUT"/_C*.so  # no later call to carry it to; the returned files are few
     if ls l2d_kernels/_C*.so > /dev/null 2>&1; then
