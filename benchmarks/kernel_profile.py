@@ -163,16 +163,22 @@ def main(argv=None) -> int:
                         help="extra Triton LED rows with each width chunk loaded when it is used (LOAD_AHEAD off)")
     parser.add_argument("--triton-led-slices", default="",
                         help="comma-separated slice widths: extra Triton LED rows with each (0: whole groups)")
+    parser.add_argument("--losses", default="led,mld", help="comma-separated: which losses' cases to profile")
+    parser.add_argument("--shapes", default="",
+                        help="comma-separated shapes to keep, as BxC or BxCxD (default: every case)")
     args = parser.parse_args(argv)
     device = DEVICE.type
+    shapes = {tuple(map(int, s.split("x"))) for s in args.shapes.split(",") if s}
+    cases = [(loss, shape) for loss, shape in CASES
+             if loss in args.losses.split(",") and (not shapes or tuple(shape) in shapes)]
     if args.backends:
         backends = args.backends.split(",")
     else:
         backends = [b for b in ("cuda", "triton") if device == "cuda" and b in available_backends()] or ["torch"]
-    led_cases = [c for c in CASES if c[0] == "led"]
+    led_cases = [c for c in cases if c[0] == "led"]
     runs = []
     for backend in backends:  # each backend's variants right after it: a run cut short keeps the pairs
-        runs.append((backend, backend, CASES, contextlib.nullcontext))
+        runs.append((backend, backend, cases, contextlib.nullcontext))
         if backend == "triton" and args.triton_led_no_ahead:
             runs.append(("triton/no-ahead", "triton", led_cases, lambda: _triton_led_setting("LOAD_AHEAD", False)))
         if backend == "triton":
