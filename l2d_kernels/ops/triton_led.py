@@ -591,37 +591,38 @@ def _slice_gram(S_g, T_g, s_m, s_d, t_m, t_d, members, hit, rank, k, P, part_g, 
 
 
 @triton.jit
-def _slice_step(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr, part_g, s, lo, hi,
-                scale, ADD: tl.constexpr, N_S: tl.constexpr, AHEAD: tl.constexpr, OWN: tl.constexpr,
+def _slice_step(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr, part_g, placed, s, lo,
+                hi, D, scale, ADD: tl.constexpr, N_S: tl.constexpr, AHEAD: tl.constexpr, OWN: tl.constexpr,
                 GRAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
     if GRAD:
-        _slice_grad(S_g, s_m, s_d, G_g, g_m, members, hit, rank, k, P, loss_ptr, part_g, s, lo, hi, scale, ADD,
-                    N_S, BLOCK, BLOCK_D, AHEAD, OWN)
+        _slice_grad(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr, part_g, placed, s,
+                    lo, hi, D, scale, ADD, N_S, BLOCK, BLOCK_D, AHEAD, OWN)
     else:
         _slice_gram(S_g, T_g, s_m, s_d, t_m, t_d, members, hit, rank, k, P, part_g, s, lo, hi, BLOCK, BLOCK_D,
                     AHEAD, OWN)
 
 
 @triton.jit
-def _split_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr, part_g, s, lo, hi,
-                 scale, ADD: tl.constexpr, N_S: tl.constexpr, MAX_P: tl.constexpr, AHEAD: tl.constexpr,
+def _split_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr, part_g, placed, s, lo,
+                 hi, D, scale, ADD: tl.constexpr, N_S: tl.constexpr, MAX_P: tl.constexpr, AHEAD: tl.constexpr,
                  OWN: tl.constexpr, GRAD: tl.constexpr):
-    """Slice s of a placed group in the tile of its size (``_tile_of``; sizes past MAX_P not compiled):
-    its partial Grams (``_gram_kernel``) or, with ``GRAD``, its gradient (``_split_kernel``)."""
+    """Slice s of a group of 2 to SMALL_MAX members in the tile of its size (``_tile_of``; sizes past
+    MAX_P not compiled): its partial Grams (``_gram_kernel``, placed groups) or, with ``GRAD``, its
+    gradient (``_split_kernel``; a group not ``placed`` is done whole, see ``_slice_grad``)."""
     if P <= 16:
-        _slice_step(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr, part_g, s, lo, hi,
-                    scale, ADD, N_S, AHEAD, OWN, GRAD, 16, 64)
+        _slice_step(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr, part_g, placed, s,
+                    lo, hi, D, scale, ADD, N_S, AHEAD, OWN, GRAD, 16, 64)
     elif P <= 32:
         if MAX_P >= 32:
-            _slice_step(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr, part_g, s, lo,
-                        hi, scale, ADD, N_S, AHEAD, OWN, GRAD, 32, 16)
+            _slice_step(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr, part_g, placed,
+                        s, lo, hi, D, scale, ADD, N_S, AHEAD, OWN, GRAD, 32, 16)
     elif P <= 64:
         if MAX_P >= 64:
-            _slice_step(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr, part_g, s, lo,
-                        hi, scale, ADD, N_S, AHEAD, OWN, GRAD, 64, 16)
+            _slice_step(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr, part_g, placed,
+                        s, lo, hi, D, scale, ADD, N_S, AHEAD, OWN, GRAD, 64, 16)
     elif MAX_P >= 128:  # 128-row tiles spill with a second chunk in flight: one chunk at a time
-        _slice_step(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr, part_g, s, lo, hi,
-                    scale, ADD, N_S, False, OWN, GRAD, 128, 16)
+        _slice_step(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr, part_g, placed, s,
+                    lo, hi, D, scale, ADD, N_S, False, OWN, GRAD, 128, 16)
 
 
 @triton.jit
@@ -630,8 +631,8 @@ def _gram_slices(S, T, s_g, s_m, s_d, t_g, t_m, t_d, Y, y_g, y_m, idx, cnt, N, p
     S_g, T_g, _, members, _, P, hit, rank, k = _group_members(
         S, T, S, s_g, t_g, s_g, Y, y_g, y_m, idx, cnt, N, S, g, LISTS, N_PAD)
     # The gradient's arguments are not read without GRAD: the student's stand in.
-    _split_group(S_g, T_g, s_m, s_d, t_m, t_d, S_g, s_m, members, hit, rank, k, P, S, part + off, s, lo, hi,
-                 1.0, False, 1, MAX_P, AHEAD, not LISTS, False)
+    _split_group(S_g, T_g, s_m, s_d, t_m, t_d, S_g, s_m, members, hit, rank, k, P, S, part + off, True, s, lo, hi,
+                 hi, 1.0, False, 1, MAX_P, AHEAD, not LISTS, False)
 
 
 @triton.jit
@@ -657,20 +658,30 @@ def _gram_kernel(
 
 
 @triton.jit
-def _slice_grad(S_g, s_m, s_d, G_g, g_m, members, hit, rank, k, P, loss_ptr, part_g, s, lo, hi, scale,
-                ADD: tl.constexpr, N_S: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+def _slice_grad(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr, part_g, placed, s, lo,
+                hi, D, scale, ADD: tl.constexpr, N_S: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
                 AHEAD: tl.constexpr, OWN: tl.constexpr):
     """Slice s of a split group's gradient: its Grams summed over the N_S slices in order, the loss
-    (slice 0 stores it) and weights, then the gradient at widths lo..hi."""
+    (slice 0 stores it) and weights, then the gradient at widths lo..hi. A group not ``placed`` (past
+    the scratch; only its slice-0 program gets here) takes its Grams over the whole width instead and
+    writes all of its gradient: one copy of the weights and gradient code per tile size for both."""
     r, rows, ok = _member_rows(members, hit, rank, k, P, BLOCK, OWN)
-    at = part_g + r[:, None] * BLOCK + r[None, :]
-    gs = tl.load(at)
-    gt = tl.load(at + BLOCK * BLOCK)
-    for q in range(1, N_S):
-        gs += tl.load(at + q * (2 * BLOCK * BLOCK))
-        gt += tl.load(at + q * (2 * BLOCK * BLOCK) + BLOCK * BLOCK)
+    if placed:
+        at = part_g + r[:, None] * BLOCK + r[None, :]
+        gs = tl.load(at)
+        gt = tl.load(at + BLOCK * BLOCK)
+        for q in range(1, N_S):
+            gs += tl.load(at + q * (2 * BLOCK * BLOCK))
+            gt += tl.load(at + q * (2 * BLOCK * BLOCK) + BLOCK * BLOCK)
+        first = lo
+        last = hi
+    else:
+        gs, gt = _gram(S_g, T_g, s_m, s_d, t_m, t_d, rows, ok, rows, ok, 0, D, BLOCK, BLOCK, BLOCK_D, True, AHEAD)
+        first = lo * 0  # tensors of the same type in both branches
+        last = first + D
     w, rowsum = _group_weights(gs, gt, r, ok, P, loss_ptr, s == 0, BLOCK)
-    _write_grad(S_g, s_m, s_d, G_g, g_m, rows, ok, rows, ok, w, rowsum, lo, hi, scale, ADD, BLOCK_D, True, AHEAD)
+    _write_grad(S_g, s_m, s_d, G_g, g_m, rows, ok, rows, ok, w, rowsum, first, last, scale, ADD, BLOCK_D, True,
+                AHEAD)
 
 
 @triton.jit
@@ -694,12 +705,13 @@ def _split_kernel(
         for m0 in range(0, N, TILE):
             _zero_outside(G_g, g_m, Y + g.to(tl.int64) * y_g, y_m, N, P, m0, lo, hi, TILE, BLOCK_D)
     off = tl.load(offs + g)
-    if off >= 0:
-        _split_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr + g, part + off, s,
-                     lo, hi, scale, ADD, N_S, MAX_P, AHEAD, not LARGE, True)
-    elif s == 0:
-        _whole_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr + g, D, scale, ADD,
-                     AHEAD, MAX_P, not LARGE, SMALL_MAX)
+    placed = off >= 0
+    if placed | (s == 0):
+        if P < 2:  # never placed: its slice-0 program
+            tl.store(loss_ptr + g, 0.0)
+        elif P <= SMALL_MAX:
+            _split_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr + g, part + off,
+                         placed, s, lo, hi, D, scale, ADD, N_S, MAX_P, AHEAD, not LARGE, True)
     if LARGE:
         for i in range(s, tl.cdiv(P, TILE), N_S):
             _large_group_norms(S_g, T_g, s_m, s_d, t_m, t_d, members, norms_g, P, i, D, SMALL_MAX, TILE, BLOCK_D,
