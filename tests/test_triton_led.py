@@ -279,3 +279,24 @@ def test_widened_slices_match_the_formula(monkeypatch):
     y = torch.arange(B)[:, None] < torch.tensor([0, 1, 2, 3, 15, 16, 17, 33, 36])[None, :]
     es, et, _ = embeddings(B, C, 40, device=DEVICE, seed=17)
     _check(es, et, y.to(DEVICE))
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 5), (5, 13, 300), (1, 1, 2)], ids=["one-block", "ragged", "single-row"])
+@pytest.mark.parametrize("grad_output", [-1.75, float("inf")])
+def test_backward_scaling_by_blocks_of_rows(shape, grad_output):
+    """``led_scale`` (SCALE_ROWS rows a program, SCALE_BLOCK widths a step): rows with a positive
+    target times grad_output, the others untouched, here made of sentinels that a stray write would
+    change; every row for an infinite grad_output. Row counts past a whole block and widths past one
+    step (5 x 13 rows of 300 widths against blocks of 16 rows and 256 widths), float targets."""
+    from l2d_kernels.ops import triton_led
+
+    B, C, D = shape
+    g = torch.Generator().manual_seed(B * C * D)
+    grad = torch.randn(B, C, D, generator=g).to(DEVICE)
+    targets = (torch.rand(B, C, generator=g) < 0.4).float().to(DEVICE) * 0.9
+    targets.view(-1)[0] = 0.9  # at least one positive row
+    out = grad.clone()
+    triton_led.led_scale(out, targets, torch.tensor(grad_output, device=DEVICE))
+    chosen = (targets > 0.5) | (not torch.isfinite(torch.tensor(grad_output)))
+    want = torch.where(chosen[..., None], grad * grad_output, grad)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
