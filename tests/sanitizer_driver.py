@@ -10,8 +10,12 @@ inputs and every input dtype.
 ``L2D_SANITIZE_SET=small`` keeps one float and one half-precision dtype, contiguous inputs and the
 shapes that reach every code path (small groups, the tiled large-group passes of both families): for
 racecheck, whose hazards depend on the kernels' synchronization structure, not on strides or sizes.
+Widths above the Triton LED slice width (64) take its width-split path (plan, partial Grams, split
+gradient; the last slice ragged), once more with a scratch too small for every group, so that the
+groups past it are done whole by their slice-0 programs.
 """
 
+import contextlib
 import os
 
 import torch
@@ -28,12 +32,26 @@ def targets(B, C, seed):
     return y.cuda()
 
 
+@contextlib.contextmanager
+def tiny_split_scratch():
+    """The Triton LED split path with room for a few groups' partial Grams only."""
+    from l2d_kernels.ops import triton_led
+
+    saved = triton_led.SCRATCH_MIN_BYTES, triton_led.SCRATCH_MAX_BYTES
+    triton_led.SCRATCH_MIN_BYTES = triton_led.SCRATCH_MAX_BYTES = 16 << 10
+    try:
+        yield
+    finally:
+        triton_led.SCRATCH_MIN_BYTES, triton_led.SCRATCH_MAX_BYTES = saved
+
+
 def main():
     chosen = os.environ.get("L2D_TEST_BACKENDS", "triton,cuda").split(",")
     backends = [b for b in available_backends() if b in ("triton", "cuda") and b in chosen]
     small = os.environ.get("L2D_SANITIZE_SET", "full") == "small"
     dtypes = (torch.float32, torch.bfloat16) if small else (torch.float32, torch.bfloat16, torch.float16)
-    led_shapes = ((5, 7, 33), (32, 20, 40), (200, 6, 40), (3, 150, 24)) + (() if small else ((64, 80, 64),))
+    led_shapes = ((5, 7, 33), (32, 20, 40), (200, 6, 40), (3, 150, 24), (32, 20, 160), (3, 150, 72)) + (
+        () if small else ((64, 80, 64), (200, 6, 160), (64, 80, 200)))
     for backend in backends:
         for dtype in dtypes:
             for B, C, D in led_shapes:
@@ -41,6 +59,9 @@ def main():
                 et = torch.randn(B, C, D, device="cuda", dtype=dtype)
                 y = targets(B, C, seed=B * C)
                 fused_led(es, et, y, backend=backend).backward()
+                if backend == "triton" and D > 64:
+                    with tiny_split_scratch():
+                        fused_led(es, et, y, backend=backend).backward()
                 if not small:
                     fused_led(es.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(), et,
                               y.t().contiguous().t(), backend=backend).backward()
