@@ -155,6 +155,11 @@ bench_all() {
     # width split, beside the default's, in the same run.
     step profile "${L2D_PROFILE_LIMIT:-120}" $PY benchmarks/kernel_profile.py \
         ${L2D_PROFILE_ARGS:---triton-led-slices 0} --out "$OUT/profile-$card.md"
+    # Nsight Compute's view of the Triton partial-Gram and split kernels at COCO, before the
+    # benchmarks: the fourth run's Gram kernel took 5 us per 64-wide chunk per program for reasons
+    # only this can tell, and its later ncu step never ran (sections: see below; into the log).
+    local sections="--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis --section SchedulerStats"
+    step ncu-triton 60 bash -c "cd benchmarks && ncu -k 'regex:_gram_kernel|_split_kernel' --launch-skip 3 --launch-count 3 $sections $PY ncu_driver.py led 64 80 768 triton"
     # One pytest run per file, each writing its JSON as it ends, so a deadline cuts one file, not all.
     rm -rf build/bench && mkdir -p build/bench
     jsons=()
@@ -167,11 +172,9 @@ bench_all() {
     DEADLINE=$((DEADLINE + 30)) step report 30 $PY benchmarks/report.py "${jsons[@]}" \
         --merged "$OUT/bench-$card.json" --out "$OUT"
     # Diagnostics, last: each runs only if the phase has time left. Nsight Compute's view of the
-    # kernels furthest from their targets (COCO's LED group kernels on both backends, MLD at 4096 x
-    # 1000), into the log; then where a training step's time goes.
-    local sections="--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis --section SchedulerStats"
+    # other kernels furthest from their targets (COCO's CUDA LED group kernel, MLD at 4096 x 1000),
+    # into the log; then where a training step's time goes.
     step ncu 100 bash -c "cd benchmarks && ncu -k regex:group_kernel --launch-skip 2 --launch-count 2 $sections $PY ncu_driver.py led 64 80 768 cuda &&
-        ncu -k 'regex:_gram_kernel|_split_kernel' --launch-skip 3 --launch-count 3 $sections $PY ncu_driver.py led 64 80 768 triton &&
         ncu -k regex:mld_kernel --launch-skip 1 --launch-count 1 $sections $PY ncu_driver.py mld 4096 1000 cuda"
     step step-profile 60 bash -c "cd benchmarks && $PY step_profile.py --out '$OUT/step-profile-$card.md'"
 }
