@@ -6,17 +6,19 @@
 #   PHASE=all    install; build the extension in the background while the suite runs on the Triton
 #                backend, then the suite on the CUDA backend, each with compute-sanitizer (memcheck and
 #                racecheck; the driver's small set where the full one takes too long) and CMake + CTest
-#                and the training loop's --quick run (bf16 autocast) beside it; then the profile, `pytest benchmarks/`,
-#                the report, Nsight Compute and the step profile, with nothing else on the GPU.
+#                and the training loop's --quick run (bf16 autocast) beside it; then the profile, Nsight
+#                Compute of the Triton LED Gram and split kernels, `pytest benchmarks/`, the report,
+#                Nsight Compute of the other kernels and the step profile, with nothing else on the GPU.
 #
 #   PHASE=check  install the project (no downloads); build the CUDA extension wheel for this card in
 #                the background while the test suite runs on the Triton backend; then the suite on
 #                the CUDA backend; compute-sanitizer (memcheck, racecheck) over the kernels of both;
 #                the CMake build and its C++ test (CTest); the training loop's --quick run.
 #   PHASE=bench  install (reusing a carried extension when L2D_PREBUILT_C names one, else building
-#                it), then a per-kernel profile of the fused calls (benchmarks/kernel_profile.py), then
+#                it), then a per-kernel profile of the fused calls (benchmarks/kernel_profile.py) and
+#                Nsight Compute of the Triton LED Gram and split kernels, then
 #                `pytest benchmarks/` one file at a time and the report (markdown table,
-#                PNG plot, merged JSON), then Nsight Compute over the kernels furthest from their targets
+#                PNG plot, merged JSON), then Nsight Compute over the other kernels furthest from their targets
 #                (benchmarks/ncu_driver.py, into the log) and the step profile. Optional, in this order: L2D_RETEST="pytest args" (tests to
 #                rerun first), L2D_PROBES="command" (diagnostics), L2D_SANITIZE_AFTER="cuda triton"
 #                (compute-sanitizer after the benchmarks, with the time left).
