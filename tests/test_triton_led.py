@@ -257,6 +257,26 @@ def test_groups_past_the_scratch_are_done_whole(monkeypatch, dtype):
         assert rel_err(x.grad, w_grad) <= half_tol(rel_err(eager_x.grad, w_grad), dtype)
 
 
+@pytest.mark.parametrize("transpose", [False, True], ids=["cd-groups", "id-groups"])
+def test_no_room_in_the_scratch_runs_every_tile_size_whole(monkeypatch, transpose):
+    """A scratch with room for no group: on the split path every group (66, 40, 20 and 5 members: the
+    128-, 64-, 32- and 16-row tiles) is done whole by its slice-0 program, the weights and gradient
+    code it shares with the placed groups reading its Grams from the whole width."""
+    from l2d_kernels.ops import triton_led
+
+    monkeypatch.setattr(triton_led, "SLICE_WIDTH", 8)
+    monkeypatch.setattr(triton_led, "SCRATCH_MIN_BYTES", 4)
+    monkeypatch.setattr(triton_led, "SCRATCH_MAX_BYTES", 4)
+    y = torch.arange(70)[:, None] < torch.tensor([66, 40, 20, 5])[None, :]
+    if transpose:
+        y = y.T.contiguous()
+    es, et, _ = embeddings(*y.shape, 20, device=DEVICE, seed=17)
+    y = y.to(DEVICE)
+    n_s, _ = triton_led._split_slices(20)
+    assert n_s == 3 and all(o < 0 for o in _expected_plan(y.cpu(), n_s, 1, triton_led.SMALL_MAX))
+    _check(es, et, y)
+
+
 def test_slices_widen_past_max_slices(monkeypatch):
     from l2d_kernels.ops import triton_led
 
