@@ -10,7 +10,8 @@ backward. On a GPU the same path runs before every launch; where kernels take a 
 fastest of five batches of calls.
 
 With ``--launchers`` it times the Triton launchers themselves at COCO's 64 x 80 (a narrow width: the
-host path does not depend on it): everything they do on the host, Triton's per-launch argument
+host path does not depend on it; the LED width-split path, which realistic widths take, with
+narrower slices): everything they do on the host, Triton's per-launch argument
 binding and kernel lookup included, with Triton's launch replaced just before the driver call.
 """
 
@@ -99,6 +100,17 @@ def main(argv=None) -> int:
     return 0
 
 
+def _split(led_forward, es, et, y):
+    """``led_forward`` on the width-split path (plan, Grams, two split launches, finalize), as at
+    realistic widths, on the narrow test width: slices of 4 widths."""
+    saved = triton_led.SLICE_WIDTH
+    triton_led.SLICE_WIDTH = 4
+    try:
+        return led_forward(es, et, y, 100.0, 1000.0)
+    finally:
+        triton_led.SLICE_WIDTH = saved
+
+
 def _launchers(args) -> int:
     import triton
 
@@ -106,9 +118,12 @@ def _launchers(args) -> int:
     zs, zt = torch.randn(64, 80), torch.randn(64, 80)
     es, et = torch.randn(64, 80, 8), torch.randn(64, 80, 8)
     y = torch.rand(64, 80) < 0.1
+    g_out = torch.ones(())
     cases = {
         "mld_forward 64 x 80": lambda: triton_mld.mld_forward(zs, zt, "batchmean", 1e-8, 1.0),
         "led_forward 64 x 80 (x 8)": lambda: triton_led.led_forward(es, et, y, 100.0, 1000.0),
+        "led_forward 64 x 80 (x 8), width split (2 slices)": lambda: _split(triton_led.led_forward, es, et, y),
+        "led_scale 64 x 80 (x 8)": lambda: triton_led.led_scale(es, y, g_out),
     }
     lines = [f"{name}: {_us_per_call(fn, args.calls):.1f} us" for name, fn in cases.items()]
     text = (f"Triton launchers per call, argument binding but no driver call (torch {torch.__version__}, "
