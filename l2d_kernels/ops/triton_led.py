@@ -26,7 +26,8 @@ Launches, all on the device, none waiting for the host:
    ``_gram_kernel`` over ``(group, slice)``, both families in one launch, computes each placed
    group's Grams over one width slice; per family, ``_split_kernel`` over ``(group, slice)`` sums a
    group's slices in order, takes its loss and pair weights, and writes its gradient at that slice's
-   widths. A group the scratch had no room for is done whole by its slice-0 program, as in 2'.
+   widths. A group the scratch had no room for is done whole by its slice-0 program: its Grams
+   over the whole width in registers, then the same weights and gradient code as a placed group's.
 2'. Where the width is one slice (or ``SLICE_WIDTH`` is 0), per family, ``_main_kernel`` over
    ``(group, row tile)``: a group of at most ``SMALL_MAX`` members is done entirely by one program
    (one Gram per side, on chip).
