@@ -233,10 +233,11 @@ def merge(paths: list[pathlib.Path], target: pathlib.Path) -> pathlib.Path:
     concatenated; metadata from the first file that has it)."""
     merged: dict = {}
     for path in paths:
-        if not path.exists():
+        text = path.read_text() if path.exists() else ""
+        if not text.strip():
             print(f"skipping {path}: not written (its pytest run did not finish)")
             continue
-        data = json.loads(path.read_text())
+        data = json.loads(text)
         for key, value in data.items():
             if key in ("benchmarks", "l2d_unmeasured"):
                 merged.setdefault(key, []).extend(value or [])

@@ -71,8 +71,9 @@ def test_split_runs_are_merged_into_one_report(results, tmp_path):
     (tmp_path / "a.json").write_text(json.dumps(first))
     (tmp_path / "b.json").write_text(json.dumps(second))
     merged = tmp_path / "out" / "bench-merged.json"
+    (tmp_path / "killed.json").write_text("")  # a pytest run killed after opening its JSON
     report.main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), str(tmp_path / "missing.json"),
-                 "--merged", str(merged), "--no-plot"])
+                 str(tmp_path / "killed.json"), "--merged", str(merged), "--no-plot"])
     assert len(json.loads(merged.read_text())["benchmarks"]) == len(data["benchmarks"])
     assert "| 75x | 30x | 5000x | 25% |" in (tmp_path / "out" / "bench-merged.md").read_text()
 
