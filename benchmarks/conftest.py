@@ -1,7 +1,6 @@
 """Benchmark session set-up; the harness itself is in harness.py."""
 
 import os
-import signal
 
 import pytest
 import torch
@@ -11,16 +10,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from harness import UNMEASURED, copy_bandwidth_tbps  # noqa: E402
-
-
-def _stop(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-# A run stopped by `timeout` (SIGTERM; the GPU check cuts each benchmark file at its deadline) ends
-# as an interrupted session, which still writes --benchmark-json with the cases measured so far,
-# instead of dying with the file opened and empty.
-signal.signal(signal.SIGTERM, _stop)
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):

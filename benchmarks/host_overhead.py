@@ -21,6 +21,7 @@ import argparse
 import os
 import sys
 import time
+from unittest import mock
 
 # The stubbed calls select the Triton backend on CPU tensors through the interpreter; --launchers
 # needs Triton's compiled launch path (which it replaces before the driver call).
@@ -103,12 +104,8 @@ def main(argv=None) -> int:
 def _split(led_forward, es, et, y):
     """``led_forward`` on the width-split path (plan, Grams, two split launches, finalize), as at
     realistic widths, on the narrow test width: slices of 4 widths."""
-    saved = triton_led.SLICE_WIDTH
-    triton_led.SLICE_WIDTH = 4
-    try:
+    with mock.patch.object(triton_led, "SLICE_WIDTH", 4):
         return led_forward(es, et, y, 100.0, 1000.0)
-    finally:
-        triton_led.SLICE_WIDTH = saved
 
 
 def _launchers(args) -> int:

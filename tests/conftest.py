@@ -2,7 +2,6 @@
 backend's kernels run in the CPU emulator of tests/cuda_emu (the "cuda-emulated" backend)."""
 
 import os
-import signal
 
 import pytest
 import torch
@@ -14,15 +13,6 @@ if not torch.cuda.is_available():
 from cuda_emu import backend as emulated_cuda  # noqa: E402
 from helpers import api_backends, fused_backends  # noqa: E402
 
-
-
-def _stop(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-# A suite stopped by `timeout` (SIGTERM: the GPU check cuts each suite at its deadline) ends as an
-# interrupted session, which still prints its summary and slowest tests, instead of vanishing.
-signal.signal(signal.SIGTERM, _stop)
 
 _EMULATED = [emulated_cuda.PARAM] if emulated_cuda.wanted() else []
 # The Triton backend with LED's groups split into 4-wide slices: the tests' widths are below the

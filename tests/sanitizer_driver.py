@@ -15,8 +15,8 @@ gradient; the last slice ragged), once more with a scratch too small for every g
 groups past it are done whole by their slice-0 programs.
 """
 
-import contextlib
 import os
+from unittest import mock
 
 import torch
 
@@ -32,17 +32,11 @@ def targets(B, C, seed):
     return y.cuda()
 
 
-@contextlib.contextmanager
 def tiny_split_scratch():
     """The Triton LED split path with room for a few groups' partial Grams only."""
     from l2d_kernels.ops import triton_led
 
-    saved = triton_led.SCRATCH_MIN_BYTES, triton_led.SCRATCH_MAX_BYTES
-    triton_led.SCRATCH_MIN_BYTES = triton_led.SCRATCH_MAX_BYTES = 16 << 10
-    try:
-        yield
-    finally:
-        triton_led.SCRATCH_MIN_BYTES, triton_led.SCRATCH_MAX_BYTES = saved
+    return mock.patch.multiple(triton_led, SCRATCH_MIN_BYTES=16 << 10, SCRATCH_MAX_BYTES=16 << 10)
 
 
 def main():

@@ -364,8 +364,8 @@ def _group_members(S, T, G, s_g, t_g, g_g, Y, y_g, y_m, idx, cnt, N, norms, g,
 
 @triton.jit
 def _whole_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr, D, scale,
-                       ADD: tl.constexpr, AHEAD: tl.constexpr, MAX_P: tl.constexpr, OWN: tl.constexpr,
-                       SMALL_MAX: tl.constexpr):
+                 ADD: tl.constexpr, AHEAD: tl.constexpr, MAX_P: tl.constexpr, OWN: tl.constexpr,
+                 SMALL_MAX: tl.constexpr):
     """A group of 2 to SMALL_MAX members, all of its width, in this program (loss 0 for fewer than
     two; nothing for a large group, see the tiled passes). Sizes of tile, so that a group of a few
     members does not pay for a large padded one; a size no group of this launch can reach (MAX_P)
