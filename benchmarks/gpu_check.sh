@@ -31,6 +31,7 @@
 #                                   default: slice width 0, every group whole, for the comparison)
 #   DEADLINE=300 ...               (seconds: steps are cut short so that the phase ends by then; the
 #                                   report alone may run 30 s past it)
+#   L2D_TRITON_TEST_LIMIT=300 ...  (seconds for the Triton suite in PHASE=all; default 240)
 #
 # Writes under $OUT: summary.txt (one line per step, failures named), log-<phase>.txt (every step's
 # output; the --quick run's results.json too), gpu.txt, the built extension (_C*.so, to carry into the next phase), and for bench:
