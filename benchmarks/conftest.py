@@ -1,6 +1,7 @@
 """Benchmark session set-up; the harness itself is in harness.py."""
 
 import os
+import signal
 
 import pytest
 import torch
@@ -10,6 +11,18 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from harness import UNMEASURED, copy_bandwidth_tbps  # noqa: E402
+
+
+def _stop(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# A pytest run stopped by `timeout` (SIGTERM: the GPU check cuts each suite and benchmark file at its
+# deadline) ends as an interrupted session: a suite still prints its summary and slowest tests, a
+# benchmark file still writes --benchmark-json with the cases that finished. (Here and in the other
+# directory's conftest: a conftest.py at the repository root would put the source tree ahead of an
+# installed wheel on sys.path, which the CI's installed-extension check must not see.)
+signal.signal(signal.SIGTERM, _stop)
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):

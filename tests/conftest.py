@@ -2,6 +2,7 @@
 backend's kernels run in the CPU emulator of tests/cuda_emu (the "cuda-emulated" backend)."""
 
 import os
+import signal
 
 import pytest
 import torch
@@ -13,6 +14,17 @@ if not torch.cuda.is_available():
 from cuda_emu import backend as emulated_cuda  # noqa: E402
 from helpers import api_backends, fused_backends  # noqa: E402
 
+
+def _stop(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# A pytest run stopped by `timeout` (SIGTERM: the GPU check cuts each suite and benchmark file at its
+# deadline) ends as an interrupted session: a suite still prints its summary and slowest tests, a
+# benchmark file still writes --benchmark-json with the cases that finished. (Here and in the other
+# directory's conftest: a conftest.py at the repository root would put the source tree ahead of an
+# installed wheel on sys.path, which the CI's installed-extension check must not see.)
+signal.signal(signal.SIGTERM, _stop)
 
 _EMULATED = [emulated_cuda.PARAM] if emulated_cuda.wanted() else []
 # The Triton backend with LED's groups split into 4-wide slices: the tests' widths are below the
