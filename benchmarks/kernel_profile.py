@@ -22,6 +22,8 @@ shapes on a machine without a GPU: the benchmark suite's), it runs ``--calls`` c
 ``triton/no-ahead``: each width chunk loaded when it is used, as in the first H100 runs).
 ``--triton-led-slices 0,32,128`` adds Triton LED rows with ``triton_led.SLICE_WIDTH`` set to each
 (backend ``triton/sliceN``; 0 keeps every group whole in one program, as before the width split).
+``--triton-led-set NAME=V1,V2`` (repeatable) adds Triton LED rows with the integer setting
+``triton_led.NAME`` set to each value (backend ``triton/NAME=V``), e.g. ``GRAM_D=16,32``.
 """
 
 from __future__ import annotations
@@ -131,7 +133,8 @@ def launch_costs(device: str = "cuda", calls: int = 2000) -> str:
 
 def _triton_led_setting(name: str, value):
     """The Triton LED kernels with one of their module settings changed (NUM_WARPS, LOAD_AHEAD,
-    SLICE_WIDTH: each is read at every launch), restored on exit."""
+    SLICE_WIDTH, GRAM_D, ...: each is read at every launch), restored on exit; a name the module does
+    not have is refused (AttributeError), not silently added."""
     from l2d_kernels.ops import triton_led
 
     return mock.patch.object(triton_led, name, value)
@@ -163,6 +166,8 @@ def main(argv=None) -> int:
                         help="extra Triton LED rows with each width chunk loaded when it is used (LOAD_AHEAD off)")
     parser.add_argument("--triton-led-slices", default="",
                         help="comma-separated slice widths: extra Triton LED rows with each (0: whole groups)")
+    parser.add_argument("--triton-led-set", action="append", default=[], metavar="NAME=V1,V2",
+                        help="extra Triton LED rows with the integer setting triton_led.NAME at each value")
     parser.add_argument("--losses", default="led,mld", help="comma-separated: which losses' cases to profile")
     parser.add_argument("--shapes", default="",
                         help="comma-separated shapes to keep, as BxC or BxCxD (default: every case)")
@@ -186,6 +191,10 @@ def main(argv=None) -> int:
                      for w in args.triton_led_slices.split(",") if w]
             runs += [(f"triton/w{w}", "triton", led_cases, lambda w=int(w): _triton_led_setting("NUM_WARPS", w))
                      for w in args.triton_led_warps.split(",") if w]
+            for setting in args.triton_led_set:
+                name, values = setting.split("=", 1)
+                runs += [(f"triton/{name}={v}", "triton", led_cases,
+                          lambda name=name, v=int(v): _triton_led_setting(name, v)) for v in values.split(",") if v]
     title = f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n\n" if device == "cuda" else ""
     if device == "cuda" and "triton" in backends:
         title += launch_costs(device) + "\n"

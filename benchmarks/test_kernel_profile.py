@@ -34,16 +34,26 @@ def test_triton_led_variants_are_extra_rows_and_leave_the_default(tmp_path):
     if "triton" not in available_backends():
         import pytest
         pytest.skip(f"no Triton backend here: {available_backends()}")
-    default = triton_led.NUM_WARPS, triton_led.LOAD_AHEAD, triton_led.SLICE_WIDTH
+    default = triton_led.NUM_WARPS, triton_led.LOAD_AHEAD, triton_led.SLICE_WIDTH, triton_led.GRAM_D
     out = tmp_path / "profile.md"
     assert kernel_profile.main(["--backends", "triton", "--calls", "1", "--triton-led-warps", "2",
-                                "--triton-led-no-ahead", "--triton-led-slices", "0,16", "--out", str(out)]) == 0
-    assert (triton_led.NUM_WARPS, triton_led.LOAD_AHEAD, triton_led.SLICE_WIDTH) == default
+                                "--triton-led-no-ahead", "--triton-led-slices", "0,16", "--triton-led-set",
+                                "GRAM_D=16", "--out", str(out)]) == 0
+    assert (triton_led.NUM_WARPS, triton_led.LOAD_AHEAD, triton_led.SLICE_WIDTH, triton_led.GRAM_D) == default
     labels = [line.split(" | ")[0][2:] + "/" + line.split(" | ")[1] for line in out.read_text().splitlines()
               if line.startswith("| triton")]
     n_led = sum(loss == "led" for loss, _ in kernel_profile.CASES)
     assert labels == ([f"triton/{loss}" for loss, _ in kernel_profile.CASES] + ["triton/no-ahead/led"] * n_led
-                      + ["triton/slice0/led"] * n_led + ["triton/slice16/led"] * n_led + ["triton/w2/led"] * n_led)
+                      + ["triton/slice0/led"] * n_led + ["triton/slice16/led"] * n_led + ["triton/w2/led"] * n_led
+                      + ["triton/GRAM_D=16/led"] * n_led)
+
+
+def test_a_setting_that_does_not_exist_is_refused():
+    import pytest
+
+    with pytest.raises(AttributeError):
+        with kernel_profile._triton_led_setting("GRAM_WIDTH", 16):
+            pass
 
 
 def test_slices_variant_sets_the_width_inside_and_restores_it():

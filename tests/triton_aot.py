@@ -67,6 +67,8 @@ def compile_launch(fn: JITFunction, args, kwargs, arch: int):
         signature[name] = "constexpr"
     src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(n),): v for n, v in constexprs.items()})
     options = {"num_warps": kwargs.get("num_warps", 4)}
+    if kwargs.get("maxnreg") is not None:
+        options["maxnreg"] = kwargs["maxnreg"]
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 

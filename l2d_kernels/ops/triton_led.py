@@ -24,10 +24,11 @@ Launches, all on the device, none waiting for the host:
 2. Groups of 2 to ``SMALL_MAX`` members, where the width is more than one slice (``SLICE_WIDTH``):
    ``_plan_kernel`` (one program) places each such group's partial Grams in a scratch;
    ``_gram_kernel`` over ``(group, slice)``, both families in one launch, computes each placed
-   group's Grams over one width slice; per family, ``_split_kernel`` over ``(group, slice)`` sums a
-   group's slices in order, takes its loss and pair weights, and writes its gradient at that slice's
-   widths. A group the scratch had no room for is done whole by its slice-0 program: its Grams
-   over the whole width in registers, then the same weights and gradient code as a placed group's.
+   group's Grams over one width slice, in blocks of ``GRAM_ROWS`` rows; per family,
+   ``_split_kernel`` over ``(group, slice)`` sums a group's slices in order, takes its loss and pair
+   weights, and writes its gradient at that slice's widths. A group the scratch had no room for is
+   done whole by its slice-0 program: its Grams over the whole width in registers, then the same
+   weights and gradient code as a placed group's.
 2'. Where the width is one slice (or ``SLICE_WIDTH`` is 0), per family, ``_main_kernel`` over
    ``(group, row tile)``: a group of at most ``SMALL_MAX`` members is done entirely by one program
    (one Gram per side, on chip).
@@ -75,6 +76,12 @@ MAX_SLICES = 16
 SCRATCH_MIN_BYTES = 4 << 20
 SCRATCH_MAX_BYTES = 32 << 20
 SCRATCH_GRAD_FRACTION = 16
+# ``_gram_kernel`` takes every group in blocks of GRAM_ROWS member rows, block pair by block pair, so
+# that it compiles one small tile whatever the group sizes (with a tile per size class, as
+# ``_split_kernel`` has, the 128-row tile gave it 255 registers, one program per SM), GRAM_D widths
+# a step.
+GRAM_ROWS = 16
+GRAM_D = 64
 SCALE_ROWS = 16  # gradient rows per program of the backward's scaling
 SCALE_BLOCK = 256  # widths per step of it
 PLAN_BLOCK = 128  # groups per step of the plan
@@ -261,10 +268,11 @@ def _write_grad(S, s_m, s_d, G, g_m, rows_i, ok_i, rows_j, ok_j, w, rowsum, lo, 
 
 
 @triton.jit
-def _member_rows(members, hit, rank, k, P, BLOCK: tl.constexpr, OWN: tl.constexpr):
-    """(rank r < BLOCK, its member row, r < P): from the member list, or (``OWN``) from this program's
-    own flags: the r-th member is the position k with a hit of rank r."""
-    r = tl.arange(0, BLOCK)
+def _block_rows(members, hit, rank, k, P, b, BLOCK: tl.constexpr, OWN: tl.constexpr):
+    """Member ranks r of block b (b * BLOCK <= r < (b + 1) * BLOCK), their rows and r < P: from the
+    member list, or (``OWN``) from this program's own flags: the r-th member is the position k with a
+    hit of rank r."""
+    r = b * BLOCK + tl.arange(0, BLOCK)
     ok = r < P
     if OWN:
         chosen = hit[None, :] & (rank[None, :] == r[:, None])
@@ -302,7 +310,7 @@ def _small_group(S, T, s_m, s_d, t_m, t_d, G, g_m, members, hit, rank, k, P, los
     """A whole group of at most BLOCK members: one Gram per side, then loss and gradient (``AHEAD``:
     width chunks loaded one ahead, for block sizes whose registers have room for two chunks; ``OWN``:
     members from the program's own flags, see ``_main_kernel``)."""
-    r, rows, ok = _member_rows(members, hit, rank, k, P, BLOCK, OWN)
+    r, rows, ok = _block_rows(members, hit, rank, k, P, 0, BLOCK, OWN)
     gs, gt = _gram(S, T, s_m, s_d, t_m, t_d, rows, ok, rows, ok, 0, D, BLOCK, BLOCK, BLOCK_D, True, AHEAD)
     w, rowsum = _group_weights(gs, gt, r, ok, P, loss_ptr, True, BLOCK)
     _write_grad(S, s_m, s_d, G, g_m, rows, ok, rows, ok, w, rowsum, 0, D, scale, ADD, BLOCK_D, True, AHEAD)
@@ -344,7 +352,7 @@ def _group(S, T, G, s_g, t_g, g_g, idx, cnt, N, norms, g):
 def _group_members(S, T, G, s_g, t_g, g_g, Y, y_g, y_m, idx, cnt, N, norms, g,
                    LISTS: tl.constexpr, N_PAD: tl.constexpr):
     """Group g's base pointers (embeddings, gradient, member list, norm scratch), its size P and, without
-    member lists (at most SMALL_MAX possible members), what ``_member_rows`` needs to find its members
+    member lists (at most SMALL_MAX possible members), what ``_block_rows`` needs to find its members
     in the targets: the flags ``hit`` at positions ``k`` and their ranks, by a prefix sum over N_PAD."""
     if LISTS:
         S_g, T_g, G_g, members, norms_g, P = _group(S, T, G, s_g, t_g, g_g, idx, cnt, N, norms, g)
@@ -541,7 +549,8 @@ def _grad_kernel(
 
 @triton.jit
 def _tile_of(P):
-    """The Gram tile of a group of P members (2 <= P <= SMALL_MAX) on the width-split path."""
+    """The tile of a group of P members (2 <= P <= SMALL_MAX) on the width-split path: the side of its
+    squares of partial Grams in the scratch, and the rows of ``_split_kernel``'s program for it."""
     return tl.where(P <= 16, 16, tl.where(P <= 32, 32, tl.where(P <= 64, 64, 128)))
 
 
@@ -583,69 +592,53 @@ def _plan_kernel(Y, y_b, y_c, B, C, cd_cnt, id_cnt, offs, cap,
 
 
 @triton.jit
-def _slice_gram(S_g, T_g, s_m, s_d, t_m, t_d, members, hit, rank, k, P, part_g, s, lo, hi,
-                BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, AHEAD: tl.constexpr, OWN: tl.constexpr):
-    """Slice s of a group's Grams (widths lo..hi), stored as the s-th [2, BLOCK, BLOCK] block of part_g."""
-    r, rows, ok = _member_rows(members, hit, rank, k, P, BLOCK, OWN)
-    gs, gt = _gram(S_g, T_g, s_m, s_d, t_m, t_d, rows, ok, rows, ok, lo, hi, BLOCK, BLOCK, BLOCK_D, True, AHEAD)
-    at = part_g + s * (2 * BLOCK * BLOCK) + r[:, None] * BLOCK + r[None, :]
-    tl.store(at, gs)
-    tl.store(at + BLOCK * BLOCK, gt)
+def _gram_blocks(S_g, T_g, s_m, s_d, t_m, t_d, members, hit, rank, k, P, part_g, s, lo, hi,
+                 BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, AHEAD: tl.constexpr, OWN: tl.constexpr):
+    """Slice s (widths lo..hi) of a group's Grams as the s-th [2, tile, tile] block of part_g
+    (``_tile_of``), block pair by block pair of BLOCK member rows: the upper triangle of the blocks
+    holding members, each also stored transposed, and zeros in the tile's blocks past the members."""
+    nb = tl.cdiv(P, BLOCK)
+    tile = _tile_of(P)
+    square = tile * tile
+    base = part_g + s * 2 * square
+    for bi in range(0, tile // BLOCK):
+        ri, rows_i, ok_i = _block_rows(members, hit, rank, k, P, bi, BLOCK, OWN)
+        for bj in range(bi, tile // BLOCK):
+            rj, rows_j, ok_j = _block_rows(members, hit, rank, k, P, bj, BLOCK, OWN)
+            if bj < nb:
+                gs, gt = _gram(S_g, T_g, s_m, s_d, t_m, t_d, rows_i, ok_i, rows_j, ok_j, lo, hi, BLOCK, BLOCK,
+                               BLOCK_D, False, AHEAD)
+            else:
+                gs = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+                gt = gs
+            at = base + ri[:, None] * tile + rj[None, :]
+            tl.store(at, gs)
+            tl.store(at + square, gt)
+            if bj > bi:
+                at_t = base + rj[None, :] * tile + ri[:, None]
+                tl.store(at_t, gs)
+                tl.store(at_t + square, gt)
 
 
 @triton.jit
-def _slice_step(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr, part_g, placed, s, lo,
-                hi, D, scale, ADD: tl.constexpr, N_S: tl.constexpr, AHEAD: tl.constexpr, OWN: tl.constexpr,
-                GRAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    if GRAD:
-        _slice_grad(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr, part_g, placed, s,
-                    lo, hi, D, scale, ADD, N_S, BLOCK, BLOCK_D, AHEAD, OWN)
-    else:
-        _slice_gram(S_g, T_g, s_m, s_d, t_m, t_d, members, hit, rank, k, P, part_g, s, lo, hi, BLOCK, BLOCK_D,
-                    AHEAD, OWN)
-
-
-@triton.jit
-def _split_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr, part_g, placed, s, lo,
-                 hi, D, scale, ADD: tl.constexpr, N_S: tl.constexpr, MAX_P: tl.constexpr, AHEAD: tl.constexpr,
-                 OWN: tl.constexpr, GRAD: tl.constexpr):
-    """Slice s of a group of 2 to SMALL_MAX members in the tile of its size (``_tile_of``; sizes past
-    MAX_P not compiled): its partial Grams (``_gram_kernel``, placed groups) or, with ``GRAD``, its
-    gradient (``_split_kernel``; a group not ``placed`` is done whole, see ``_slice_grad``)."""
-    if P <= 16:
-        _slice_step(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr, part_g, placed, s,
-                    lo, hi, D, scale, ADD, N_S, AHEAD, OWN, GRAD, 16, 64)
-    elif P <= 32:
-        if MAX_P >= 32:
-            _slice_step(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr, part_g, placed,
-                        s, lo, hi, D, scale, ADD, N_S, AHEAD, OWN, GRAD, 32, 16)
-    elif P <= 64:
-        if MAX_P >= 64:
-            _slice_step(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr, part_g, placed,
-                        s, lo, hi, D, scale, ADD, N_S, AHEAD, OWN, GRAD, 64, 16)
-    elif MAX_P >= 128:  # 128-row tiles spill with a second chunk in flight: one chunk at a time
-        _slice_step(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr, part_g, placed, s,
-                    lo, hi, D, scale, ADD, N_S, False, OWN, GRAD, 128, 16)
-
-
-@triton.jit
-def _gram_slices(S, T, s_g, s_m, s_d, t_g, t_m, t_d, Y, y_g, y_m, idx, cnt, N, part, off, g, s, lo, hi,
-                 LISTS: tl.constexpr, N_PAD: tl.constexpr, MAX_P: tl.constexpr, AHEAD: tl.constexpr):
+def _gram_group(S, T, s_g, s_m, s_d, t_g, t_m, t_d, Y, y_g, y_m, idx, cnt, N, part, off, g, s, lo, hi,
+                LISTS: tl.constexpr, N_PAD: tl.constexpr, AHEAD: tl.constexpr, GRAM_ROWS: tl.constexpr,
+                GRAM_D: tl.constexpr):
     S_g, T_g, _, members, _, P, hit, rank, k = _group_members(
         S, T, S, s_g, t_g, s_g, Y, y_g, y_m, idx, cnt, N, S, g, LISTS, N_PAD)
-    # The gradient's arguments are not read without GRAD: the student's stand in.
-    _split_group(S_g, T_g, s_m, s_d, t_m, t_d, S_g, s_m, members, hit, rank, k, P, S, part + off, True, s, lo, hi,
-                 hi, 1.0, False, 1, MAX_P, AHEAD, not LISTS, False)
+    _gram_blocks(S_g, T_g, s_m, s_d, t_m, t_d, members, hit, rank, k, P, part + off, s, lo, hi, GRAM_ROWS,
+                 GRAM_D, AHEAD, not LISTS)
 
 
 @triton.jit
 def _gram_kernel(
     S, T, s_b, s_c, s_d, t_b, t_c, t_d, Y, y_b, y_c, B, C, D, offs, part, cd_idx, cd_cnt, id_idx, id_cnt,
     CD_LISTS: tl.constexpr, ID_LISTS: tl.constexpr, CD_N_PAD: tl.constexpr, ID_N_PAD: tl.constexpr,
-    CD_MAX_P: tl.constexpr, ID_MAX_P: tl.constexpr, AHEAD: tl.constexpr, SLICE: tl.constexpr,
+    AHEAD: tl.constexpr, SLICE: tl.constexpr, GRAM_ROWS: tl.constexpr, GRAM_D: tl.constexpr,
 ):
     """Program (g, s): width slice s of the Grams of group g (CD groups 0..C-1, then ID groups), for
-    every group the plan gave a place in the scratch."""
+    every group the plan gave a place in the scratch. One code path for every group size (blocks of
+    GRAM_ROWS rows), so that its registers are those of one small block pair."""
     g = tl.program_id(0)  # groups on the first axis: up to 2^31 - 1 of them (the others stop at 65535)
     s = tl.program_id(1)
     off = tl.load(offs + g)
@@ -653,22 +646,23 @@ def _gram_kernel(
         lo = s * SLICE
         hi = tl.minimum(lo + SLICE, D)
         if g < C:
-            _gram_slices(S, T, s_c, s_b, s_d, t_c, t_b, t_d, Y, y_c, y_b, cd_idx, cd_cnt, B, part, off, g, s, lo,
-                         hi, CD_LISTS, CD_N_PAD, CD_MAX_P, AHEAD)
+            _gram_group(S, T, s_c, s_b, s_d, t_c, t_b, t_d, Y, y_c, y_b, cd_idx, cd_cnt, B, part, off, g, s, lo, hi,
+                        CD_LISTS, CD_N_PAD, AHEAD, GRAM_ROWS, GRAM_D)
         else:
-            _gram_slices(S, T, s_b, s_c, s_d, t_b, t_c, t_d, Y, y_b, y_c, id_idx, id_cnt, C, part, off, g - C, s,
-                         lo, hi, ID_LISTS, ID_N_PAD, ID_MAX_P, AHEAD)
+            _gram_group(S, T, s_b, s_c, s_d, t_b, t_c, t_d, Y, y_b, y_c, id_idx, id_cnt, C, part, off, g - C, s,
+                        lo, hi, ID_LISTS, ID_N_PAD, AHEAD, GRAM_ROWS, GRAM_D)
 
 
 @triton.jit
 def _slice_grad(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr, part_g, placed, s, lo,
                 hi, D, scale, ADD: tl.constexpr, N_S: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
                 AHEAD: tl.constexpr, OWN: tl.constexpr):
-    """Slice s of a split group's gradient: its Grams summed over the N_S slices in order, the loss
-    (slice 0 stores it) and weights, then the gradient at widths lo..hi. A group not ``placed`` (past
-    the scratch; only its slice-0 program gets here) takes its Grams over the whole width instead and
-    writes all of its gradient: one copy of the weights and gradient code per tile size for both."""
-    r, rows, ok = _member_rows(members, hit, rank, k, P, BLOCK, OWN)
+    """Slice s of a split group's gradient in its tile (BLOCK rows): its Grams summed over the N_S
+    slices in order, the loss (slice 0 stores it) and weights, then the gradient at widths lo..hi. A
+    group not ``placed`` (past the scratch; only its slice-0 program gets here) takes its Grams over
+    the whole width instead and writes all of its gradient: one copy of the weights and gradient code
+    per tile size for both."""
+    r, rows, ok = _block_rows(members, hit, rank, k, P, 0, BLOCK, OWN)
     if placed:
         at = part_g + r[:, None] * BLOCK + r[None, :]
         gs = tl.load(at)
@@ -685,6 +679,28 @@ def _slice_grad(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P
     w, rowsum = _group_weights(gs, gt, r, ok, P, loss_ptr, s == 0, BLOCK)
     _write_grad(S_g, s_m, s_d, G_g, g_m, rows, ok, rows, ok, w, rowsum, first, last, scale, ADD, BLOCK_D, True,
                 AHEAD)
+
+
+@triton.jit
+def _split_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr, part_g, placed, s, lo,
+                 hi, D, scale, ADD: tl.constexpr, N_S: tl.constexpr, MAX_P: tl.constexpr, AHEAD: tl.constexpr,
+                 OWN: tl.constexpr):
+    """Slice s of the gradient of a group of 2 to SMALL_MAX members in the tile of its size (16, 32, 64
+    or 128 rows; sizes past MAX_P not compiled); a group not ``placed`` is done whole (``_slice_grad``)."""
+    if P <= 16:
+        _slice_grad(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr, part_g, placed, s,
+                    lo, hi, D, scale, ADD, N_S, 16, 64, AHEAD, OWN)
+    elif P <= 32:
+        if MAX_P >= 32:
+            _slice_grad(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr, part_g, placed,
+                        s, lo, hi, D, scale, ADD, N_S, 32, 16, AHEAD, OWN)
+    elif P <= 64:
+        if MAX_P >= 64:
+            _slice_grad(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr, part_g, placed,
+                        s, lo, hi, D, scale, ADD, N_S, 64, 16, AHEAD, OWN)
+    elif MAX_P >= 128:  # 128-row tiles spill with a second chunk in flight: one chunk at a time
+        _slice_grad(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr, part_g, placed, s,
+                    lo, hi, D, scale, ADD, N_S, 128, 16, False, OWN)
 
 
 @triton.jit
@@ -714,7 +730,7 @@ def _split_kernel(
             tl.store(loss_ptr + g, 0.0)
         elif P <= SMALL_MAX:
             _split_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr + g, part + off,
-                         placed, s, lo, hi, D, scale, ADD, N_S, MAX_P, AHEAD, not LARGE, True)
+                         placed, s, lo, hi, D, scale, ADD, N_S, MAX_P, AHEAD, not LARGE)
     if LARGE:
         for i in range(s, tl.cdiv(P, TILE), N_S):
             _large_group_norms(S_g, T_g, s_m, s_d, t_m, t_d, members, norms_g, P, i, D, SMALL_MAX, TILE, BLOCK_D,
@@ -804,6 +820,12 @@ def _split_scratch(es, grad, n_s: int) -> int:
     return min(worst, min(max(SCRATCH_MIN_BYTES, fraction), SCRATCH_MAX_BYTES) // 4)
 
 
+def _gram_d(slice_width: int) -> int:
+    """``_gram_kernel``'s width step: GRAM_D, or a slice's width rounded up to a power of two where that
+    is less (the tests' narrow slices)."""
+    return min(GRAM_D, max(16, next_power_of_2(slice_width)))
+
+
 def _plan(targets, cd_cnt, id_cnt, n_s: int, cap: int) -> torch.Tensor:
     """``_plan_kernel``'s offsets (int64, CD groups then ID groups) for ``n_s`` slices and ``cap`` floats."""
     B, C = targets.shape
@@ -888,8 +910,8 @@ def led_forward(es: torch.Tensor, et: torch.Tensor, targets: torch.Tensor, lambd
         _gram_kernel[(C + B, n_s)](
             es, et, *es.stride(), *et.stride(), targets, *targets.stride(), B, C, es.shape[2], offs, part,
             cd_idx_, cd_cnt_, id_idx_, id_cnt_, CD_LISTS=cd_lists, ID_LISTS=id_lists, CD_N_PAD=_n_pad(B),
-            ID_N_PAD=_n_pad(C), CD_MAX_P=_max_p(B), ID_MAX_P=_max_p(C), AHEAD=LOAD_AHEAD, SLICE=slice_width,
-            num_warps=NUM_WARPS)
+            ID_N_PAD=_n_pad(C), AHEAD=LOAD_AHEAD, SLICE=slice_width, GRAM_ROWS=GRAM_ROWS,
+            GRAM_D=_gram_d(slice_width), num_warps=NUM_WARPS)
         split_cd, split_id = (offs[:C], part, n_s, slice_width), (offs[C:], part, n_s, slice_width)
     _run_family(es, et, grad, targets, cd_idx, cd_cnt, group_loss[:C], 1, 2.0 * lambda_cd, True, split_cd)
     _run_family(es, et, grad, targets, id_idx, id_cnt, group_loss[C:], 0, 2.0 * lambda_id, False, split_id)
