@@ -23,7 +23,10 @@ shapes on a machine without a GPU: the benchmark suite's), it runs ``--calls`` c
 ``--triton-led-slices 0,32,128`` adds Triton LED rows with ``triton_led.SLICE_WIDTH`` set to each
 (backend ``triton/sliceN``; 0 keeps every group whole in one program, as before the width split).
 ``--triton-led-set NAME=V1,V2`` (repeatable) adds Triton LED rows with the integer setting
-``triton_led.NAME`` set to each value (backend ``triton/NAME=V``), e.g. ``GRAM_D=16,32``.
+``triton_led.NAME`` set to each value (backend ``triton/NAME=V``), e.g. ``GRAM_D=16,32``; several
+assignments in one argument, space-separated (``"GRAM_D=16 GRAM_WARPS=4"``), make one variant with
+all of them. ``--variant-shapes`` limits every variant's rows to the shapes named (each variant
+compiles its own kernels: at every shape, a short run would end before the variants).
 """
 
 from __future__ import annotations
@@ -140,6 +143,23 @@ def _triton_led_setting(name: str, value):
     return mock.patch.object(triton_led, name, value)
 
 
+def _variants(setting: str) -> list:
+    """``NAME=V1,V2`` -> one variant per value; ``"A=1 B=2"`` -> one variant with both settings."""
+    parts = setting.split()
+    if len(parts) > 1:
+        return [[(name, int(v)) for name, v in (p.split("=", 1) for p in parts)]]
+    name, values = setting.split("=", 1)
+    return [[(name, int(v))] for v in values.split(",") if v]
+
+
+@contextlib.contextmanager
+def _triton_led_settings(assignments):
+    with contextlib.ExitStack() as stack:
+        for name, value in assignments:
+            stack.enter_context(_triton_led_setting(name, value))
+        yield
+
+
 def _kernel_cell(name: str, n: float, mean_us: float, slots=()) -> str:
     cell = f"{name[:48]} {n:g}x{mean_us:.1f}"
     return cell + (f" ({' + '.join(f'{t:.1f}' for t in slots)})" if slots else "")
@@ -168,6 +188,8 @@ def main(argv=None) -> int:
                         help="comma-separated slice widths: extra Triton LED rows with each (0: whole groups)")
     parser.add_argument("--triton-led-set", action="append", default=[], metavar="NAME=V1,V2",
                         help="extra Triton LED rows with the integer setting triton_led.NAME at each value")
+    parser.add_argument("--variant-shapes", default="",
+                        help="comma-separated shapes (BxCxD) for the variant rows only (default: as --shapes)")
     parser.add_argument("--losses", default="led,mld", help="comma-separated: which losses' cases to profile")
     parser.add_argument("--shapes", default="",
                         help="comma-separated shapes to keep, as BxC or BxCxD (default: every case)")
@@ -181,6 +203,9 @@ def main(argv=None) -> int:
     else:
         backends = [b for b in ("cuda", "triton") if device == "cuda" and b in available_backends()] or ["torch"]
     led_cases = [c for c in cases if c[0] == "led"]
+    variant_shapes = {tuple(map(int, s.split("x"))) for s in args.variant_shapes.split(",") if s}
+    if variant_shapes:
+        led_cases = [c for c in led_cases if tuple(c[1]) in variant_shapes]
     runs = []
     for backend in backends:  # each backend's variants right after it: a run cut short keeps the pairs
         runs.append((backend, backend, cases, contextlib.nullcontext))
@@ -192,9 +217,9 @@ def main(argv=None) -> int:
             runs += [(f"triton/w{w}", "triton", led_cases, lambda w=int(w): _triton_led_setting("NUM_WARPS", w))
                      for w in args.triton_led_warps.split(",") if w]
             for setting in args.triton_led_set:
-                name, values = setting.split("=", 1)
-                runs += [(f"triton/{name}={v}", "triton", led_cases,
-                          lambda name=name, v=int(v): _triton_led_setting(name, v)) for v in values.split(",") if v]
+                for assignments in _variants(setting):
+                    label = "triton/" + " ".join(f"{name}={v}" for name, v in assignments)
+                    runs.append((label, "triton", led_cases, lambda a=assignments: _triton_led_settings(a)))
     title = f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n\n" if device == "cuda" else ""
     if device == "cuda" and "triton" in backends:
         title += launch_costs(device) + "\n"

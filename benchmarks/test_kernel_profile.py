@@ -38,14 +38,46 @@ def test_triton_led_variants_are_extra_rows_and_leave_the_default(tmp_path):
     out = tmp_path / "profile.md"
     assert kernel_profile.main(["--backends", "triton", "--calls", "1", "--triton-led-warps", "2",
                                 "--triton-led-no-ahead", "--triton-led-slices", "0,16", "--triton-led-set",
-                                "GRAM_D=16", "--out", str(out)]) == 0
+                                "GRAM_D=16", "--triton-led-set", "GRAM_D=32 SMALL_WARPS=2", "--out", str(out)]) == 0
     assert (triton_led.NUM_WARPS, triton_led.LOAD_AHEAD, triton_led.SLICE_WIDTH, triton_led.GRAM_D) == default
     labels = [line.split(" | ")[0][2:] + "/" + line.split(" | ")[1] for line in out.read_text().splitlines()
               if line.startswith("| triton")]
     n_led = sum(loss == "led" for loss, _ in kernel_profile.CASES)
     assert labels == ([f"triton/{loss}" for loss, _ in kernel_profile.CASES] + ["triton/no-ahead/led"] * n_led
                       + ["triton/slice0/led"] * n_led + ["triton/slice16/led"] * n_led + ["triton/w2/led"] * n_led
-                      + ["triton/GRAM_D=16/led"] * n_led)
+                      + ["triton/GRAM_D=16/led"] * n_led + ["triton/GRAM_D=32 SMALL_WARPS=2/led"] * n_led)
+
+
+def test_variant_rows_only_at_the_variant_shapes(tmp_path):
+    from l2d_kernels import available_backends
+
+    if "triton" not in available_backends():
+        import pytest
+        pytest.skip(f"no Triton backend here: {available_backends()}")
+    led_shapes = [shape for loss, shape in kernel_profile.CASES if loss == "led"]
+    assert len(led_shapes) > 1
+    keep = "x".join(map(str, led_shapes[0]))
+    out = tmp_path / "profile.md"
+    assert kernel_profile.main(["--backends", "triton", "--calls", "1", "--losses", "led", "--triton-led-set",
+                                "GRAM_D=16", "--variant-shapes", keep, "--out", str(out)]) == 0
+    rows = [line.split(" | ")[0][2:] + " " + line.split(" | ")[2] for line in out.read_text().splitlines()
+            if line.startswith("| triton")]
+    shape = " x ".join(map(str, led_shapes[0]))
+    assert rows == [f"triton {' x '.join(map(str, s))}" for s in led_shapes] + [f"triton/GRAM_D=16 {shape}"]
+
+
+def test_settings_variants_one_per_value_or_all_in_one():
+    assert kernel_profile._variants("GRAM_D=16,32") == [[("GRAM_D", 16)], [("GRAM_D", 32)]]
+    assert kernel_profile._variants("GRAM_D=16 SMALL_WARPS=2") == [[("GRAM_D", 16), ("SMALL_WARPS", 2)]]
+
+
+def test_combined_settings_hold_together_inside_and_are_restored():
+    from l2d_kernels.ops import triton_led
+
+    default = triton_led.GRAM_D, triton_led.SMALL_WARPS
+    with kernel_profile._triton_led_settings([("GRAM_D", 16), ("SMALL_WARPS", 2)]):
+        assert (triton_led.GRAM_D, triton_led.SMALL_WARPS) == (16, 2)
+    assert (triton_led.GRAM_D, triton_led.SMALL_WARPS) == default
 
 
 def test_a_setting_that_does_not_exist_is_refused():

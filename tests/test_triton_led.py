@@ -200,7 +200,7 @@ def _expected_plan(y, n_s, cap, small_max):
 def test_plan_places_groups_in_order_while_they_fit(monkeypatch, shape, small_max, room):
     """Both families, with and without member lists (150 or 140 possible members), several blocks of
     groups and of members: the offsets are those of the definition, with scratch for every group or
-    for the first three only (later groups, even smaller ones, get none)."""
+    for the first three only (later groups, even smaller ones, get none); the sizes are every group's."""
     from l2d_kernels.ops import triton_led
 
     monkeypatch.setattr(triton_led, "SMALL_MAX", small_max)
@@ -215,8 +215,9 @@ def test_plan_places_groups_in_order_while_they_fit(monkeypatch, shape, small_ma
     cap = 2**40 if room == "all" else placed[3]  # the fourth group's start: room for three
     cd_cnt = (y > 0.5).sum(0).to(torch.int32).to(DEVICE)
     id_cnt = (y > 0.5).sum(1).to(torch.int32).to(DEVICE)
-    offs = triton_led._plan(y.to(DEVICE), cd_cnt, id_cnt, n_s, cap).cpu().tolist()
+    offs, sizes = triton_led._plan(y.to(DEVICE), cd_cnt, id_cnt, n_s, cap).cpu().tolist()
     assert offs == _expected_plan(y, n_s, cap, small_max)
+    assert sizes == cd_cnt.cpu().tolist() + id_cnt.cpu().tolist()  # every group's, placed or not
     assert sum(o >= 0 for o in offs) == (len(placed) if room == "all" else 3)
 
 

@@ -26,9 +26,11 @@ Launches, all on the device, none waiting for the host:
    ``_gram_kernel`` over ``(group, slice)``, both families in one launch, computes each placed
    group's Grams over one width slice, in blocks of ``GRAM_ROWS`` rows; per family,
    ``_split_kernel`` over ``(group, slice)`` sums a group's slices in order, takes its loss and pair
-   weights, and writes its gradient at that slice's widths. A group the scratch had no room for is
-   done whole by its slice-0 program: its Grams over the whole width in registers, then the same
-   weights and gradient code as a placed group's.
+   weights, and writes its gradient at that slice's widths, in two launches where the family can
+   hold groups of more than 16 members (``SMALL_WARPS``: one for the groups of at most 16, one for
+   the others). A group the scratch had no room for is done whole by its slice-0 program: its
+   Grams over the whole width in registers, then the same weights and gradient code as a placed
+   group's.
 2'. Where the width is one slice (or ``SLICE_WIDTH`` is 0), per family, ``_main_kernel`` over
    ``(group, row tile)``: a group of at most ``SMALL_MAX`` members is done entirely by one program
    (one Gram per side, on chip).
@@ -82,6 +84,13 @@ SCRATCH_GRAD_FRACTION = 16
 # a step.
 GRAM_ROWS = 16
 GRAM_D = 64
+# ``_split_kernel`` runs as two launches per family where groups can have more than 16 members: one
+# of SMALL_WARPS warps for the groups of at most 16 (the zero rows and the groups of fewer than two
+# too), compiled for the 16-row tile only, and one of NUM_WARPS warps for the rest, which compiles
+# every tile its family can reach. Registers are a kernel's, not a branch's: in one launch the
+# 64- and 128-row tiles (197-255 registers at 8 warps) held every small group's program alone on
+# its SM. The small launch at 4 warps takes 152-168 registers: three programs per SM. 0: one launch.
+SMALL_WARPS = 4
 SCALE_ROWS = 16  # gradient rows per program of the backward's scaling
 SCALE_BLOCK = 256  # widths per step of it
 PLAN_BLOCK = 128  # groups per step of the plan
@@ -555,10 +564,10 @@ def _tile_of(P):
 
 
 @triton.jit
-def _plan_family(Y, y_g, y_m, n_groups, N, cnt, offs, running, cap,
+def _plan_family(Y, y_g, y_m, n_groups, N, cnt, offs, sizes, running, cap,
                  LISTS: tl.constexpr, N_S: tl.constexpr, SMALL_MAX: tl.constexpr, BG: tl.constexpr,
                  BM: tl.constexpr):
-    """Offsets into the partial-Gram scratch of one family's groups (see ``_plan_kernel``)."""
+    """Offsets into the partial-Gram scratch of one family's groups, and their sizes (see ``_plan_kernel``)."""
     for g0 in range(0, n_groups, BG):
         gg = g0 + tl.arange(0, BG)
         inside = gg < n_groups
@@ -575,20 +584,23 @@ def _plan_family(Y, y_g, y_m, n_groups, N, cnt, offs, running, cap,
         area = tl.where(inside & (P >= 2) & (P <= SMALL_MAX), N_S * 2 * tile * tile, 0)
         end = running + tl.cumsum(area, axis=0)
         tl.store(offs + gg, tl.where((area > 0) & (end <= cap), end - area, -1), mask=inside)
+        tl.store(sizes + gg, P.to(tl.int64), mask=inside)
         running += tl.sum(area, axis=0)
     return running
 
 
 @triton.jit
-def _plan_kernel(Y, y_b, y_c, B, C, cd_cnt, id_cnt, offs, cap,
+def _plan_kernel(Y, y_b, y_c, B, C, cd_cnt, id_cnt, offs, sizes, cap,
                  CD_LISTS: tl.constexpr, ID_LISTS: tl.constexpr, N_S: tl.constexpr, SMALL_MAX: tl.constexpr,
                  BG: tl.constexpr, CD_BM: tl.constexpr, ID_BM: tl.constexpr):
     """One program: for every group of 2 to SMALL_MAX members (CD groups 0..C-1, then ID groups), where
     its N_S partial Gram pairs start in the scratch (floats), in group order while they fit in ``cap``;
-    -1 for every other group (fewer than 2 members, a large group, or past the scratch)."""
+    -1 for every other group (fewer than 2 members, a large group, or past the scratch); and every
+    group's size."""
     running = tl.zeros((), dtype=tl.int64)
-    running = _plan_family(Y, y_c, y_b, C, B, cd_cnt, offs, running, cap, CD_LISTS, N_S, SMALL_MAX, BG, CD_BM)
-    _plan_family(Y, y_b, y_c, B, C, id_cnt, offs + C, running, cap, ID_LISTS, N_S, SMALL_MAX, BG, ID_BM)
+    running = _plan_family(Y, y_c, y_b, C, B, cd_cnt, offs, sizes, running, cap, CD_LISTS, N_S, SMALL_MAX, BG,
+                           CD_BM)
+    _plan_family(Y, y_b, y_c, B, C, id_cnt, offs + C, sizes + C, running, cap, ID_LISTS, N_S, SMALL_MAX, BG, ID_BM)
 
 
 @triton.jit
@@ -704,37 +716,58 @@ def _split_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, 
 
 
 @triton.jit
-def _split_kernel(
-    S, T, s_g, s_m, s_d, t_g, t_m, t_d, G, g_g, g_m,
-    Y, y_g, y_m, idx, cnt, N, D, scale, loss_ptr, norms, offs, part,
-    ZERO_OUTSIDE: tl.constexpr, ADD: tl.constexpr, AHEAD: tl.constexpr, MAX_P: tl.constexpr, LARGE: tl.constexpr,
-    N_PAD: tl.constexpr, N_S: tl.constexpr, SLICE: tl.constexpr,
-    SMALL_MAX: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """One family on the width-split path, program (g, s): width slice s of group g's gradient (and the
-    zero gradient of the rows outside groups, CD); a group the plan left out (past the scratch) is
-    done whole by its slice-0 program; a large group's squared norms, row tiles s, s + N_S, ..."""
-    g = tl.program_id(0)  # groups on the first axis: up to 2^31 - 1 of them (the others stop at 65535)
-    s = tl.program_id(1)
+def _split_program(S, T, s_g, s_m, s_d, t_g, t_m, t_d, G, g_g, g_m, Y, y_g, y_m, idx, cnt, N, D, scale, loss_ptr,
+                   norms, offs, part, g, s,
+                   ZERO_OUTSIDE: tl.constexpr, ADD: tl.constexpr, AHEAD: tl.constexpr, MAX_P: tl.constexpr,
+                   LARGE: tl.constexpr, N_PAD: tl.constexpr, N_S: tl.constexpr, SLICE: tl.constexpr,
+                   SIZES: tl.constexpr, SMALL_MAX: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr):
     S_g, T_g, G_g, members, norms_g, P, hit, rank, k = _group_members(
         S, T, G, s_g, t_g, g_g, Y, y_g, y_m, idx, cnt, N, norms, g, LARGE, N_PAD)
     lo = s * SLICE
     hi = tl.minimum(lo + SLICE, D)
-    if ZERO_OUTSIDE:
+    if ZERO_OUTSIDE and SIZES != 2:
         for m0 in range(0, N, TILE):
             _zero_outside(G_g, g_m, Y + g.to(tl.int64) * y_g, y_m, N, P, m0, lo, hi, TILE, BLOCK_D)
     off = tl.load(offs + g)
     placed = off >= 0
     if placed | (s == 0):
         if P < 2:  # never placed: its slice-0 program
-            tl.store(loss_ptr + g, 0.0)
-        elif P <= SMALL_MAX:
+            if SIZES != 2:
+                tl.store(loss_ptr + g, 0.0)
+        elif (P <= SMALL_MAX) & ((SIZES == 0) | ((SIZES == 1) == (P <= 16))):
             _split_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr + g, part + off,
                          placed, s, lo, hi, D, scale, ADD, N_S, MAX_P, AHEAD, not LARGE)
-    if LARGE:
+    if LARGE and SIZES != 1:
         for i in range(s, tl.cdiv(P, TILE), N_S):
             _large_group_norms(S_g, T_g, s_m, s_d, t_m, t_d, members, norms_g, P, i, D, SMALL_MAX, TILE, BLOCK_D,
                                AHEAD)
+
+
+@triton.jit
+def _split_kernel(
+    S, T, s_g, s_m, s_d, t_g, t_m, t_d, G, g_g, g_m,
+    Y, y_g, y_m, idx, cnt, N, D, scale, loss_ptr, norms, offs, sizes, part,
+    ZERO_OUTSIDE: tl.constexpr, ADD: tl.constexpr, AHEAD: tl.constexpr, MAX_P: tl.constexpr, LARGE: tl.constexpr,
+    N_PAD: tl.constexpr, N_S: tl.constexpr, SLICE: tl.constexpr, SIZES: tl.constexpr,
+    SMALL_MAX: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One family on the width-split path, program (g, s): width slice s of group g's gradient (and the
+    zero gradient of the rows outside groups, CD); a group the plan left out (past the scratch) is
+    done whole by its slice-0 program; a large group's squared norms, row tiles s, s + N_S, ...
+    ``SIZES``: 0, every group; 1, groups of at most 16 members, the zero rows and the losses of
+    groups of fewer than two; 2, the others, a program of a smaller group stopping at its size, read
+    from the plan (see ``SMALL_WARPS``)."""
+    g = tl.program_id(0)  # groups on the first axis: up to 2^31 - 1 of them (the others stop at 65535)
+    s = tl.program_id(1)
+    if SIZES == 2:
+        if tl.load(sizes + g) > 16:
+            _split_program(S, T, s_g, s_m, s_d, t_g, t_m, t_d, G, g_g, g_m, Y, y_g, y_m, idx, cnt, N, D, scale,
+                           loss_ptr, norms, offs, part, g, s, ZERO_OUTSIDE, ADD, AHEAD, MAX_P, LARGE, N_PAD, N_S,
+                           SLICE, SIZES, SMALL_MAX, TILE, BLOCK_D)
+    else:
+        _split_program(S, T, s_g, s_m, s_d, t_g, t_m, t_d, G, g_g, g_m, Y, y_g, y_m, idx, cnt, N, D, scale, loss_ptr,
+                       norms, offs, part, g, s, ZERO_OUTSIDE, ADD, AHEAD, MAX_P, LARGE, N_PAD, N_S, SLICE, SIZES,
+                       SMALL_MAX, TILE, BLOCK_D)
 
 
 @triton.jit
@@ -790,7 +823,8 @@ def _run_family(es, et, grad, targets, idx, cnt, group_loss, groups_dim: int, sc
     """All groups of one family; ``groups_dim`` is 1 for CD (groups are labels), 0 for ID. ``idx`` and
     ``cnt``: the member lists, needed only when a group can exceed SMALL_MAX members (else None).
     ``split``: None (each small group whole in one program, ``_main_kernel``) or the width-split
-    path's (plan offsets, scratch, slices, slice width), after ``_gram_kernel`` (``_split_kernel``)."""
+    path's (plan offsets, group sizes, scratch, slices, slice width), after ``_gram_kernel``
+    (``_split_kernel``)."""
     geometry = _family_args(es, et, grad, targets, groups_dim)
     n_groups, n_members, width, strides, (g_g, g_m), (y_g, y_m) = geometry
     large = n_members > SMALL_MAX
@@ -804,8 +838,17 @@ def _run_family(es, et, grad, targets, idx, cnt, group_loss, groups_dim: int, sc
     if split is None:
         _main_kernel[(n_groups, cdiv(n_members, TILE))](*args, **family, **common)
     else:
-        offs, part, n_s, slice_width = split
-        _split_kernel[(n_groups, n_s)](*args, offs, part, **family, N_S=n_s, SLICE=slice_width, **common)
+        offs, sizes, part, n_s, slice_width = split
+        grid = (n_groups, n_s)
+        split_args = (*args, offs, sizes, part)
+        if SMALL_WARPS <= 0:  # one launch for every group size
+            _split_kernel[grid](*split_args, **family, N_S=n_s, SLICE=slice_width, SIZES=0, **common)
+        else:
+            small = {**family, "MAX_P": 16}
+            _split_kernel[grid](*split_args, **small, N_S=n_s, SLICE=slice_width, SIZES=0 if n_members <= 16 else 1,
+                                **{**common, "num_warps": SMALL_WARPS})
+            if n_members > 16:
+                _split_kernel[grid](*split_args, **family, N_S=n_s, SLICE=slice_width, SIZES=2, **common)
     if large:
         _large_passes(es, et, grad, idx, cnt, group_loss, geometry, norms, scale, first, common)
 
@@ -827,14 +870,16 @@ def _gram_d(slice_width: int) -> int:
 
 
 def _plan(targets, cd_cnt, id_cnt, n_s: int, cap: int) -> torch.Tensor:
-    """``_plan_kernel``'s offsets (int64, CD groups then ID groups) for ``n_s`` slices and ``cap`` floats."""
+    """``_plan_kernel``'s offsets and group sizes (int64 ``[2, C + B]``: row 0 the offsets, row 1 the
+    sizes, CD groups then ID groups) for ``n_s`` slices and ``cap`` floats."""
     B, C = targets.shape
-    offs = torch.empty(C + B, dtype=torch.int64, device=targets.device)
+    plan = torch.empty(2, C + B, dtype=torch.int64, device=targets.device)
+    offs, sizes = plan[0], plan[1]
     _plan_kernel[(1,)](
-        targets, targets.stride(0), targets.stride(1), B, C, cd_cnt, id_cnt, offs, cap, CD_LISTS=B > SMALL_MAX,
+        targets, targets.stride(0), targets.stride(1), B, C, cd_cnt, id_cnt, offs, sizes, cap, CD_LISTS=B > SMALL_MAX,
         ID_LISTS=C > SMALL_MAX, N_S=n_s, SMALL_MAX=SMALL_MAX, BG=PLAN_BLOCK, CD_BM=min(_n_pad(B), PLAN_MEMBERS),
         ID_BM=min(_n_pad(C), PLAN_MEMBERS), num_warps=NUM_WARPS)
-    return offs
+    return plan
 
 
 def _split_slices(D: int) -> tuple[int, int]:
@@ -906,13 +951,15 @@ def led_forward(es: torch.Tensor, et: torch.Tensor, targets: torch.Tensor, lambd
         given = (cd_idx, cd_cnt, id_idx, id_cnt)
         cd_idx_, cd_cnt_, id_idx_, id_cnt_ = (t if t is not None else group_loss for t in given)
         part = torch.empty(_split_scratch(es, grad, n_s), dtype=torch.float32, device=device)
-        offs = _plan(targets, cd_cnt_, id_cnt_, n_s, part.numel())
+        plan = _plan(targets, cd_cnt_, id_cnt_, n_s, part.numel())
+        offs = plan[0]
         _gram_kernel[(C + B, n_s)](
             es, et, *es.stride(), *et.stride(), targets, *targets.stride(), B, C, es.shape[2], offs, part,
             cd_idx_, cd_cnt_, id_idx_, id_cnt_, CD_LISTS=cd_lists, ID_LISTS=id_lists, CD_N_PAD=_n_pad(B),
             ID_N_PAD=_n_pad(C), AHEAD=LOAD_AHEAD, SLICE=slice_width, GRAM_ROWS=GRAM_ROWS,
             GRAM_D=_gram_d(slice_width), num_warps=NUM_WARPS)
-        split_cd, split_id = (offs[:C], part, n_s, slice_width), (offs[C:], part, n_s, slice_width)
+        split_cd = (offs[:C], plan[1, :C], part, n_s, slice_width)
+        split_id = (offs[C:], plan[1, C:], part, n_s, slice_width)
     _run_family(es, et, grad, targets, cd_idx, cd_cnt, group_loss[:C], 1, 2.0 * lambda_cd, True, split_cd)
     _run_family(es, et, grad, targets, id_idx, id_cnt, group_loss[C:], 0, 2.0 * lambda_id, False, split_id)
     _finalize_kernel[(1,)](group_loss, C, B, out, lambda_cd, lambda_id, BLOCK=SUM_BLOCK)
