@@ -2,9 +2,11 @@
 // in global memory (the formulas are those of l2d_kernels/ops/triton_led.py).
 //
 // Launches: members_kernel compacts each group's members from the targets and writes the zero rows
-// of the gradient; group_kernel runs once per family (three times for a striped family, below; CD
-// writes its groups' rows, ID adds into them), and the last block of the last launch adds the group
-// losses. Every sum runs in a fixed order and no float atomics are used: results are bitwise
+// of the gradient; where the width is more than one slice (kSliceWidth), plan_kernel and per family
+// two slice_kernel launches take the groups of 2 to 64 members over their width (see "the
+// width-split path" below); group_kernel runs once per family (three times for a striped family,
+// below; CD writes its groups' rows, ID adds into them), and the last block of the last launch adds
+// the group losses. Every sum runs in a fixed order and no float atomics are used: results are bitwise
 // reproducible. Squared norms are the Gram's own diagonal (or the same fmaf chain), so identical rows
 // are exactly 0 apart.
 //
@@ -31,6 +33,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <type_traits>
 
 #include "common.cuh"
@@ -122,6 +125,8 @@ struct FamilyArgs {
   int64_t n_members, width;
   float scale;                           // 2 lambda
   bool add;                              // ID adds into the gradient CD wrote
+  const int64_t* offs;                   // width-split path: each group's partial Grams in the scratch,
+                                         // -1 if it has none; null without the split (see slice_kernels)
 };
 
 // Sizes of the one-tile path for tiles of T members (T = 16, 32, 64).
@@ -242,19 +247,16 @@ template <int T, typename TS>
 __device__ void tile_grad(const TS* __restrict__ s, const FamilyArgs& f, GroupShared& sh, int rows_in_group,
                           int cols, bool same, bool add, TS* __restrict__ grad);
 
-// A group of P <= T members (T = 16, 32 or 64) as one tile: see the file's header. Rows past P are
-// zero in every chunk, so their Gram entries are 0 and they take no part in any sum.
+// Gram pass of a tile (rows sh.rows, set by the caller) over the widths lo .. hi - 1: this thread's
+// entries of the student and teacher Grams (entry_of), the chunk's width slices added in order for
+// T <= 32. Thread (q, tr, tc) adds the widths q, q + kSlices, ... of each chunk into its 4 x 4
+// entries (rows 4 tr + u, columns 4 tc + v). Rows past the group are zero in every chunk.
 template <int T, typename TS, typename TT>
-__device__ void one_tile_group(const TS* __restrict__ s, const TT* __restrict__ t, const int* __restrict__ members,
-                               int P, const FamilyArgs& f, GroupShared& sh, TS* __restrict__ grad,
-                               float* __restrict__ loss_out) {
+__device__ void tile_gram(const TS* __restrict__ s, const TT* __restrict__ t, const FamilyArgs& f, GroupShared& sh,
+                          int64_t lo, int64_t hi, float (&es_)[OneTile<T>::kEntries],
+                          float (&et_)[OneTile<T>::kEntries]) {
   using C = OneTile<T>;
-  if (threadIdx.x < T) sh.rows[threadIdx.x] = static_cast<int>(threadIdx.x) < P ? members[threadIdx.x] : -1;
-  __syncthreads();
-  const int64_t n_chunks = (f.width + C::kWidth - 1) / C::kWidth;
-
-  // Gram pass: thread (q, tr, tc) adds the widths q, q + kSlices, ... of each chunk into its 4 x 4
-  // entries (rows 4 tr + u, columns 4 tc + v) of the student and teacher Grams.
+  const int64_t n_chunks = (hi - lo + C::kWidth - 1) / C::kWidth;
   float* cs = sh.buf;                       // student chunk [kWidth][kPad]
   float* ct = sh.buf + C::kWidth * C::kPad; // teacher chunk
   const int q = threadIdx.x / C::kSliceThreads, local = threadIdx.x % C::kSliceThreads;
@@ -265,15 +267,15 @@ __device__ void one_tile_group(const TS* __restrict__ s, const TT* __restrict__ 
     #pragma unroll
     for (int v = 0; v < 4; ++v) gs[u][v] = gt[u][v] = 0.f;
   float next_s[C::kLoads], next_t[C::kLoads];
-  load_chunk<T>(s, f.s_m, f.s_d, sh.rows, f.width, 0, next_s);
-  load_chunk<T>(t, f.t_m, f.t_d, sh.rows, f.width, 0, next_t);
+  load_chunk<T>(s, f.s_m, f.s_d, sh.rows, hi, lo, next_s);
+  load_chunk<T>(t, f.t_m, f.t_d, sh.rows, hi, lo, next_t);
   for (int64_t k = 0; k < n_chunks; ++k) {
     store_chunk<T>(next_s, cs);
     store_chunk<T>(next_t, ct);
     __syncthreads();
     if (k + 1 < n_chunks) {  // the next chunk's loads are in flight during this chunk's products
-      load_chunk<T>(s, f.s_m, f.s_d, sh.rows, f.width, (k + 1) * C::kWidth, next_s);
-      load_chunk<T>(t, f.t_m, f.t_d, sh.rows, f.width, (k + 1) * C::kWidth, next_t);
+      load_chunk<T>(s, f.s_m, f.s_d, sh.rows, hi, lo + (k + 1) * C::kWidth, next_s);
+      load_chunk<T>(t, f.t_m, f.t_d, sh.rows, hi, lo + (k + 1) * C::kWidth, next_t);
     }
     for (int c = q; c < C::kWidth; c += C::kSlices)
       gram_width(cs, ct, cs, ct, c * C::kPad + 4 * tr, c * C::kPad + 4 * tc, gs, gt);
@@ -281,7 +283,6 @@ __device__ void one_tile_group(const TS* __restrict__ s, const TT* __restrict__ 
   }
 
   // This thread's entries, the slices added in order (T <= 32) or its own 4 x 4 block (T = 64).
-  float es_[C::kEntries], et_[C::kEntries];
   if constexpr (C::kSlices == 1) {
     #pragma unroll
     for (int k = 0; k < C::kEntries; ++k) es_[k] = gs[k / 4][k % 4], et_[k] = gt[k / 4][k % 4];
@@ -302,7 +303,18 @@ __device__ void one_tile_group(const TS* __restrict__ s, const TT* __restrict__ 
       for (int p = 0; p < C::kSlices; ++p) vs += partial[(p * 2) * T * T + e], vt += partial[(p * 2 + 1) * T * T + e];
       es_[k] = vs, et_[k] = vt;
     }
+    __syncthreads();  // the partials are read before anyone writes sh.buf again
   }
+}
+
+// From a tile's Gram entries (this thread's, entry_of) of a group of P members: the squared norms
+// (the diagonal), distances, means, the loss (stored at loss_out unless null), the K sum, and the
+// pair weights w(a, b) into sh.buf [T][kPad] (every entry of the tile, 0 off the group) with their
+// row sums in sh.rowsum.
+template <int T>
+__device__ void tile_weights(int P, const float (&es_)[OneTile<T>::kEntries], const float (&et_)[OneTile<T>::kEntries],
+                             GroupShared& sh, float* __restrict__ loss_out) {
+  using C = OneTile<T>;
   #pragma unroll
   for (int k = 0; k < C::kEntries; ++k) {
     int a, b;
@@ -333,11 +345,9 @@ __device__ void one_tile_group(const TS* __restrict__ s, const TT* __restrict__ 
     if (pair[k]) add_pair_terms(ds[k], dt[k], mu_s, mu_t, huber_sum, k_part);
   const float loss = block_sum(huber_sum, sh.reduce) / p_f;
   const float k_sum = block_sum(k_part, sh.reduce);
-  if (threadIdx.x == 0) *loss_out = loss;
+  if (loss_out != nullptr && threadIdx.x == 0) *loss_out = loss;
 
-  // Pair weights w(a, b) into shared memory [T][kPad] (every entry of the tile, 0 off the group),
-  // then their row sums.
-  float* w = sh.buf;  // the partial Grams were read before the block sums' barriers
+  float* w = sh.buf;  // every read of sh.buf by the Gram pass is behind the block sums' barriers
   #pragma unroll
   for (int k = 0; k < C::kEntries; ++k) {
     int a, b;
@@ -350,8 +360,24 @@ __device__ void one_tile_group(const TS* __restrict__ s, const TT* __restrict__ 
     for (int b = 0; b < T; ++b) total += w[threadIdx.x * C::kPad + b];
     sh.rowsum[threadIdx.x] = total;
   }
+}
 
-  tile_grad<T>(s, f, sh, P, P, true, f.add, grad);
+template <int T, typename TS>
+__device__ void tile_grad(const TS* __restrict__ s, const FamilyArgs& f, GroupShared& sh, int rows_in_group,
+                          int cols, bool same, bool add, TS* __restrict__ grad, int64_t lo, int64_t hi);
+
+// A group of P <= T members (T = 16, 32 or 64) as one tile: see the file's header.
+template <int T, typename TS, typename TT>
+__device__ void one_tile_group(const TS* __restrict__ s, const TT* __restrict__ t, const int* __restrict__ members,
+                               int P, const FamilyArgs& f, GroupShared& sh, TS* __restrict__ grad,
+                               float* __restrict__ loss_out) {
+  using C = OneTile<T>;
+  if (threadIdx.x < T) sh.rows[threadIdx.x] = static_cast<int>(threadIdx.x) < P ? members[threadIdx.x] : -1;
+  __syncthreads();
+  float es_[C::kEntries], et_[C::kEntries];
+  tile_gram<T>(s, t, f, sh, 0, f.width, es_, et_);
+  tile_weights<T>(P, es_, et_, sh, loss_out);
+  tile_grad<T>(s, f, sh, P, P, true, f.add, grad, 0, f.width);
 }
 
 // Gradient pass of a tile (rows sh.rows, I) against itself (same) or against the tile of columns
@@ -361,25 +387,25 @@ __device__ void one_tile_group(const TS* __restrict__ s, const TT* __restrict__ 
 // the sum over b stops at cols (the columns in the group) rounded up to 4, past which w is 0.
 template <int T, typename TS>
 __device__ void tile_grad(const TS* __restrict__ s, const FamilyArgs& f, GroupShared& sh, int rows_in_group,
-                          int cols, bool same, bool add, TS* __restrict__ grad) {
+                          int cols, bool same, bool add, TS* __restrict__ grad, int64_t lo, int64_t hi) {
   using C = OneTile<T>;
   const float* w = sh.buf;
   float* ci = sh.buf + T * C::kPad;                // student chunk of I [kWidth][kPad], after the weights
   float* cj = same ? ci : ci + C::kWidth * C::kPad;  // ... of J
   const int a = threadIdx.x / C::kRowThreads, c0 = (threadIdx.x % C::kRowThreads) * C::kCols;
   const int b_end = (cols + 3) & ~3;
-  const int64_t n_chunks = (f.width + C::kWidth - 1) / C::kWidth;
+  const int64_t n_chunks = (hi - lo + C::kWidth - 1) / C::kWidth;
   float next_i[C::kLoads], next_j[C::kLoads];
-  load_chunk<T>(s, f.s_m, f.s_d, sh.rows, f.width, 0, next_i);
-  if (!same) load_chunk<T>(s, f.s_m, f.s_d, sh.rows_j, f.width, 0, next_j);
+  load_chunk<T>(s, f.s_m, f.s_d, sh.rows, hi, lo, next_i);
+  if (!same) load_chunk<T>(s, f.s_m, f.s_d, sh.rows_j, hi, lo, next_j);
   for (int64_t k = 0; k < n_chunks; ++k) {
     __syncthreads();  // the previous chunk (first: the weights and row sums) is done with
     store_chunk<T>(next_i, ci);
     if (!same) store_chunk<T>(next_j, cj);
     __syncthreads();
     if (k + 1 < n_chunks) {
-      load_chunk<T>(s, f.s_m, f.s_d, sh.rows, f.width, (k + 1) * C::kWidth, next_i);
-      if (!same) load_chunk<T>(s, f.s_m, f.s_d, sh.rows_j, f.width, (k + 1) * C::kWidth, next_j);
+      load_chunk<T>(s, f.s_m, f.s_d, sh.rows, hi, lo + (k + 1) * C::kWidth, next_i);
+      if (!same) load_chunk<T>(s, f.s_m, f.s_d, sh.rows_j, hi, lo + (k + 1) * C::kWidth, next_j);
     }
     if (a >= rows_in_group) continue;
     float acc[C::kCols];
@@ -399,8 +425,8 @@ __device__ void tile_grad(const TS* __restrict__ s, const FamilyArgs& f, GroupSh
     TS* out = grad + sh.rows[a] * f.g_m;
     #pragma unroll
     for (int j = 0; j < C::kCols; ++j) {
-      const int64_t d = k * C::kWidth + c0 + j;
-      if (d >= f.width) break;
+      const int64_t d = lo + k * C::kWidth + c0 + j;
+      if (d >= hi) break;
       const float value = f.scale * (sh.rowsum[a] * ci[(c0 + j) * C::kPad + a] - acc[j]);
       out[d] = from_float<TS>(add ? to_float(out[d]) + value : value);
     }
@@ -508,7 +534,7 @@ __device__ void strip_sweep(const TS* __restrict__ s, const TT* __restrict__ t, 
         sh.rowsum[threadIdx.x] = total;
       }
       const int rows_in = P - i0 < kOneTile ? P - i0 : kOneTile, cols_in = P - j0 < kOneTile ? P - j0 : kOneTile;
-      tile_grad<64>(s, f, sh, rows_in, cols_in, false, f.add || j0 > 0, grad);
+      tile_grad<64>(s, f, sh, rows_in, cols_in, false, f.add || j0 > 0, grad, 0, f.width);
     }
   }
 }
@@ -574,6 +600,7 @@ __device__ void group(const TS* __restrict__ es, const TT* __restrict__ et, TS* 
   const TS* s = es + g * f.s_g;
   const TT* t = et + g * f.t_g;
   const int* members = idx + g * f.n_members;
+  if (f.offs != nullptr && P <= kOneTile && f.offs[g] >= 0) return;  // done by the slice kernels
   if (P <= 16) return one_tile_group<16>(s, t, members, P, f, sh, grad_g, group_loss + g);
   if (P <= 32) return one_tile_group<32>(s, t, members, P, f, sh, grad_g, group_loss + g);
   if (P <= kOneTile) return one_tile_group<64>(s, t, members, P, f, sh, grad_g, group_loss + g);
@@ -643,6 +670,130 @@ __global__ void __launch_bounds__(kThreads, 1)
   finalize(fin.group_loss, fin.C, fin.B, fin.lambda_cd, fin.lambda_id, fin.out, shared.reduce);
 }
 
+// ---------------------------------------------------------------- the width-split path
+
+// Groups of 2 to 64 members, where the width is more than one slice (kSliceWidth), are spread over
+// their width: slice_gram_kernel's work item (slice q, group g) writes the tile's Gram entries over
+// the widths of slice q into the scratch (part + offs[g]: [n_s][2][T][T]); slice_grad_kernel's item
+// (q, g) adds the n_s slices' entries in order, takes the weights (the loss too, slice 0) and writes
+// the gradient at the widths of slice q. A group's work then runs on up to n_s SMs instead of one
+// (the 36-member group of a COCO batch held its launch for 182 us on one SM). plan_kernel places the
+// groups in the scratch in group order while they fit; a group past it stays with group_kernel,
+// whole. Each group's sums run in a fixed order wherever it is placed: bitwise reproducible.
+constexpr int kSliceWidth = 128;  // a whole number of chunks for every tile (128, 64 and 32 wide)
+constexpr int kMaxSlices = 16;    // wider inputs take slices of a multiple of kSliceWidth
+
+__device__ __forceinline__ int tile_of(int P) { return P <= 16 ? 16 : P <= 32 ? 32 : 64; }
+
+// One block: each group's place in the scratch (floats), CD groups then ID groups, -1 for a group of
+// fewer than two or more than 64 members, or past cap.
+__global__ void plan_kernel(const int* __restrict__ cd_cnt, const int* __restrict__ id_cnt, int64_t C, int64_t B,
+                            int n_s, int64_t cap, int64_t* __restrict__ offs) {
+  using Scan = cub::BlockScan<int64_t, kThreads>;
+  __shared__ typename Scan::TempStorage scan_storage;
+  __shared__ int64_t running;
+  if (threadIdx.x == 0) running = 0;
+  __syncthreads();
+  for (int64_t start = 0; start < C + B; start += kThreads) {
+    const int64_t g = start + threadIdx.x;
+    int64_t area = 0;
+    if (g < C + B) {
+      const int P = g < C ? cd_cnt[g] : id_cnt[g - C];
+      const int64_t T = tile_of(P);
+      if (P >= 2 && P <= kOneTile) area = static_cast<int64_t>(n_s) * 2 * T * T;
+    }
+    int64_t before, total;
+    Scan(scan_storage).ExclusiveSum(area, before, total);
+    if (g < C + B) offs[g] = (area > 0 && running + before + area <= cap) ? running + before : -1;
+    __syncthreads();
+    if (threadIdx.x == 0) running += total;
+    __syncthreads();
+  }
+}
+
+struct SliceArgs {
+  float* part;       // the scratch
+  int n_s;           // slices per group
+  int64_t slice;     // widths per slice
+  int64_t n_groups;  // of the family
+};
+
+template <int T, typename TS, typename TT>
+__device__ void slice_gram(const TS* __restrict__ s, const TT* __restrict__ t, const int* __restrict__ members, int P,
+                           const FamilyArgs& f, GroupShared& sh, float* __restrict__ part_g, int q, int64_t lo,
+                           int64_t hi) {
+  using C = OneTile<T>;
+  if (threadIdx.x < T) sh.rows[threadIdx.x] = static_cast<int>(threadIdx.x) < P ? members[threadIdx.x] : -1;
+  __syncthreads();
+  float es_[C::kEntries], et_[C::kEntries];
+  tile_gram<T>(s, t, f, sh, lo, hi, es_, et_);
+  float* out = part_g + static_cast<int64_t>(q) * 2 * T * T;
+  #pragma unroll
+  for (int k = 0; k < C::kEntries; ++k) {
+    int a, b;
+    entry_of<T>(k, a, b);
+    out[a * T + b] = es_[k];
+    out[T * T + a * T + b] = et_[k];
+  }
+}
+
+template <int T, typename TS>
+__device__ void slice_grad(const TS* __restrict__ s, const int* __restrict__ members, int P, const FamilyArgs& f,
+                           GroupShared& sh, const float* __restrict__ part_g, int n_s, int q, int64_t lo, int64_t hi,
+                           TS* __restrict__ grad, float* __restrict__ loss_out) {
+  using C = OneTile<T>;
+  if (threadIdx.x < T) sh.rows[threadIdx.x] = static_cast<int>(threadIdx.x) < P ? members[threadIdx.x] : -1;
+  float es_[C::kEntries], et_[C::kEntries];
+  #pragma unroll
+  for (int k = 0; k < C::kEntries; ++k) {
+    int a, b;
+    entry_of<T>(k, a, b);
+    float vs = 0.f, vt = 0.f;
+    for (int p = 0; p < n_s; ++p) {
+      vs += part_g[static_cast<int64_t>(p) * 2 * T * T + a * T + b];
+      vt += part_g[static_cast<int64_t>(p) * 2 * T * T + T * T + a * T + b];
+    }
+    es_[k] = vs, et_[k] = vt;
+  }
+  __syncthreads();  // sh.rows
+  tile_weights<T>(P, es_, et_, sh, q == 0 ? loss_out : nullptr);
+  tile_grad<T>(s, f, sh, P, P, true, f.add, grad, lo, hi);
+}
+
+// Work items (q, g), item i = q * n_groups + g (a group's slices fall on different blocks), every
+// gridDim.x-th one per block; items of groups without a place in the scratch are passed over.
+template <bool kGrad, typename TS, typename TT>
+__global__ void __launch_bounds__(kThreads, 1)
+    slice_kernel(const TS* __restrict__ es, const TT* __restrict__ et, TS* __restrict__ grad,
+                 const int* __restrict__ idx, const int* __restrict__ cnt, float* __restrict__ group_loss,
+                 FamilyArgs f, SliceArgs sa) {
+  __shared__ GroupShared shared;
+  const int64_t items = sa.n_groups * sa.n_s;
+  for (int64_t i = blockIdx.x; i < items; i += gridDim.x) {
+    const int64_t g = i % sa.n_groups;
+    const int q = static_cast<int>(i / sa.n_groups);
+    const int64_t off = f.offs[g];
+    if (off < 0) continue;  // the same for the whole block
+    const int P = cnt[g];
+    const int64_t lo = q * sa.slice, hi = lo + sa.slice < f.width ? lo + sa.slice : f.width;
+    const TS* s = es + g * f.s_g;
+    const TT* t = et + g * f.t_g;
+    const int* members = idx + g * f.n_members;
+    float* part_g = sa.part + off;
+    if constexpr (kGrad) {
+      TS* grad_g = grad + g * f.g_g;
+      if (P <= 16) slice_grad<16>(s, members, P, f, shared, part_g, sa.n_s, q, lo, hi, grad_g, group_loss + g);
+      else if (P <= 32) slice_grad<32>(s, members, P, f, shared, part_g, sa.n_s, q, lo, hi, grad_g, group_loss + g);
+      else slice_grad<64>(s, members, P, f, shared, part_g, sa.n_s, q, lo, hi, grad_g, group_loss + g);
+    } else {
+      if (P <= 16) slice_gram<16>(s, t, members, P, f, shared, part_g, q, lo, hi);
+      else if (P <= 32) slice_gram<32>(s, t, members, P, f, shared, part_g, q, lo, hi);
+      else slice_gram<64>(s, t, members, P, f, shared, part_g, q, lo, hi);
+    }
+    __syncthreads();  // the next item reuses shared memory
+  }
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in, const at::Tensor& et_in,
@@ -684,6 +835,27 @@ std::tuple<at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in, const at::T
   float* losses = group_loss.data_ptr<float>();
   float* sums = losses + C + B;
   at::Tensor out = at::empty({3}, f32);
+  // The width-split path (above slice_kernel): slices of kSliceWidth widths, or of a multiple of it
+  // past kMaxSlices; a scratch for the partial Grams of what every group at its family's largest
+  // tile would need, at most a sixteenth of the gradient's bytes, within 4-32 MiB. For the tests,
+  // which run at small widths: L2D_CUDA_LED_SLICE_WIDTH sets the slice width,
+  // L2D_CUDA_LED_SCRATCH_BYTES the scratch's bytes (0 keeps every group whole).
+  int64_t base = kSliceWidth;
+  if (const char* env = std::getenv("L2D_CUDA_LED_SLICE_WIDTH")) base = std::max<int64_t>(1, std::atoll(env));
+  int64_t slice = base, n_s = (D + base - 1) / base;
+  if (n_s > kMaxSlices) {
+    slice = base * ((n_s + kMaxSlices - 1) / kMaxSlices);
+    n_s = (D + slice - 1) / slice;
+  }
+  const auto tile_max = [](int64_t n) -> int64_t { return n <= 16 ? 16 : n <= 32 ? 32 : kOneTile; };
+  const int64_t worst = n_s * 2 * (C * tile_max(B) * tile_max(B) + B * tile_max(C) * tile_max(C));
+  int64_t scratch_bytes = std::min<int64_t>(std::max<int64_t>(4 << 20, grad.numel() * grad.element_size() / 16), 32 << 20);
+  if (const char* env = std::getenv("L2D_CUDA_LED_SCRATCH_BYTES")) scratch_bytes = std::atoll(env);
+  const int64_t cap = std::min<int64_t>(worst, scratch_bytes / 4);
+  const bool split = n_s > 1 && cap > 0 && B * C > 0;
+  at::Tensor offs = at::empty({split ? C + B : 0}, es.options().dtype(at::kLong));
+  at::Tensor part = at::empty({split ? cap : 0}, f32);
+  int64_t* offs_ptr = split ? offs.data_ptr<int64_t>() : nullptr;
   const Strips st_cd{n_active + 3, items, sums, static_cast<int>(strips_cd)};
   const Strips st_id{n_active + 4, items + C * strips_cd, sums + 4 * C * strips_cd, static_cast<int>(strips_id)};
   // Group blocks: at most one per SM (each holds up to 255 registers per thread), looping over items.
@@ -702,17 +874,31 @@ std::tuple<at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in, const at::T
           grad.stride(0), grad.stride(1), D, st_cd, st_id);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (split) {
+      plan_kernel<<<1, kThreads, 0, stream>>>(cd_cnt, id_cnt, C, B, static_cast<int>(n_s), cap, offs_ptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
     // CD: groups are labels, members are images; then ID: the other way round. Each family's launches
-    // (one, or three when striped) in order; the last one of the call adds the losses.
+    // (the two slice launches when split; then one, or three when striped) in order; the last one of
+    // the call adds the losses.
     const FamilyArgs cd{es.stride(1), es.stride(0), es.stride(2), et.stride(1), et.stride(0), et.stride(2),
-                        grad.stride(1), grad.stride(0), B, D, static_cast<float>(2.0 * lambda_cd), false};
+                        grad.stride(1), grad.stride(0), B, D, static_cast<float>(2.0 * lambda_cd), false,
+                        offs_ptr};
     const FamilyArgs id{es.stride(0), es.stride(1), es.stride(2), et.stride(0), et.stride(1), et.stride(2),
-                        grad.stride(0), grad.stride(1), C, D, static_cast<float>(2.0 * lambda_id), true};
+                        grad.stride(0), grad.stride(1), C, D, static_cast<float>(2.0 * lambda_id), true,
+                        split ? offs_ptr + C : nullptr};
     const Finalize fin{out.data_ptr<float>(), losses, n_active + 2, C, B, static_cast<float>(lambda_cd),
                        static_cast<float>(lambda_id)};
     const auto family = [&](const FamilyArgs& f, const int* idx, const int* cnt, const int* n_act, const int* act,
                             float* loss, const Strips& st, int64_t groups, bool ends_call) {
       const unsigned grid0 = blocks(groups + groups * st.max_strips), grid = blocks(groups * st.max_strips);
+      if (split) {
+        const SliceArgs sa{part.data_ptr<float>(), static_cast<int>(n_s), slice, groups};
+        slice_kernel<false, T, T><<<blocks(groups * n_s), kThreads, 0, stream>>>(s, t, g, idx, cnt, loss, f, sa);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        slice_kernel<true, T, T><<<blocks(groups * n_s), kThreads, 0, stream>>>(s, t, g, idx, cnt, loss, f, sa);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
       group_kernel<0, T, T><<<grid0, kThreads, 0, stream>>>(s, t, g, idx, cnt, n_act, act, loss, f, st,
                                                              ends_call && st.max_strips == 0 ? fin : Finalize{});
       C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -32,11 +32,18 @@ _EMULATED = [emulated_cuda.PARAM] if emulated_cuda.wanted() else []
 # For the LED tests of test_api.py only (see pytest_collection_modifyitems).
 TRITON_SPLIT = "triton-split"
 _SPLIT = [TRITON_SPLIT] if "triton" in api_backends() else []
+# The same for the CUDA kernels in the emulator: slices of 4 widths (the default is 128).
+CUDA_SPLIT = emulated_cuda.PARAM + "-split"
+_EMULATED_SPLIT = [CUDA_SPLIT] if _EMULATED else []
+_SPLITS = (TRITON_SPLIT, CUDA_SPLIT)
 
 
-@pytest.fixture(params=api_backends() + _SPLIT + _EMULATED)
+@pytest.fixture(params=api_backends() + _SPLIT + _EMULATED + _EMULATED_SPLIT)
 def backend(request, monkeypatch):
     if request.param == emulated_cuda.PARAM:
+        return emulated_cuda.install(monkeypatch, request)
+    if request.param == CUDA_SPLIT:
+        monkeypatch.setenv("L2D_CUDA_LED_SLICE_WIDTH", "4")
         return emulated_cuda.install(monkeypatch, request)
     if request.param == TRITON_SPLIT:
         from l2d_kernels.ops import triton_led
@@ -47,12 +54,12 @@ def backend(request, monkeypatch):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Leave out the split-Triton variant everywhere but test_api.py's LED tests."""
+    """Leave out the split variants everywhere but test_api.py's LED tests."""
     keep, drop = [], []
     for item in items:
         param = getattr(getattr(item, "callspec", None), "params", {}).get("backend")
         led_api = item.path.name == "test_api.py" and item.originalname.startswith("test_led")
-        (drop if param == TRITON_SPLIT and not led_api else keep).append(item)
+        (drop if param in _SPLITS and not led_api else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep

@@ -12,7 +12,9 @@ shapes that reach every code path (small groups, the tiled large-group passes of
 racecheck, whose hazards depend on the kernels' synchronization structure, not on strides or sizes.
 Widths above the Triton LED slice width (64) take its width-split path (plan, partial Grams, split
 gradient; the last slice ragged), once more with a scratch too small for every group, so that the
-groups past it are done whole by their slice-0 programs.
+groups past it are done whole by their slice-0 programs; widths above the CUDA kernel's (128) its
+split path (plan, slice kernels), likewise once more with a scratch for a few groups only, the
+others left to the group kernel.
 """
 
 import os
@@ -39,6 +41,11 @@ def tiny_split_scratch():
     return mock.patch.multiple(triton_led, SCRATCH_MIN_BYTES=16 << 10, SCRATCH_MAX_BYTES=16 << 10)
 
 
+def tiny_cuda_split_scratch():
+    """The CUDA LED split path with room for a few groups' partial Grams only."""
+    return mock.patch.dict(os.environ, {"L2D_CUDA_LED_SCRATCH_BYTES": str(16 << 10)})
+
+
 def main():
     chosen = os.environ.get("L2D_TEST_BACKENDS", "triton,cuda").split(",")
     backends = [b for b in available_backends() if b in ("triton", "cuda") and b in chosen]
@@ -55,6 +62,9 @@ def main():
                 fused_led(es, et, y, backend=backend).backward()
                 if backend == "triton" and D > 64:
                     with tiny_split_scratch():
+                        fused_led(es, et, y, backend=backend).backward()
+                if backend == "cuda" and D > 128:
+                    with tiny_cuda_split_scratch():
                         fused_led(es, et, y, backend=backend).backward()
                 if not small:
                     fused_led(es.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(), et,

@@ -1,12 +1,12 @@
 """The CUDA kernels of csrc/ in the CPU emulator (tests/cuda_emu): the emulator itself, then every
-path of the LED kernel (the one-tile sizes 16, 32 and 64; pairs of 64-row tiles above 64 members,
-in one block or striped over blocks; both families, every dtype, several groups per block) against
-SPEC's float64 formulas, and bitwise equal results under three orders of running a block's threads,
-so that a shared-memory read that lacks its barrier shows. Tensors sit in guarded memory, so that an
-access outside one stops the run.
+path of the LED kernel (the one-tile sizes 16, 32 and 64, whole or split over width slices; pairs of
+64-row tiles above 64 members, in one block or striped over blocks; both families, every dtype,
+several groups per block) against SPEC's float64 formulas, and bitwise equal results under three
+orders of running a block's threads, so that a shared-memory read that lacks its barrier shows.
+Tensors sit in guarded memory, so that an access outside one stops the run.
 
-The API suite (test_api.py, test_nn.py) runs on the emulated CUDA backend too; this file covers what
-its small shapes do not reach. None of it replaces the GPU check: the emulator runs the kernels'
+The API suite (test_api.py, test_nn.py) runs on the emulated CUDA backend too (its LED tests also
+with 4-wide slices, the split path); this file covers what its small shapes do not reach. None of it replaces the GPU check: the emulator runs the kernels'
 arithmetic and indexing, not the hardware's memory model or speed.
 """
 
@@ -87,6 +87,20 @@ def _check_fp32(losses, grad, es, et, y, lambda_cd=100.0, lambda_id=1000.0, tol=
     assert abs(losses[1].item() - w_cd) <= tol * abs(w_cd) + 1e-12
     assert abs(losses[2].item() - w_id) <= tol * abs(w_id) + 1e-12
     assert rel_err(grad, w_grad) < tol
+
+
+def _checked_in_two_orders(ops, es, et, y, order):
+    """The call's results against float64, and bitwise the same with a block's threads run in another
+    order (``order``: the emulator's order and seed); returns them."""
+    losses, grad = _led(ops, es, et, y)
+    _check_fp32(losses, grad, es, et, y)
+    ops.set_order(*order)
+    try:
+        other = _led(ops, es, et, y)
+    finally:
+        ops.set_order(0, 0)
+    assert torch.equal(losses, other[0]) and torch.equal(grad, other[1])
+    return losses, grad
 
 
 def _ragged_targets(members: int, transpose: bool):
@@ -172,15 +186,7 @@ def test_led_groups_of_several_tiles(ops, transpose, members):
     if transpose:
         y = y.T.contiguous()
     es, et, _ = embeddings(*y.shape, 72, seed=21)
-    es, et = es.float(), et.float()
-    losses, grad = _led(ops, es, et, y)
-    _check_fp32(losses, grad, es, et, y)
-    ops.set_order(2, 11)
-    try:
-        other = _led(ops, es, et, y)
-    finally:
-        ops.set_order(0, 0)
-    assert torch.equal(losses, other[0]) and torch.equal(grad, other[1])
+    _checked_in_two_orders(ops, es.float(), et.float(), y, (2, 11))
 
 
 @pytest.mark.parametrize("members", [9, 33, 70], ids=lambda n: f"{n}-members")
@@ -198,6 +204,54 @@ def test_led_nan_reaches_only_its_groups(ops, members):
     reached[3] = y[3]
     assert torch.isnan(losses[0])
     assert torch.isnan(grad[reached]).all() and torch.isfinite(grad[~reached]).all()
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["cd-groups", "id-groups"])
+def test_led_width_split_every_size_class(ops, monkeypatch, transpose):
+    """A width of 300 is three 128-wide slices (the last one partial) on the width-split path: every
+    one-tile size class (2 to 64 members) takes its Grams slice by slice from the scratch, larger
+    groups stay whole; within the formula's tolerance, bitwise the same under another thread order,
+    and not bitwise the same as with every group whole (so the split path did run)."""
+    y = _ragged_targets(70, transpose)
+    es, et, _ = embeddings(*y.shape, 300, seed=31)
+    es, et = es.float(), et.float()
+    losses, grad = _checked_in_two_orders(ops, es, et, y, (2, 5))
+    monkeypatch.setenv("L2D_CUDA_LED_SCRATCH_BYTES", "0")
+    whole = _led(ops, es, et, y)
+    _check_fp32(*whole, es, et, y)
+    assert not torch.equal(grad, whole[1])
+
+
+def test_led_width_split_past_the_scratch(ops, monkeypatch):
+    """A scratch with room for the first few groups only: they are split, the others (in group order)
+    run whole in the group kernel, in one call, both families adding into the same rows."""
+    y = _ragged_targets(70, False)
+    es, et, _ = embeddings(*y.shape, 260, seed=32)
+    es, et = es.float(), et.float()
+    # Three slices: CD's groups of 2, 9 and 16 members (16-row tiles, 3 x 2 x 256 floats each) fit,
+    # the group of 17 (a 32-row tile) and every later one does not.
+    monkeypatch.setenv("L2D_CUDA_LED_SCRATCH_BYTES", str(4 * 3 * 3 * 2 * 256 + 4 * 100))
+    losses, grad = _led(ops, es, et, y)
+    _check_fp32(losses, grad, es, et, y)
+    monkeypatch.setenv("L2D_CUDA_LED_SCRATCH_BYTES", "0")
+    whole = _led(ops, es, et, y)
+    # Per label, whether any of its gradient rows differs from the all-whole call: the split groups
+    # of 9 and 16 members (their Grams summed slice by slice: other rounding) do; the groups past the
+    # scratch and the rows outside CD groups do not (every ID group is past it, in both calls whole).
+    # The 2-member group is left out: its CD gradient is exactly 0 either way.
+    differs = (grad != whole[1]).any(dim=0).any(dim=-1)
+    sizes = y.sum(0)
+    assert differs[(sizes == 9) | (sizes == 16)].all()
+    assert not differs[(sizes > 16) | (sizes < 2)].any()
+
+
+def test_led_width_split_wider_slices(ops):
+    """Past 16 slices of 128 the slices widen (2,100 widths: 9 slices of 256, the last partial)."""
+    y = _ragged_targets(40, False)[:, :6]
+    es, et, _ = embeddings(*y.shape, 2100, seed=33)
+    es, et = es.float(), et.float()
+    losses, grad = _led(ops, es, et, y)
+    _check_fp32(losses, grad, es, et, y)
 
 
 def test_mld_grid_stride_loop_over_more_than_1024_blocks(ops):
