@@ -179,9 +179,9 @@ bench_all() {
     DEADLINE=$((DEADLINE + 30)) step report 30 $PY benchmarks/report.py "${jsons[@]}" \
         --merged "$OUT/bench-$card.json" --out "$OUT"
     # Diagnostics, last: each runs only if the phase has time left. Nsight Compute's view of the
-    # other kernels furthest from their targets (COCO's CUDA LED group kernel, MLD at 4096 x 1000),
+    # other kernels furthest from their targets (COCO's CUDA LED group and slice kernels, MLD at 4096 x 1000),
     # into the log; then where a training step's time goes.
-    step ncu 100 bash -c "cd benchmarks && ncu -k regex:group_kernel --launch-skip 2 --launch-count 2 $sections $PY ncu_driver.py led 64 80 768 cuda &&
+    step ncu 100 bash -c "cd benchmarks && ncu -k 'regex:group_kernel|slice_kernel' --launch-skip 6 --launch-count 6 $sections $PY ncu_driver.py led 64 80 768 cuda &&
         ncu -k regex:mld_kernel --launch-skip 1 --launch-count 1 $sections $PY ncu_driver.py mld 4096 1000 cuda"
     step step-profile 60 bash -c "cd benchmarks && $PY step_profile.py --out '$OUT/step-profile-$card.md'"
 }

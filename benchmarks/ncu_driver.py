@@ -1,7 +1,7 @@
 """Calls for Nsight Compute to look inside: one fused case, called twice (a warm-up, then the call to
 profile), so that ``ncu --launch-skip`` can pass over the first call's launches.
 
-    ncu -k regex:group_kernel --launch-skip 2 --launch-count 2 --section ... \\
+    ncu -k 'regex:group_kernel|slice_kernel' --launch-skip 6 --launch-count 6 --section ... \\
         python benchmarks/ncu_driver.py led 64 80 768 cuda
 
 Cases: ``led B C D BACKEND`` (forward and backward) and ``mld B C BACKEND``. Inputs as in the
