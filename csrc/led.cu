@@ -126,7 +126,7 @@ struct FamilyArgs {
   float scale;                           // 2 lambda
   bool add;                              // ID adds into the gradient CD wrote
   const int64_t* offs;                   // width-split path: each group's partial Grams in the scratch,
-                                         // -1 if it has none; null without the split (see slice_kernels)
+                                         // -1 if it has none; null without the split (see slice_kernel)
 };
 
 // Sizes of the one-tile path for tiles of T members (T = 16, 32, 64).
@@ -673,10 +673,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 // ---------------------------------------------------------------- the width-split path
 
 // Groups of 2 to 64 members, where the width is more than one slice (kSliceWidth), are spread over
-// their width: slice_gram_kernel's work item (slice q, group g) writes the tile's Gram entries over
-// the widths of slice q into the scratch (part + offs[g]: [n_s][2][T][T]); slice_grad_kernel's item
-// (q, g) adds the n_s slices' entries in order, takes the weights (the loss too, slice 0) and writes
-// the gradient at the widths of slice q. A group's work then runs on up to n_s SMs instead of one
+// their width: slice_kernel<false>'s work item (slice q, group g) writes the tile's Gram entries
+// over the widths of slice q into the scratch (part + offs[g]: [n_s][2][T][T]); slice_kernel<true>'s
+// item (q, g) adds the n_s slices' entries in order, takes the weights (the loss too, slice 0) and
+// writes the gradient at the widths of slice q. A group's work then runs on up to n_s SMs instead of one
 // (the 36-member group of a COCO batch held its launch for 182 us on one SM). plan_kernel places the
 // groups in the scratch in group order while they fit; a group past it stays with group_kernel,
 // whole. Each group's sums run in a fixed order wherever it is placed: bitwise reproducible.
