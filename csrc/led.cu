@@ -303,7 +303,8 @@ __device__ void tile_gram(const TS* __restrict__ s, const TT* __restrict__ t, co
       for (int p = 0; p < C::kSlices; ++p) vs += partial[(p * 2) * T * T + e], vt += partial[(p * 2 + 1) * T * T + e];
       es_[k] = vs, et_[k] = vt;
     }
-    __syncthreads();  // the partials are read before anyone writes sh.buf again
+    // sh.buf still holds the partials: the caller passes a barrier before writing it (tile_weights'
+    // block sums; slice_kernel's barrier between work items).
   }
 }
 
@@ -853,8 +854,11 @@ std::tuple<at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in, const at::T
   if (const char* env = std::getenv("L2D_CUDA_LED_SCRATCH_BYTES")) scratch_bytes = std::atoll(env);
   const int64_t cap = std::min<int64_t>(worst, scratch_bytes / 4);
   const bool split = n_s > 1 && cap > 0 && B * C > 0;
-  at::Tensor offs = at::empty({split ? C + B : 0}, es.options().dtype(at::kLong));
-  at::Tensor part = at::empty({split ? cap : 0}, f32);
+  at::Tensor offs, part;  // allocated only for the split path
+  if (split) {
+    offs = at::empty({C + B}, es.options().dtype(at::kLong));
+    part = at::empty({cap}, f32);
+  }
   int64_t* offs_ptr = split ? offs.data_ptr<int64_t>() : nullptr;
   const Strips st_cd{n_active + 3, items, sums, static_cast<int>(strips_cd)};
   const Strips st_id{n_active + 4, items + C * strips_cd, sums + 4 * C * strips_cd, static_cast<int>(strips_id)};

@@ -91,6 +91,8 @@ GRAM_D = 64
 # 64- and 128-row tiles (197-255 registers at 8 warps) held every small group's program alone on
 # its SM. The small launch at 4 warps takes 152-168 registers: three programs per SM. 0: one launch.
 SMALL_WARPS = 4
+# The smallest tile, which bounds the small-group launch's groups (a compile-time constant of the kernels).
+SMALLEST_TILE = tl.constexpr(16)
 SCALE_ROWS = 16  # gradient rows per program of the backward's scaling
 SCALE_BLOCK = 256  # widths per step of it
 PLAN_BLOCK = 128  # groups per step of the plan
@@ -734,7 +736,7 @@ def _split_program(S, T, s_g, s_m, s_d, t_g, t_m, t_d, G, g_g, g_m, Y, y_g, y_m,
         if P < 2:  # never placed: its slice-0 program
             if SIZES != 2:
                 tl.store(loss_ptr + g, 0.0)
-        elif (P <= SMALL_MAX) & ((SIZES == 0) | ((SIZES == 1) == (P <= 16))):
+        elif (P <= SMALL_MAX) & ((SIZES == 0) | ((SIZES == 1) == (P <= SMALLEST_TILE))):
             _split_group(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P, loss_ptr + g, part + off,
                          placed, s, lo, hi, D, scale, ADD, N_S, MAX_P, AHEAD, not LARGE)
     if LARGE and SIZES != 1:
@@ -754,13 +756,13 @@ def _split_kernel(
     """One family on the width-split path, program (g, s): width slice s of group g's gradient (and the
     zero gradient of the rows outside groups, CD); a group the plan left out (past the scratch) is
     done whole by its slice-0 program; a large group's squared norms, row tiles s, s + N_S, ...
-    ``SIZES``: 0, every group; 1, groups of at most 16 members, the zero rows and the losses of
-    groups of fewer than two; 2, the others, a program of a smaller group stopping at its size, read
-    from the plan (see ``SMALL_WARPS``)."""
+    ``SIZES``: 0, every group; 1, groups of at most SMALLEST_TILE members, the zero rows and the
+    losses of groups of fewer than two; 2, the others, a program of a smaller group stopping at its
+    size, read from the plan (see ``SMALL_WARPS``)."""
     g = tl.program_id(0)  # groups on the first axis: up to 2^31 - 1 of them (the others stop at 65535)
     s = tl.program_id(1)
     if SIZES == 2:
-        if tl.load(sizes + g) > 16:
+        if tl.load(sizes + g) > SMALLEST_TILE:
             _split_program(S, T, s_g, s_m, s_d, t_g, t_m, t_d, G, g_g, g_m, Y, y_g, y_m, idx, cnt, N, D, scale,
                            loss_ptr, norms, offs, part, g, s, ZERO_OUTSIDE, ADD, AHEAD, MAX_P, LARGE, N_PAD, N_S,
                            SLICE, SIZES, SMALL_MAX, TILE, BLOCK_D)
@@ -844,10 +846,11 @@ def _run_family(es, et, grad, targets, idx, cnt, group_loss, groups_dim: int, sc
         if SMALL_WARPS <= 0:  # one launch for every group size
             _split_kernel[grid](*split_args, **family, N_S=n_s, SLICE=slice_width, SIZES=0, **common)
         else:
-            small = {**family, "MAX_P": 16}
-            _split_kernel[grid](*split_args, **small, N_S=n_s, SLICE=slice_width, SIZES=0 if n_members <= 16 else 1,
-                                **{**common, "num_warps": SMALL_WARPS})
-            if n_members > 16:
+            smallest = SMALLEST_TILE.value
+            small = {**family, "MAX_P": smallest}
+            _split_kernel[grid](*split_args, **small, N_S=n_s, SLICE=slice_width,
+                                SIZES=0 if n_members <= smallest else 1, **{**common, "num_warps": SMALL_WARPS})
+            if n_members > smallest:
                 _split_kernel[grid](*split_args, **family, N_S=n_s, SLICE=slice_width, SIZES=2, **common)
     if large:
         _large_passes(es, et, grad, idx, cnt, group_loss, geometry, norms, scale, first, common)
