@@ -2,6 +2,7 @@
 not the interpreter: CI has no GPU, so this is where a kernel that only the interpreter accepts is
 caught)."""
 
+import json
 import os
 import pathlib
 import subprocess
@@ -28,3 +29,45 @@ def test_all_kernels_compile():
                        "_grad_kernel", "_plan_kernel", "_gram_kernel", "_split_kernel", "_finalize_kernel",
                        "_scale_kernel", "_empty"):
             assert kernel in stdout, f"sm_{arch}: {kernel} not compiled"
+
+
+_KEYS = """
+import json, sys
+from l2d_kernels.ops import triton_common, triton_led, triton_mld
+from triton.runtime.jit import JITFunction
+modules = (triton_common, triton_led, triton_mld)
+fns = {f"{m.__name__}.{n}": f for m in modules for n, f in vars(m).items()
+       if isinstance(f, JITFunction) and f.__module__ == m.__name__}
+first = sys.argv[1]
+fns[first].cache_key  # what Triton computes at a launch: that kernel's key before any other's
+keys = {name: f.cache_key for name, f in fns.items()}
+# Each function's globals must include every callee's: the key of a callee hashed after its caller
+# would lack them (Triton before 3.7).
+incomplete = []
+for name, f in fns.items():
+    for node in __import__("ast").walk(f.parse()):
+        callee = f.__globals__.get(getattr(node, "id", None))
+        if isinstance(callee, JITFunction) and not set(callee.used_global_vals) <= set(f.used_global_vals):
+            incomplete.append((name, callee.__name__))
+print(json.dumps({"keys": keys, "incomplete": incomplete}))
+"""
+
+
+def test_cache_keys_do_not_depend_on_what_was_launched_first():
+    """Triton's on-disk key of a kernel is the same in every process, whichever kernel the process
+    launched first (``triton_common.settle_cache_keys``): else a new process misses the cache."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    root = pathlib.Path(__file__).parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    firsts = ["l2d_kernels.ops.triton_led._split_kernel", "l2d_kernels.ops.triton_led._gram_kernel",
+              "l2d_kernels.ops.triton_led._main_kernel", "l2d_kernels.ops.triton_mld._mld_kernel"]
+    runs = [subprocess.Popen([sys.executable, "-c", _KEYS, first], env=env, text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE) for first in firsts]
+    results = []
+    for run in runs:
+        stdout, stderr = run.communicate(timeout=300)
+        assert run.returncode == 0, stderr[-3000:]
+        results.append(json.loads(stdout))
+    assert all(r["incomplete"] == [] for r in results), [r["incomplete"] for r in results]
+    assert all(r["keys"] == results[0]["keys"] for r in results[1:])
+    assert len(results[0]["keys"]) > 40

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import functools
 
 import torch
@@ -72,3 +73,36 @@ def finalize_sum(partials: torch.Tensor, scale: float) -> torch.Tensor:
     out = torch.empty((), dtype=torch.float32, device=partials.device)
     _finalize_sum_kernel[(1,)](partials, out, partials.numel(), scale, BLOCK=SUM_BLOCK)
     return out
+
+
+def settle_cache_keys(namespace: dict) -> None:
+    """Take the cache key of every Triton function defined in ``namespace`` (a module's globals),
+    each function's callees before it.
+
+    Triton keeps compiled kernels on disk under a key that includes the kernel's source, its callees'
+    keys and the global constexprs they read. Before 3.7 it merged a callee's globals into the
+    caller's key before computing the callee's own (triton-lang/triton#10494), so the key of a
+    kernel whose helpers read a global (``_split_kernel``: 182d32 when its helpers were hashed first,
+    f5c5c9 when it came first, 948b70 after ``_gram_kernel``: Triton 3.6) depended on which kernels
+    the process had launched before: a new process (a training restart, a DDP rank, a test worker)
+    could miss the cache and compile again. Callees first gives every process the same, complete key:
+    the one Triton 3.7 and later compute. Under the interpreter there is nothing to hash."""
+    jit_function = triton.runtime.jit.JITFunction
+    done = set()
+
+    def settle(fn) -> None:
+        if id(fn) in done:
+            return
+        done.add(id(fn))
+        for node in ast.walk(fn.parse()):
+            callee = fn.__globals__.get(node.id) if isinstance(node, ast.Name) else None
+            if isinstance(callee, jit_function):
+                settle(callee)
+        fn.cache_key  # noqa: B018 (computed and kept by Triton)
+
+    for value in list(namespace.values()):
+        if isinstance(value, jit_function) and value.__module__ == namespace["__name__"]:
+            settle(value)
+
+
+settle_cache_keys(globals())

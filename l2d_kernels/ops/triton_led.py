@@ -56,7 +56,8 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpreted
-from .triton_common import SUM_BLOCK, at_least, cdiv, clamp, next_power_of_2, on_input_device, sum_vector
+from .triton_common import (SUM_BLOCK, at_least, cdiv, clamp, next_power_of_2, on_input_device, settle_cache_keys,
+                            sum_vector)
 
 SMALL_MAX = 128
 TILE = 64
@@ -967,3 +968,6 @@ def led_forward(es: torch.Tensor, et: torch.Tensor, targets: torch.Tensor, lambd
     _run_family(es, et, grad, targets, id_idx, id_cnt, group_loss[C:], 0, 2.0 * lambda_id, False, split_id)
     _finalize_kernel[(1,)](group_loss, C, B, out, lambda_cd, lambda_id, BLOCK=SUM_BLOCK)
     return out, grad
+
+
+settle_cache_keys(globals())  # see there: the same on-disk cache key in every process
