@@ -3,6 +3,11 @@
 # everything in one 10-minute call; PHASE=check and PHASE=bench split it in two, with more time for
 # each step.
 #
+#   Every phase first compiles the Triton kernels of its fixed-shape steps (benchmarks, profile, GPU
+#   tests' large shapes, the sanitizer's small set) on every core (benchmarks/triton_cache.py), into
+#   TRITON_CACHE_DIR; a cache compiled elsewhere for this card and Triton build and carried in as
+#   build/triton-cache.tar.gz is unpacked there first, so that only what it lacks is compiled.
+#
 #   PHASE=all    install; build the extension in the background while the suite runs on the Triton
 #                backend, then the suite on the CUDA backend, each with compute-sanitizer (memcheck and
 #                racecheck; the driver's small set where the full one takes too long) and CMake + CTest
@@ -33,6 +38,7 @@
 #   DEADLINE=300 ...               (seconds: steps are cut short so that the phase ends by then; the
 #                                   report alone may run 30 s past it)
 #   L2D_TRITON_TEST_LIMIT=300 ...  (seconds for the Triton suite in PHASE=all; default 240)
+#   L2D_CACHE_JOBS=8 ...           (processes compiling Triton kernels ahead; default 16)
 #
 # Writes under $OUT: summary.txt (one line per step, failures named), log-<phase>.txt (every step's
 # output; the --quick run's results.json too), gpu.txt, the built extension (_C*.so, to carry into the next phase), and for bench:
@@ -76,7 +82,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...   (output to $LOG; one summary line, 
     tmp=$(mktemp)
     timeout -k 5 "$limit" "$@" 2>&1 | tee -a "$LOG" > "$tmp"
     local rc=${PIPESTATUS[0]}
-    note "$name: $([ $rc -eq 0 ] && echo ok || echo "FAILED (exit $rc)") in $((SECONDS - start)) s$(grep -E -m1 '[0-9]+ (passed|failed)|ERROR SUMMARY' "$tmp" | sed 's/^/ -- /')"
+    note "$name: $([ $rc -eq 0 ] && echo ok || echo "FAILED (exit $rc)") in $((SECONDS - start)) s$(grep -E -m1 '[0-9]+ (passed|failed)|ERROR SUMMARY|found in the cache' "$tmp" | sed 's/^/ -- /')"
     grep -E '^(FAILED|ERROR) ' "$tmp" | head -15 | sed 's/^/    /' | tee -a "$OUT/summary.txt"
     rm -f "$tmp"
     [ $rc -eq 0 ] || failed=1
@@ -85,6 +91,16 @@ step() {  # step NAME TIMEOUT_S COMMAND...   (output to $LOG; one summary line, 
 
 install_project() {
     step install 120 $PY -m pip install --no-deps --no-build-isolation --no-index -q -e .
+}
+
+triton_cache() {  # the Triton kernels of the fixed-shape steps, compiled ahead on every core
+    # A cache compiled elsewhere for this card and Triton build (benchmarks/triton_cache.py) may come
+    # packed with the tree: unpacked first, then only what it lacks is compiled here.
+    if [ -f build/triton-cache.tar.gz ]; then
+        tar -xzf build/triton-cache.tar.gz -C "$TRITON_CACHE_DIR" --strip-components=1 &&
+            note "triton cache: unpacked build/triton-cache.tar.gz"
+    fi
+    step triton-cache 150 $PY benchmarks/triton_cache.py --jobs "${L2D_CACHE_JOBS:-16}"
 }
 
 place_extension() {  # place_extension SO: into the tree as a new file, never over one a process has loaded
@@ -191,6 +207,7 @@ if [ "$PHASE" = all ]; then
     install_project
     ( LOG="$OUT/beside-build.txt"; step build 300 bash -c build_extension ) > /dev/null &
     build_pid=$!
+    triton_cache
     # Sanitizers and the CMake build share the GPU with the tests (they time nothing); the benchmarks
     # start only once all of them have ended.
     # H100: memcheck over the full driver on the Triton kernels did not end in 150 s beside the tests
@@ -213,6 +230,7 @@ elif [ "$PHASE" = check ]; then
     # nvcc in the background (CPU) while the Triton backend is tested on the GPU.
     ( step build 300 bash -c build_extension ) &
     build_pid=$!
+    triton_cache
     pytest_gpu torch,triton tests-triton 170
     sanitize triton
     wait $build_pid || failed=1
@@ -227,6 +245,7 @@ elif [ "$PHASE" = check ]; then
     fi
 elif [ "$PHASE" = bench ]; then
     install_project
+    triton_cache
     if [ -n "${L2D_PREBUILT_C:-}" ] && [ -f "$L2D_PREBUILT_C" ]; then
         place_extension "$L2D_PREBUILT_C" && note "extension: carried in ($L2D_PREBUILT_C)"
     else

@@ -38,11 +38,12 @@ def synced_timer() -> float:
 
 
 # (name, B, C, D): the shapes of the benchmark issue on a GPU, small stand-ins on a CPU.
-if ON_GPU:
-    LED_SHAPES = [("voc", 64, 20, 768), ("coco", 64, 80, 768), ("nus-wide", 64, 81, 768),
+GPU_LED_SHAPES = [("voc", 64, 20, 768), ("coco", 64, 80, 768), ("nus-wide", 64, 81, 768),
                   ("coco-b1024", 1024, 80, 768), ("c1000", 32, 1000, 768), ("openimages", 16, 9605, 256)]
-    MLD_SHAPES = [("coco", 64, 80), ("c1000", 32, 1000), ("b4096-c1000", 4096, 1000)]
-    DTYPES = [torch.float32, torch.bfloat16]
+GPU_MLD_SHAPES = [("coco", 64, 80), ("c1000", 32, 1000), ("b4096-c1000", 4096, 1000)]
+GPU_DTYPES = [torch.float32, torch.bfloat16]
+if ON_GPU:
+    LED_SHAPES, MLD_SHAPES, DTYPES = GPU_LED_SHAPES, GPU_MLD_SHAPES, GPU_DTYPES
 else:
     LED_SHAPES = [("tiny", 8, 20, 32), ("coco-small", 16, 80, 64)]
     MLD_SHAPES = [("coco", 64, 80), ("b256-c300", 256, 300)]

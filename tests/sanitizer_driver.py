@@ -46,13 +46,22 @@ def tiny_cuda_split_scratch():
     return mock.patch.dict(os.environ, {"L2D_CUDA_LED_SCRATCH_BYTES": str(16 << 10)})
 
 
+# The small set's shapes and dtypes, then what the full set adds (benchmarks/triton_cache.py compiles
+# the small set's Triton kernels ahead of the GPU check).
+SMALL_DTYPES = (torch.float32, torch.bfloat16)
+SMALL_LED_SHAPES = ((5, 7, 33), (32, 20, 40), (200, 6, 40), (3, 150, 24), (32, 20, 160), (3, 150, 72))
+MORE_LED_SHAPES = ((64, 80, 64), (200, 6, 160), (64, 80, 200))
+SMALL_MLD_SHAPES = ((1, 1), (70, 130))
+MORE_MLD_SHAPES = ((300, 1000),)
+MLD_REDUCTIONS = ("batchmean", "none")
+
+
 def main():
     chosen = os.environ.get("L2D_TEST_BACKENDS", "triton,cuda").split(",")
     backends = [b for b in available_backends() if b in ("triton", "cuda") and b in chosen]
     small = os.environ.get("L2D_SANITIZE_SET", "full") == "small"
-    dtypes = (torch.float32, torch.bfloat16) if small else (torch.float32, torch.bfloat16, torch.float16)
-    led_shapes = ((5, 7, 33), (32, 20, 40), (200, 6, 40), (3, 150, 24), (32, 20, 160), (3, 150, 72)) + (
-        () if small else ((64, 80, 64), (200, 6, 160), (64, 80, 200)))
+    dtypes = SMALL_DTYPES if small else (*SMALL_DTYPES, torch.float16)
+    led_shapes = SMALL_LED_SHAPES + (() if small else MORE_LED_SHAPES)
     for backend in backends:
         for dtype in dtypes:
             for B, C, D in led_shapes:
@@ -69,10 +78,10 @@ def main():
                 if not small:
                     fused_led(es.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(), et,
                               y.t().contiguous().t(), backend=backend).backward()
-            for B, C in ((1, 1), (70, 130)) + (() if small else ((300, 1000),)):
+            for B, C in SMALL_MLD_SHAPES + (() if small else MORE_MLD_SHAPES):
                 zs = torch.randn(B, C, device="cuda", dtype=dtype).requires_grad_()
                 zt = torch.randn(B, C, device="cuda", dtype=dtype)
-                for reduction in ("batchmean", "none"):
+                for reduction in MLD_REDUCTIONS:
                     fused_mld(zs, zt, reduction=reduction, backend=backend).sum().backward()
     torch.cuda.synchronize()
     if not backends:
