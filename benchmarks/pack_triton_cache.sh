@@ -19,6 +19,8 @@ cd "$(dirname "$0")/.."
 PY312=${PY312:-python3.12}
 VENV=${VENV:-build/venv-triton-${TRITON_VERSION:-3.6.0}}
 if [ ! -x "$VENV/bin/python" ]; then
+    "$PY312" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null ||
+        { echo "no Python 3.12 at PY312=$PY312: set PY312 to one" >&2; exit 1; }
     "$PY312" -m venv "$VENV"
     "$VENV/bin/pip" install -q "torch==${TORCH_VERSION:-2.11.0}" "triton==${TRITON_VERSION:-3.6.0}" "numpy<2.4"
 fi
