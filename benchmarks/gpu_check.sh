@@ -11,7 +11,8 @@
 #   PHASE=all    install; build the extension in the background while the suite runs on the Triton
 #                backend, then the suite on the CUDA backend, each with compute-sanitizer (memcheck and
 #                racecheck; the driver's small set where the full one takes too long) and CMake + CTest
-#                and the training loop's --quick run (bf16 autocast) beside it; then the profile, Nsight
+#                and the training loop's --quick run (bf16 autocast) beside it, and the benchmarks'
+#                torch.compile forms compiled ahead (L2D_BENCH_WARM_ONLY=1); then the profile, Nsight
 #                Compute of the Triton LED Gram and split kernels, `pytest benchmarks/`, the report,
 #                Nsight Compute of the other kernels and the step profile, with nothing else on the GPU.
 #
@@ -213,6 +214,11 @@ if [ "$PHASE" = all ]; then
     # H100: memcheck over the full driver on the Triton kernels did not end in 150 s beside the tests
     # (the small set took under 115 s); the CUDA kernels' full memcheck takes about 8 s.
     sanitize_beside triton 150 small
+    # torch.compile's forms compiled beside the tests into Inductor's on-disk caches (the timed files
+    # then load them: on the CPU the MLD file's first call went from 11.2 to 0.9 s); not OpenImages,
+    # whose compiled form needs 22 GiB of the tests' GPU.
+    beside warm-bench step warm-bench 240 env L2D_BENCH_WARM_ONLY=1 $PY -m pytest benchmarks/test_led.py \
+        benchmarks/test_mld.py benchmarks/test_l2d.py -k "torch.compile and not openimages" -q -p no:cacheprovider -o addopts=""
     pytest_gpu torch,triton tests-triton "${L2D_TRITON_TEST_LIMIT:-240}"
     wait $build_pid || failed=1
     rm -f "$OUT"/_C*.so  # no later call to carry it to; the returned files are few

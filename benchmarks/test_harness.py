@@ -47,3 +47,13 @@ def test_a_setup_runs_untimed_before_every_round_and_makes_rounds_single_calls(b
     # Two warm-up calls and the peak-memory call, then (warm-up round + 4 rounds) pairs.
     assert calls[-10:] == ["setup", "form"] * 5
     assert len(benchmark.stats.stats.data) == 4
+
+
+def test_warm_only_makes_one_call_and_times_nothing(benchmark, request, monkeypatch):
+    monkeypatch.setattr(harness, "WARM_ONLY", True)
+    calls = []
+    info = dict(loss="mld", form="torch.compile", shape="coco", B=1, C=1, D=0, dtype="torch.float32",
+                pass_="fwd+bwd", floor_us=None, bytes=0)
+    harness.run_case(benchmark, request, lambda: calls.append("form"), info)
+    assert calls == ["form"]
+    assert "first_call_s" not in benchmark.extra_info and benchmark.stats is None
