@@ -124,14 +124,20 @@ def _empty_kernel():
 def launch_costs(device: str = "cuda", calls: int = 2000) -> str:
     """What one launch costs the host, against which the fused calls' host time reads: a Triton
     kernel that does nothing, with as many arguments as the LED kernel takes, and one PyTorch
-    elementwise op. Back to back with one synchronization, so each is max(host, device) per call."""
+    elementwise op; and the floor of any loss called with autograd as the benchmarks call it: one
+    PyTorch op's forward and ``autograd.grad`` (on a GPU its backward runs on autograd's device
+    thread, a hand-off each way). Back to back with one synchronization, so each is max(host,
+    device) per call."""
     _empty = _empty_kernel()
     x = torch.zeros(64, device=device)
     ints = list(range(1, 13))
     empty = _per_call_us(lambda: _empty[(1,)](x, x, x, x, x, x, *ints, 0.5, A=True, B=False), device, calls)
     torch_op = _per_call_us(lambda: x.mul_(1.0), device, calls)
+    w = torch.zeros(64, 80, device=device, requires_grad=True)
+    autograd_op = _per_call_us(lambda: torch.autograd.grad(w.mul(2.0).sum(), w), device, calls)
     return (f"Host cost of one launch: an empty Triton kernel with 19 arguments {empty:.1f} us; "
-            f"one PyTorch elementwise op {torch_op:.1f} us.\n")
+            f"one PyTorch elementwise op {torch_op:.1f} us; an autograd call of one (forward of two ops "
+            f"and autograd.grad) {autograd_op:.1f} us.\n")
 
 
 def _triton_led_setting(name: str, value):
