@@ -83,6 +83,9 @@ def backend_problem(name: str, device: torch.device) -> str | None:
             )
         if problem is None and device.type != "cuda":
             problem = _INSTALL_PROBLEMS["triton-interpreter"]
+        if problem is None and device.type == "cuda" and getattr(torch.version, "hip", None):
+            problem = ("backend 'triton' is written for NVIDIA GPUs (the MLD kernel's exponentials are PTX "
+                       f"instructions); this PyTorch is built for ROCm {torch.version.hip}")
         return problem
     if name == "cuda":
         if device.type != "cuda":

@@ -42,6 +42,20 @@ def test_auto_takes_cuda_before_triton_at_every_batch(monkeypatch):
     assert resolve_backend("auto", cuda, F32) == "triton"
 
 
+def test_triton_is_refused_on_rocm_and_auto_passes_it_over(monkeypatch):
+    """The Triton kernels hold PTX (MLD's exponentials): on a ROCm build of PyTorch, whose GPUs are
+    also "cuda" devices, the backend says so instead of failing to compile."""
+    from l2d_kernels import backends
+
+    monkeypatch.setattr(torch.version, "hip", "6.2.0", raising=False)
+    cuda = torch.device("cuda")
+    if backends._INSTALL_PROBLEMS["triton"] is None:
+        assert "NVIDIA" in backends.backend_problem("triton", cuda)
+    assert resolve_backend("auto", cuda, F32) != "triton"
+    with pytest.raises(BackendUnavailableError):
+        resolve_backend("triton", cuda, F32)
+
+
 def test_unknown_backend():
     with pytest.raises(ValueError, match="backend must be one of"):
         resolve_backend("tensorrt", CPU, F32)
