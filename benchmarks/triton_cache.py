@@ -177,8 +177,8 @@ def gpu_check_cases() -> list:
 
     f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
     cases = [_led_case(B, C, D, dtype) for _, B, C, D in GPU_LED_SHAPES for dtype in GPU_DTYPES]
-    # tests/test_gpu.py: the large shapes, half precision at COCO; a bfloat16 student with a float32
-    # teacher (autocast's student head against a float32 teacher).
+    # tests/test_gpu.py: the large shapes, half precision at COCO. Then a bfloat16 student with a
+    # float32 teacher, one mix of dtypes that autocast can give (the step benchmark, the training loop).
     cases += [_led_case(32, 10000, 256, f32), _led_case(64, 9605, 768, f32), _led_case(64, 80, 768, f16),
               _led_case(64, 80, 768, bf16, f32)]
     # The kernel profile's default variant rows (gpu_check.sh's bench_all).
@@ -213,13 +213,14 @@ def _compile_one(item):
 
     data, (module, name), arch = item
     hit = []
+    saved = knobs.compilation.listener
     knobs.compilation.listener = lambda *, cache_hit, **_: hit.append(bool(cache_hit))
     start = time.perf_counter()
     try:
         with _stand_in_driver(arch):
             getattr(importlib.import_module(module), name).preload(data)
     finally:
-        knobs.compilation.listener = None
+        knobs.compilation.listener = saved
     return name, time.perf_counter() - start, all(hit)
 
 
