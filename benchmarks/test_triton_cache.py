@@ -60,6 +60,6 @@ def test_cases_follow_the_benchmark_shapes():
     names = [name for name, _ in triton_cache.gpu_check_cases()]
     for _, B, C, D in GPU_LED_SHAPES:
         assert f"led {B}x{C}x{D} float32" in names and f"led {B}x{C}x{D} bfloat16" in names
-    for _, B, C in GPU_MLD_SHAPES:
-        assert f"mld {B}x{C} float32 batchmean" in names
+    for B, C in [(B, C) for _, B, C in GPU_MLD_SHAPES] + [(B, C) for _, B, C, _ in GPU_LED_SHAPES[:3]]:
+        assert f"mld {B}x{C} float32 batchmean" in names  # the MLD benchmark's, and L2D's (test_l2d.py)
     assert any(name.endswith("tiny scratch") for name in names)  # the sanitizer driver's split path

@@ -184,7 +184,9 @@ def gpu_check_cases() -> list:
     # The kernel profile's default variant rows (gpu_check.sh's bench_all).
     cases += [_led_case(64, 80, 768, f32, settings=(("GRAM_D", 16),)),
               _led_case(64, 80, 768, f32, settings=(("SMALL_WARPS", 2),))]
-    cases += [_mld_case(B, C, dtype) for _, B, C in GPU_MLD_SHAPES for dtype in GPU_DTYPES]
+    # MLD at the MLD benchmark's shapes and at the L2D benchmark's (its first three LED shapes).
+    mld_shapes = dict.fromkeys([(B, C) for _, B, C in GPU_MLD_SHAPES] + [(B, C) for _, B, C, _ in GPU_LED_SHAPES[:3]])
+    cases += [_mld_case(B, C, dtype) for B, C in mld_shapes for dtype in GPU_DTYPES]
     cases += [_mld_case(64, 80, f32, "none"), _mld_case(4096, 1000, f32, "none")]
     cases.append(_empty_kernel_case())
     return cases + _sanitizer_cases()
