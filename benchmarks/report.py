@@ -91,6 +91,7 @@ def markdown(cases, shapes, meta) -> str:
              "that must move over the copy bandwidth) as a fraction of the fused time. A `+graph` form is "
              "the fused call captured in a CUDA graph and replayed: the time without the host's share "
              "(Python, autograd, launches); floor, graphed: the floor as a fraction of that time.", ""]
+    lines += targets_table(cases, shapes)
     groups = defaultdict(list)
     for key in cases:
         groups[key[:2]].append(key)
@@ -137,6 +138,86 @@ def markdown(cases, shapes, meta) -> str:
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+# The kernel issue's performance targets (float32, forward + backward), read from a run's cases:
+# (label, loss, shape, check); check(cells, form, shape) -> (value text, met) or None when the run
+# lacks what it needs. Each is read for every fused backend, called eagerly and replayed from a graph.
+def _time_at_most(limit_s):
+    def check(cells, form, shape):
+        t = cells.get(form, {}).get("median")
+        return None if t is None else (_fmt_time(t), t <= limit_s)
+    return check
+
+
+def _faster_than(other, factor):
+    def check(cells, form, shape):
+        t, o = cells.get(form, {}).get("median"), cells.get(other, {}).get("median")
+        return None if t is None or o is None else (_fmt_ratio(o / t), o / t >= factor)
+    return check
+
+
+def _peak_within_gradient(factor):
+    def check(cells, form, shape):
+        peak = cells.get(form.removesuffix(GRAPHED), {}).get("peak")
+        if peak is None:
+            return None
+        B, C, D = shape
+        gradient_mib = B * C * D * 4 / 2**20
+        return f"{peak:.0f} MiB ({peak / gradient_mib:.2f}x)", peak <= factor * gradient_mib
+    return check
+
+
+def _floor_ratio_at_most(factor):
+    def check(cells, form, shape):
+        cell = cells.get(form, {})
+        if cell.get("median") is None or not cell.get("floor_us"):
+            return None
+        ratio = cell["median"] / (cell["floor_us"] * 1e-6)
+        return f"{ratio:.2f}x", ratio <= factor
+    return check
+
+
+TARGETS = [
+    ("LED 64 x 80 x 768: at most 60 us", "led", "coco", _time_at_most(60e-6)),
+    ("LED 64 x 80 x 768: 20x faster than torch.compile", "led", "coco", _faster_than("torch.compile", 20)),
+    ("LED 64 x 80 x 768: 2000x faster than the authors' loops", "led", "coco", _faster_than("eager-loops", 2000)),
+    ("LED 32 x 1000 x 768: at most 300 us", "led", "c1000", _time_at_most(300e-6)),
+    ("LED 32 x 1000 x 768: peak extra memory at most 1.25x the gradient", "led", "c1000", _peak_within_gradient(1.25)),
+    ("LED 16 x 9605 x 256: at most 1 ms", "led", "openimages", _time_at_most(1e-3)),
+    ("MLD 64 x 80: 5x faster than torch.compile", "mld", "coco", _faster_than("torch.compile", 5)),
+    ("MLD 4096 x 1000: time / forward + backward HBM floor, at most 1.5x (the issue reads the kernel "
+     "alone: the profile)", "mld", "b4096-c1000", _floor_ratio_at_most(1.5)),
+]
+
+
+def targets_table(cases, shapes) -> list[str]:
+    """The kernel issue's targets against this run: value and met (yes / no) per fused backend, called
+    eagerly and replayed from a graph; "-" where the run lacks the case."""
+    forms = sorted({f for key, cells in cases.items() if key[0] != "step" for f in cells if f.startswith("fused-")},
+                   key=lambda f: (f.endswith(GRAPHED), f))
+    if not forms:
+        return []
+    lines = ["## Targets of the kernel issue (float32, forward + backward)", "",
+             "| target | " + " | ".join(forms) + " |", "|---|" + "---|" * len(forms)]
+    for label, loss, shape_name, check in TARGETS:
+        cells = cases.get((loss, "fwd+bwd", shape_name, "float32"), {})
+        row = [label]
+        for form in forms:
+            got = check(cells, form, shapes.get((loss, shape_name))) if cells else None
+            row.append("-" if got is None else f"{got[0]} ({'met' if got[1] else 'missed'})")
+        lines.append("| " + " | ".join(row) + " |")
+    for key, cells in cases.items():  # the training step: the losses' share, under 2%
+        if key[0] != "step":
+            continue
+        row = ["Training step: the fused losses under 2% of the step"]
+        for form in forms:
+            cell = cells.get(form, {})
+            losses, t = cell.get("paired_losses_s"), cell.get("median")
+            row.append("-" if losses is None or not t else
+                       f"{max(losses, 0.0) / t:.1%} ({'met' if max(losses, 0.0) / t < 0.02 else 'missed'})")
+        lines.append("| " + " | ".join(row) + " |")
+    return lines + [""]
 
 
 def _step_table(cases, keys) -> list[str]:

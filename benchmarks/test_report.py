@@ -89,3 +89,27 @@ def test_graphed_forms_get_their_own_floor_and_leave_the_ratios_to_eager_calls(r
     assert header.endswith("| floor | floor, graphed |")
     # Ratios from the eager fused call (40 us), the graphed floor from the replay (10 us / 20 us).
     assert "| 20.0 us [5 MiB] |" in text and "| 75x | 30x | 5000x | 25% | 50% |" in text
+
+
+def test_targets_table_reads_each_target_per_fused_form(tmp_path):
+    benches = [_bench("fused-triton", 40e-6), _bench("fused-triton+graph", 20e-6), _bench("torch.compile", 1.2e-3),
+               _bench("eager-loops", 0.2), _bench("fused-triton", 350e-6, shape="c1000", peak=120.0),
+               _bench("fused-triton", 60e-6, loss="mld", shape="coco"), _bench("torch.compile", 0.22e-3, loss="mld", shape="coco"),
+               _bench("fused-triton+graph", 30e-6, loss="mld", shape="b4096-c1000", floor_us=27.0)]
+    benches[4]["extra_info"].update(B=32, C=1000, D=768)
+    path = tmp_path / "bench-targets.json"
+    path.write_text(json.dumps(dict(benchmarks=benches)))
+    report.main([str(path), "--out", str(tmp_path), "--no-plot"])
+    text = (tmp_path / "bench-targets.md").read_text()
+    rows = {line.split(" | ")[0].removeprefix("| "): line for line in text.splitlines() if line.startswith("| LED") or line.startswith("| MLD")}
+    assert "| fused-triton | fused-triton+graph |" in text
+    assert rows["LED 64 x 80 x 768: at most 60 us"].endswith("| 40.0 us (met) | 20.0 us (met) |")
+    assert rows["LED 64 x 80 x 768: 20x faster than torch.compile"].endswith("| 30x (met) | 60x (met) |")
+    assert rows["LED 64 x 80 x 768: 2000x faster than the authors' loops"].endswith("| 5000x (met) | 10000x (met) |")
+    assert rows["LED 32 x 1000 x 768: at most 300 us"].endswith("| 350.0 us (missed) | - |")
+    # 120 MiB against a 93.75 MiB gradient: 1.28x; the replay reads the eager call's peak.
+    assert rows["LED 32 x 1000 x 768: peak extra memory at most 1.25x the gradient"].endswith(
+        "| 120 MiB (1.28x) (missed) | 120 MiB (1.28x) (missed) |")
+    assert rows["LED 16 x 9605 x 256: at most 1 ms"].endswith("| - | - |")  # not in this run
+    assert rows["MLD 64 x 80: 5x faster than torch.compile"].endswith("| 3.67x (missed) | - |")
+    assert "| - | 1.11x (met) |" in rows[next(r for r in rows if r.startswith("MLD 4096"))]
