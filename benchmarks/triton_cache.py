@@ -99,12 +99,15 @@ def _fresh_binders():
 
 
 @contextlib.contextmanager
-def _recording(arch: int, records: dict):
-    """Launches record ``{specialization data: (module, kernel name)}`` instead of compiling."""
+def _recording(arch: int, records: dict, functions: dict | None = None):
+    """Launches record ``{specialization data: (module, kernel name)}`` instead of compiling (and, in
+    ``functions``, each record's kernel object)."""
     from triton import knobs
 
     def hook(*, fn, compile, **_):
         records.setdefault(compile["specialization_data"], (fn.module, fn.name))
+        if functions is not None:
+            functions.setdefault(compile["specialization_data"], fn.jit_function)
         return True  # handled: Triton neither compiles nor launches
 
     saved = knobs.runtime.jit_cache_hook
@@ -200,13 +203,21 @@ def small_cases() -> list:
 CASES = {"gpu-check": gpu_check_cases, "small": small_cases}
 
 
-def record(cases, arch: int) -> dict:
-    """``{specialization data: (module, kernel name)}`` for every launch of the cases' calls."""
+def record(cases, arch: int, functions: dict | None = None) -> dict:
+    """``{specialization data: (module, kernel name)}`` for every launch of the cases' calls; with
+    ``functions``, also ``{specialization data: kernel}`` there (for kernels made inside a function,
+    which a worker process cannot import)."""
     records: dict = {}
-    with _recording(arch, records):
+    with _recording(arch, records, functions):
         for _, call in cases:
             call()
     return records
+
+
+def compile_record(data: str, kernel, arch: int):
+    """One record compiled for sm_<arch> (``JITFunction.preload``), into the cache: the compiled kernel."""
+    with _stand_in_driver(arch):
+        return kernel.preload(data)
 
 
 def _compile_one(item):
@@ -219,8 +230,7 @@ def _compile_one(item):
     knobs.compilation.listener = lambda *, cache_hit, **_: hit.append(bool(cache_hit))
     start = time.perf_counter()
     try:
-        with _stand_in_driver(arch):
-            getattr(importlib.import_module(module), name).preload(data)
+        compile_record(data, getattr(importlib.import_module(module), name), arch)
     finally:
         knobs.compilation.listener = saved
     return name, time.perf_counter() - start, all(hit)

@@ -2,17 +2,19 @@
 
     python tests/triton_aot.py [--arch 90] [--resources]
 
-The launchers are run on CPU tensors with Triton's launch replaced by a recorder; each recorded
-launch is then compiled ahead of time to a cubin for the architecture, with the exact signature,
-constexprs and warp count the launcher used. This checks the compiled (not interpreted) path of
-every kernel on a machine with no GPU: type errors, unsupported operations, layout failures. With
-``--resources`` it prints each kernel's registers and spill stack (needs Triton's cuobjdump).
+The launchers are run on CPU tensors with each launch recorded as Triton specializes it for the
+architecture (``benchmarks/triton_cache.py``'s recorder: Triton's own argument types, alignments,
+compile-time values and options); each record is then compiled ahead of time to a cubin. This
+checks the compiled (not interpreted) path of every kernel on a machine with no GPU: type errors,
+unsupported operations, layout failures. With ``--resources`` it prints each kernel's registers
+and spill stack (needs Triton's cuobjdump).
 Must run with TRITON_INTERPRET unset or 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pathlib
 import subprocess
@@ -21,55 +23,9 @@ import tempfile
 
 import torch
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton.runtime.jit import JITFunction
 
-TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
-              torch.bool: "i1", torch.uint8: "u8", torch.int64: "i64", torch.float64: "fp64"}
-
-
-def record_launches(run_launchers) -> list:
-    """Run ``run_launchers()`` with every Triton launch recorded instead of executed."""
-    launches = []
-    original = JITFunction.run
-
-    def record(self, *args, grid, warmup, **kwargs):
-        launches.append((self, args, kwargs))
-
-    JITFunction.run = record
-    try:
-        run_launchers()
-    finally:
-        JITFunction.run = original
-    return launches
-
-
-def _type_of(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return "*" + TYPE_NAMES[value.dtype]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i64" if not -(2**31) <= value < 2**31 else "i32"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"no Triton type for {value!r}")
-
-
-def compile_launch(fn: JITFunction, args, kwargs, arch: int):
-    names = [p.name for p in fn.params]
-    constexprs = {n: kwargs[n] for n in names if n in kwargs}
-    signature = {}
-    for name, value in zip([n for n in names if n not in constexprs], args):
-        signature[name] = _type_of(value)
-    for name in constexprs:
-        signature[name] = "constexpr"
-    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(n),): v for n, v in constexprs.items()})
-    options = {"num_warps": kwargs.get("num_warps", 4)}
-    if kwargs.get("maxnreg") is not None:
-        options["maxnreg"] = kwargs["maxnreg"]
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+import triton_cache  # noqa: E402  (the launch recorder and compile, shared with the GPU check's cache)
 
 
 def _launchers():
@@ -121,17 +77,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("run with TRITON_INTERPRET unset: the interpreter replaces the compiled kernels")
-    seen = set()
-    for fn, call_args, kwargs in record_launches(_launchers()):
-        key = (fn.__name__, tuple(_type_of(a) for a in call_args), tuple(sorted(kwargs.items())))
-        if key in seen:
-            continue
-        seen.add(key)
-        kernel = compile_launch(fn, call_args, kwargs, args.arch)
-        dtypes = sorted({_type_of(a) for a in call_args if isinstance(a, torch.Tensor)})
+    functions: dict = {}
+    records = triton_cache.record([("launchers", _launchers())], args.arch, functions)
+    for data in records:
+        kernel = triton_cache.compile_record(data, functions[data], args.arch)
+        signature = json.loads(data)["signature"].values()
+        dtypes = sorted({t[1:] for t in signature if isinstance(t, str) and t.startswith("*")})
         extra = f"  {resources(kernel)}" if args.resources else ""
-        print(f"sm_{args.arch} {fn.__name__:<24} {','.join(dtypes):<28}{extra}")
-    print(f"compiled {len(seen)} kernel variants for sm_{args.arch}")
+        print(f"sm_{args.arch} {kernel.name:<24} {','.join(dtypes):<28}{extra}")
+    print(f"compiled {len(records)} kernel variants for sm_{args.arch}")
     return 0
 
 
