@@ -684,7 +684,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 constexpr int kSliceWidth = 128;  // a whole number of chunks for every tile (128, 64 and 32 wide)
 constexpr int kMaxSlices = 16;    // wider inputs take slices of a multiple of kSliceWidth
 
-__device__ __forceinline__ int tile_of(int P) { return P <= 16 ? 16 : P <= 32 ? 32 : 64; }
+// The one-tile size for a group of P members (P above kOneTile: the largest), on the device and in
+// the host's scratch bound alike.
+__host__ __device__ __forceinline__ int tile_of(int64_t P) { return P <= 16 ? 16 : P <= 32 ? 32 : kOneTile; }
 
 // One block: each group's place in the scratch (floats), CD groups then ID groups, -1 for a group of
 // fewer than two or more than 64 members, or past cap.
@@ -848,8 +850,8 @@ std::tuple<at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in, const at::T
     slice = base * ((n_s + kMaxSlices - 1) / kMaxSlices);
     n_s = (D + slice - 1) / slice;
   }
-  const auto tile_max = [](int64_t n) -> int64_t { return n <= 16 ? 16 : n <= 32 ? 32 : kOneTile; };
-  const int64_t worst = n_s * 2 * (C * tile_max(B) * tile_max(B) + B * tile_max(C) * tile_max(C));
+  const int64_t tile_b = tile_of(B), tile_c = tile_of(C);  // each family's largest tile
+  const int64_t worst = n_s * 2 * (C * tile_b * tile_b + B * tile_c * tile_c);
   int64_t scratch_bytes = std::min<int64_t>(std::max<int64_t>(4 << 20, grad.numel() * grad.element_size() / 16), 32 << 20);
   if (const char* env = std::getenv("L2D_CUDA_LED_SCRATCH_BYTES")) scratch_bytes = std::atoll(env);
   const int64_t cap = std::min<int64_t>(worst, scratch_bytes / 4);
