@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 from harness import emit  # noqa: E402
 from l2d_kernels import fused_led, fused_mld  # noqa: E402
-from l2d_kernels.ops import triton_led, triton_mld  # noqa: E402
+from l2d_kernels.ops import triton_common, triton_led, triton_mld  # noqa: E402
 
 
 def _stub_launchers() -> None:
@@ -44,23 +44,47 @@ def _stub_launchers() -> None:
 
 def _bind_only_launches() -> None:
     """Replace Triton's launch by what its Python side does before the driver call: bind and
-    specialize the arguments and look up the compiled kernel's cache key (for an sm_90 target). What
-    is timed is then the launchers' own host path plus Triton's per-launch Python work."""
+    specialize the arguments and look up the compiled kernel by its cache key (for an sm_90 target),
+    which is a stand-in whose launch does nothing. What is timed is then the launchers' own host path
+    plus Triton's per-launch Python work; with the launchers' direct launches (``LaunchCache``), a
+    key's later calls skip the binding and call the stand-in's launch."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
+    from triton.compiler.compiler import CompiledKernel
     from triton.runtime import jit
+    from triton.runtime.driver import driver
+
+    class NoLaunch(CompiledKernel):
+        def __init__(self):  # noqa: D107 (no binary to set up)
+            self.function, self.packed_metadata, self.module = 0, (), None
+
+        def launch_metadata(self, grid, stream, *args):
+            return None
+
+        def run(self, *args):
+            pass
+
+    class StandInDriver:  # the current device and stream, as the direct launches ask for them
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
 
     backend = make_backend(GPUTarget("cuda", 90, 32))
     binders = {}
 
     def run(self, *args, grid, warmup, **kwargs):
         if self not in binders:
-            binders[self] = (jit.create_function_from_signature(self.signature, self.params, backend), {})
-        binder, key_cache = binders[self]
+            binders[self] = (jit.create_function_from_signature(self.signature, self.params, backend), {}, {})
+        binder, key_cache, kernels = binders[self]
         _, specialization, options = binder(*args, **dict(kwargs, debug=False))
-        jit.compute_cache_key(key_cache, specialization, options)
+        key = jit.compute_cache_key(key_cache, specialization, options)
+        kernel = kernels.get(key)
+        return kernel if kernel is not None else kernels.setdefault(key, NoLaunch())
 
     jit.JITFunction.run = run
+    driver.set_active(StandInDriver())
 
 
 def _us_per_call(fn, calls: int, repeats: int = 5) -> float:
@@ -122,7 +146,13 @@ def _launchers(args) -> int:
         "led_forward 64 x 80 (x 8), width split (2 slices)": lambda: _split(triton_led.led_forward, es, et, y),
         "led_scale 64 x 80 (x 8)": lambda: triton_led.led_scale(es, y, g_out),
     }
-    lines = [f"{name}: {_us_per_call(fn, args.calls):.1f} us" for name, fn in cases.items()]
+    lines = []
+    for name, fn in cases.items():
+        times = {}
+        for direct in (False, True):
+            with mock.patch.object(triton_common, "DIRECT_LAUNCH", direct):
+                times[direct] = _us_per_call(fn, args.calls)
+        lines.append(f"{name}: {times[False]:.1f} us through Triton's launch, {times[True]:.1f} us launched directly")
     text = (f"Triton launchers per call, argument binding but no driver call (torch {torch.__version__}, "
             f"Triton {triton.__version__}, one CPU thread)\n" + "\n".join(lines) + "\n")
     emit(text, args.out)

@@ -140,6 +140,30 @@ def launch_costs(device: str = "cuda", calls: int = 2000) -> str:
             f"and autograd.grad) {autograd_op:.1f} us.\n")
 
 
+def direct_launch_costs(device: str = "cuda", calls: int = 500, shape=(64, 80, 128)) -> str:
+    """The Triton launchers' host time per call, through Triton's launch and launched directly
+    (``triton_common.LaunchCache``): the LED forward at COCO's batch and labels on a narrow width (the
+    width-split path's seven launches, little device time), and MLD at 64 x 80. Back to back with one
+    synchronization, as ``launch_costs``."""
+    from l2d_kernels.labels import sample_targets
+    from l2d_kernels.ops import triton_common, triton_led, triton_mld
+
+    B, C, D = shape
+    es = torch.randn(B, C, D, device=device)
+    y = sample_targets(B, C, seed=0, device=device)
+    zs = torch.randn(64, 80, device=device)
+    cases = {f"LED forward {B} x {C} x {D}": lambda: triton_led.led_forward(es, es, y, 100.0, 1000.0),
+             "MLD forward 64 x 80": lambda: triton_mld.mld_forward(zs, zs, "batchmean", 1e-8, 1.0)}
+    parts = []
+    for name, fn in cases.items():
+        times = {}
+        for direct in (False, True):
+            with mock.patch.object(triton_common, "DIRECT_LAUNCH", direct):
+                times[direct] = _per_call_us(fn, device, calls)
+        parts.append(f"{name} {times[False]:.1f} us through Triton's launch, {times[True]:.1f} us launched directly")
+    return "Triton launchers' host time per call: " + "; ".join(parts) + ".\n"
+
+
 def _triton_led_setting(name: str, value):
     """The Triton LED kernels with one of their module settings changed (NUM_WARPS, LOAD_AHEAD,
     SLICE_WIDTH, GRAM_D, ...: each is read at every launch), restored on exit; a name the module does
@@ -228,7 +252,7 @@ def main(argv=None) -> int:
                     runs.append((label, "triton", led_cases, lambda a=assignments: _triton_led_settings(a)))
     title = f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n\n" if device == "cuda" else ""
     if device == "cuda" and "triton" in backends:
-        title += launch_costs(device) + "\n"
+        title += launch_costs(device) + direct_launch_costs(device) + "\n"
     results = []
     for label, backend, cases, variant in runs:
         with variant():

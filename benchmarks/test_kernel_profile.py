@@ -115,6 +115,9 @@ def test_launch_costs_line():
     line = kernel_profile.launch_costs(kernel_profile.DEVICE.type, calls=3)
     assert line.startswith("Host cost of one launch: an empty Triton kernel with 19 arguments ")
     assert line.count(" us") == 3 and "an autograd call of one" in line
+    line = kernel_profile.direct_launch_costs(kernel_profile.DEVICE.type, calls=2, shape=(4, 6, 96))
+    assert line.startswith("Triton launchers' host time per call: LED forward 4 x 6 x 96 ")
+    assert line.count("launched directly") == 2 and line.count(" us") == 4
 
 
 def test_ncu_driver_runs_both_cases_and_refuses_an_unknown_one():

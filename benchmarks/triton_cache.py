@@ -153,8 +153,9 @@ def _empty_kernel_case():
         import kernel_profile
 
         kernel_profile.launch_costs("cpu", calls=1)
+        kernel_profile.direct_launch_costs("cpu", calls=1)
 
-    return "the kernel profile's empty kernel", call
+    return "the kernel profile's launch costs", call
 
 
 def _sanitizer_cases() -> list:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import functools
+import os
+import warnings
 
 import torch
 import triton
@@ -40,6 +42,158 @@ def on_input_device(launcher):
     return launch
 
 
+# Launch compiled kernels directly on repeated calls of one shape (see LaunchCache). Read at each call.
+DIRECT_LAUNCH = os.environ.get("L2D_TRITON_DIRECT_LAUNCH", "1") != "0"
+
+
+class _JitLaunch:
+    """Every launch through Triton's just-in-time path: ``fn[grid](*args, **kwargs)``."""
+
+    __slots__ = ()
+
+    def __call__(self, fn, grid, *args, **kwargs):
+        return fn[grid](*args, **kwargs)
+
+    def done(self) -> None:
+        pass
+
+
+JIT_LAUNCH = _JitLaunch()
+
+
+class _Recording:
+    """A call's launches through the just-in-time path, each compiled kernel kept for the next call of
+    the same key (with the arguments Triton binds after the positional ones: compile-time values and
+    defaults, fixed by the key)."""
+
+    __slots__ = ("_cache", "_key", "_seq")
+
+    def __init__(self, cache: dict, key):
+        self._cache, self._key, self._seq = cache, key, []
+
+    def __call__(self, fn, grid, *args, **kwargs):
+        kernel = fn[grid](*args, **kwargs)
+        seq = self._seq
+        if seq is not None:
+            if isinstance(kernel, _COMPILED_KERNEL) and not fn.pre_run_hooks:
+                bound = fn.signature.bind(*args, **{k: v for k, v in kwargs.items() if k in fn.signature.parameters})
+                bound.apply_defaults()
+                seq.append((fn, kernel, tuple(bound.arguments.values())[len(args):], kwargs))
+            else:  # the interpreter, a compile still running, a pre-run hook: this key stays on that path
+                self._seq = None
+        return kernel
+
+    def done(self) -> None:
+        cache = self._cache
+        if len(cache) >= LaunchCache.MAX_KEYS:
+            cache.clear()
+        cache[self._key] = None if self._seq is None else tuple(self._seq)
+
+
+class _Replay:
+    """A call's launches from the kernels recorded for its key: what ``JITFunction.run`` does once it
+    has found its kernel (launch metadata for a profiler's hook, then the kernel's launcher), without
+    binding and specializing every argument again."""
+
+    __slots__ = ("_cache", "_key", "_seq", "_i", "_stream")
+
+    def __init__(self, cache: dict, key, seq: tuple, device: int):
+        self._cache, self._key, self._seq, self._i = cache, key, seq, 0
+        self._stream = _driver.active.get_current_stream(device)
+
+    def __call__(self, fn, grid, *args, **kwargs):
+        i = self._i
+        seq = self._seq
+        if seq is None or i >= len(seq) or seq[i][0] is not fn or seq[i][3] != kwargs:
+            if seq is not None:
+                self._mismatch(f"launch {i} is {fn.__name__}")
+            return fn[grid](*args, **kwargs)
+        self._i = i + 1
+        _, kernel, tail, _ = seq[i]
+        full = args + tail
+        enter = _knobs.runtime.launch_enter_hook
+        metadata = None if enter is None else kernel.launch_metadata(grid, self._stream, *full)
+        n = len(grid)
+        kernel.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, self._stream, kernel.function,
+                   kernel.packed_metadata, metadata, enter, _knobs.runtime.launch_exit_hook, *full)
+        return kernel
+
+    def _mismatch(self, what: str) -> None:
+        """A launch other than the recorded ones: the key missed something that decides the launches (a
+        bug of the caller's key). The rest of the call takes the just-in-time path, the key is dropped."""
+        warnings.warn(f"l2d_kernels: the Triton launches recorded for this call's key do not match ({what}); "
+                      "it takes Triton's just-in-time path", RuntimeWarning, stacklevel=3)
+        LaunchCache.mismatches += 1
+        self._cache.pop(self._key, None)
+        self._seq = None
+
+    def done(self) -> None:
+        if self._seq is not None and self._i != len(self._seq):
+            self._mismatch(f"{self._i} of {len(self._seq)} recorded launches made")
+
+
+class LaunchCache:
+    """Triton's launch path without its per-launch binding, for the calls of one launcher.
+
+    Each ``fn[grid](...)`` launch costs Triton's binder: every argument specialized (type, 16-byte
+    alignment, integers equal to 1 or divisible by 16), a cache key, a lookup. On a 2-core CPU that is
+    5-7 us of a launch, and the LED call's width-split path makes seven of them. Everything that decides
+    which kernels a launcher's call launches, with which specializations, is a function of few
+    things: the inputs' shapes, strides, dtypes, 16-byte alignment and device, and the module's
+    settings; the caller names them as ``key``. The first call of a key goes through Triton's path and
+    keeps each launch's compiled kernel; a later call of that key launches the kernels it kept, in
+    order, with the kernel's own launcher (as ``JITFunction.run`` does after its lookup). Each launch's
+    compile-time arguments (and options such as ``num_warps``) are checked against the recorded ones,
+    and a call that launches another kernel, or another number of them, falls back to the
+    just-in-time path with a warning and drops the key (``mismatches`` counts them; a test keeps it at
+    zero). Triton's debug and instrumentation settings are part of every key.
+
+    Used as ``launch = cache.call(key, device)``, then ``launch(fn, grid, *args, **kwargs)`` for each
+    launch and ``launch.done()`` at the end of the call (a call that raises records nothing)."""
+
+    MAX_KEYS = 256  # distinct keys kept per launcher (cleared when full)
+    mismatches = 0
+
+    def __init__(self):
+        self._calls: dict = {}
+
+    def call(self, key, device: int):
+        if not DIRECT_LAUNCH or _COMPILED_KERNEL is None:
+            return JIT_LAUNCH
+        key = (key, device, _knobs.runtime.debug, _knobs.compilation.instrumentation_mode,
+               getattr(_knobs.runtime, "add_stages_inspection_hook", None))
+        seq = self._calls.get(key, False)
+        if seq is False:
+            return _Recording(self._calls, key)
+        if seq is None:
+            return JIT_LAUNCH
+        return _Replay(self._calls, key, seq, device)
+
+    def clear(self) -> None:
+        self._calls.clear()
+
+
+def _direct_launch_parts():
+    try:
+        from triton import knobs
+        from triton.compiler.compiler import CompiledKernel
+        from triton.runtime.driver import driver
+    except ImportError:  # another Triton layout: every launch takes the just-in-time path
+        return None, None, None
+    return CompiledKernel, knobs, driver
+
+
+_COMPILED_KERNEL, _knobs, _driver = _direct_launch_parts()
+
+
+def alignment_key(*tensors: torch.Tensor) -> int:
+    """One bit per tensor: whether its data pointer is 16-byte aligned (Triton specializes on it)."""
+    bits = 0
+    for t in tensors:
+        bits = (bits << 1) | (t.data_ptr() & 15 == 0)
+    return bits
+
+
 @triton.jit
 def clamp(x, lo, hi):
     """min(max(x, lo), hi) that keeps NaN (the hardware min/max would replace it by a bound)."""
@@ -68,10 +222,10 @@ def _finalize_sum_kernel(partials_ptr, out_ptr, n, scale, BLOCK: tl.constexpr):
     tl.store(out_ptr, sum_vector(partials_ptr, n, BLOCK) * scale)
 
 
-def finalize_sum(partials: torch.Tensor, scale: float) -> torch.Tensor:
+def finalize_sum(partials: torch.Tensor, scale: float, launch=JIT_LAUNCH) -> torch.Tensor:
     """``scale * partials.sum()`` as a 0-d float32 tensor, deterministic."""
     out = torch.empty((), dtype=torch.float32, device=partials.device)
-    _finalize_sum_kernel[(1,)](partials, out, partials.numel(), scale, BLOCK=SUM_BLOCK)
+    launch(_finalize_sum_kernel, (1,), partials, out, partials.numel(), float(scale), BLOCK=SUM_BLOCK)
     return out
 
 

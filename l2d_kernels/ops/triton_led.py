@@ -56,8 +56,8 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpreted
-from .triton_common import (SUM_BLOCK, at_least, cdiv, clamp, next_power_of_2, on_input_device, settle_cache_keys,
-                            sum_vector)
+from .triton_common import (JIT_LAUNCH, SUM_BLOCK, LaunchCache, alignment_key, at_least, cdiv, clamp, next_power_of_2,
+                            on_input_device, settle_cache_keys, sum_vector)
 
 SMALL_MAX = 128
 TILE = 64
@@ -108,6 +108,17 @@ LOAD_AHEAD = True
 # Triton's CPU interpreter multiplies bfloat16 dot operands wrongly; there, the Gram runs in float32
 # (exact either way: bfloat16 products are exact in float32). Decided once, like triton.jit itself.
 _GRAM_IN_FP32 = tl.constexpr(triton_interpreted())
+# The settings above that a call reads: part of the key under which its launches are kept (LaunchCache).
+_SETTINGS = ("SMALL_MAX", "TILE", "TILE_BLOCK_D", "NUM_WARPS", "MEMBERS_BLOCK", "SLICE_WIDTH", "MAX_SLICES",
+             "SCRATCH_MIN_BYTES", "SCRATCH_MAX_BYTES", "SCRATCH_GRAD_FRACTION", "GRAM_ROWS", "GRAM_D", "SMALL_WARPS",
+             "SMALLEST_TILE", "SCALE_ROWS", "SCALE_BLOCK", "PLAN_BLOCK", "PLAN_MEMBERS", "LOAD_AHEAD", "SUM_BLOCK")
+_FORWARD_LAUNCHES = LaunchCache()
+_SCALE_LAUNCHES = LaunchCache()
+
+
+def _settings() -> tuple:
+    g = globals()
+    return tuple(g[name] for name in _SETTINGS)
 
 
 @triton.jit
@@ -809,19 +820,20 @@ def _common():
                 num_warps=NUM_WARPS)
 
 
-def _large_passes(es, et, grad, idx, cnt, group_loss, geometry, norms, scale: float, first: bool, common):
+def _large_passes(launch, es, et, grad, idx, cnt, group_loss, geometry, norms, scale: float, first: bool, common):
     """The three tiled passes of the groups above SMALL_MAX members (a family whose groups can be large)."""
     n_groups, n_members, width, strides, (g_g, g_m), _ = geometry
     grid = (n_groups, cdiv(n_members, TILE))
     part1 = torch.empty(grid[0] * grid[1] * 2, dtype=torch.float32, device=es.device)
     part2 = torch.empty_like(part1)
-    _means_kernel[grid](es, et, *strides, grad, g_g, idx, cnt, n_members, width, norms, part1, **common)
-    _stats_kernel[grid](es, et, *strides, grad, g_g, idx, cnt, n_members, width, norms, part1, part2, **common)
-    _grad_kernel[grid](es, et, *strides, grad, g_g, g_m, idx, cnt, n_members, width, scale, group_loss,
-                       norms, part1, part2, ADD=not first, **common)
+    launch(_means_kernel, grid, es, et, *strides, grad, g_g, idx, cnt, n_members, width, norms, part1, **common)
+    launch(_stats_kernel, grid, es, et, *strides, grad, g_g, idx, cnt, n_members, width, norms, part1, part2,
+           **common)
+    launch(_grad_kernel, grid, es, et, *strides, grad, g_g, g_m, idx, cnt, n_members, width, scale, group_loss,
+           norms, part1, part2, ADD=not first, **common)
 
 
-def _run_family(es, et, grad, targets, idx, cnt, group_loss, groups_dim: int, scale: float, first: bool,
+def _run_family(launch, es, et, grad, targets, idx, cnt, group_loss, groups_dim: int, scale: float, first: bool,
                 split=None):
     """All groups of one family; ``groups_dim`` is 1 for CD (groups are labels), 0 for ID. ``idx`` and
     ``cnt``: the member lists, needed only when a group can exceed SMALL_MAX members (else None).
@@ -839,22 +851,22 @@ def _run_family(es, et, grad, targets, idx, cnt, group_loss, groups_dim: int, sc
     args = (es, et, *strides, grad, g_g, g_m, targets, y_g, y_m, idx, cnt, n_members, width, scale, group_loss, norms)
     family = dict(ZERO_OUTSIDE=first, ADD=not first, MAX_P=_max_p(n_members), LARGE=large, N_PAD=_n_pad(n_members))
     if split is None:
-        _main_kernel[(n_groups, cdiv(n_members, TILE))](*args, **family, **common)
+        launch(_main_kernel, (n_groups, cdiv(n_members, TILE)), *args, **family, **common)
     else:
         offs, sizes, part, n_s, slice_width = split
         grid = (n_groups, n_s)
         split_args = (*args, offs, sizes, part)
         if SMALL_WARPS <= 0:  # one launch for every group size
-            _split_kernel[grid](*split_args, **family, N_S=n_s, SLICE=slice_width, SIZES=0, **common)
+            launch(_split_kernel, grid, *split_args, **family, N_S=n_s, SLICE=slice_width, SIZES=0, **common)
         else:
             smallest = SMALLEST_TILE.value
             small = {**family, "MAX_P": smallest}
-            _split_kernel[grid](*split_args, **small, N_S=n_s, SLICE=slice_width,
-                                SIZES=0 if n_members <= smallest else 1, **{**common, "num_warps": SMALL_WARPS})
+            launch(_split_kernel, grid, *split_args, **small, N_S=n_s, SLICE=slice_width,
+                   SIZES=0 if n_members <= smallest else 1, **{**common, "num_warps": SMALL_WARPS})
             if n_members > smallest:
-                _split_kernel[grid](*split_args, **family, N_S=n_s, SLICE=slice_width, SIZES=2, **common)
+                launch(_split_kernel, grid, *split_args, **family, N_S=n_s, SLICE=slice_width, SIZES=2, **common)
     if large:
-        _large_passes(es, et, grad, idx, cnt, group_loss, geometry, norms, scale, first, common)
+        _large_passes(launch, es, et, grad, idx, cnt, group_loss, geometry, norms, scale, first, common)
 
 
 def _split_scratch(es, grad, n_s: int) -> int:
@@ -873,16 +885,16 @@ def _gram_d(slice_width: int) -> int:
     return min(GRAM_D, max(16, next_power_of_2(slice_width)))
 
 
-def _plan(targets, cd_cnt, id_cnt, n_s: int, cap: int) -> torch.Tensor:
+def _plan(targets, cd_cnt, id_cnt, n_s: int, cap: int, launch=JIT_LAUNCH) -> torch.Tensor:
     """``_plan_kernel``'s offsets and group sizes (int64 ``[2, C + B]``: row 0 the offsets, row 1 the
     sizes, CD groups then ID groups) for ``n_s`` slices and ``cap`` floats."""
     B, C = targets.shape
     plan = torch.empty(2, C + B, dtype=torch.int64, device=targets.device)
     offs, sizes = plan[0], plan[1]
-    _plan_kernel[(1,)](
-        targets, targets.stride(0), targets.stride(1), B, C, cd_cnt, id_cnt, offs, sizes, cap, CD_LISTS=B > SMALL_MAX,
-        ID_LISTS=C > SMALL_MAX, N_S=n_s, SMALL_MAX=SMALL_MAX, BG=PLAN_BLOCK, CD_BM=min(_n_pad(B), PLAN_MEMBERS),
-        ID_BM=min(_n_pad(C), PLAN_MEMBERS), num_warps=NUM_WARPS)
+    launch(
+        _plan_kernel, (1,), targets, targets.stride(0), targets.stride(1), B, C, cd_cnt, id_cnt, offs, sizes, cap,
+        CD_LISTS=B > SMALL_MAX, ID_LISTS=C > SMALL_MAX, N_S=n_s, SMALL_MAX=SMALL_MAX, BG=PLAN_BLOCK,
+        CD_BM=min(_n_pad(B), PLAN_MEMBERS), ID_BM=min(_n_pad(C), PLAN_MEMBERS), num_warps=NUM_WARPS)
     return plan
 
 
@@ -926,9 +938,12 @@ def led_scale(grad: torch.Tensor, targets: torch.Tensor, grad_output: torch.Tens
     B, C, D = grad.shape
     if B * C * D == 0:
         return
-    _scale_kernel[(cdiv(B * C, SCALE_ROWS),)](grad, targets, targets.stride(0), targets.stride(1), B * C, C, D,
-                                              grad_output, ROWS=SCALE_ROWS,
-                                              BLOCK_D=min(SCALE_BLOCK, next_power_of_2(D)))
+    key = (grad.shape, grad.dtype, targets.stride(), targets.dtype, grad_output.dtype,
+           alignment_key(grad, targets, grad_output), SCALE_ROWS, SCALE_BLOCK)
+    launch = _SCALE_LAUNCHES.call(key, grad.device.index)
+    launch(_scale_kernel, (cdiv(B * C, SCALE_ROWS),), grad, targets, targets.stride(0), targets.stride(1), B * C, C,
+           D, grad_output, ROWS=SCALE_ROWS, BLOCK_D=min(SCALE_BLOCK, next_power_of_2(D)))
+    launch.done()
 
 
 @on_input_device
@@ -936,6 +951,10 @@ def led_forward(es: torch.Tensor, et: torch.Tensor, targets: torch.Tensor, lambd
     """Launch the LED kernels: returns (float32 [total, cd, id], d total / d es in es's dtype)."""
     B, C, _ = es.shape
     device = es.device
+    # Everything that decides this call's launches and their specializations (see LaunchCache).
+    key = (es.shape, es.stride(), et.stride(), targets.stride(), es.dtype, et.dtype, targets.dtype,
+           alignment_key(es, et, targets), _settings())
+    launch = _FORWARD_LAUNCHES.call(key, device.index)
     grad = torch.empty(es.shape, dtype=es.dtype, device=device)
     group_loss = torch.empty(C + B, dtype=torch.float32, device=device)
     out = torch.empty(3, dtype=torch.float32, device=device)
@@ -945,9 +964,10 @@ def led_forward(es: torch.Tensor, et: torch.Tensor, targets: torch.Tensor, lambd
         lists = torch.empty(2 * B * C + B + C, dtype=torch.int32, device=device)
         cd_idx, id_idx = lists[: B * C], lists[B * C : 2 * B * C]
         cd_cnt, id_cnt = lists[2 * B * C : 2 * B * C + C], lists[2 * B * C + C :]
-        _members_kernel[(C * cd_lists + B * id_lists,)](
-            targets, targets.stride(0), targets.stride(1), B, C, cd_idx, cd_cnt, id_idx, id_cnt,
-            CD=cd_lists, ID=id_lists, BLOCK=min(MEMBERS_BLOCK, next_power_of_2(max(B, C))))
+        launch(
+            _members_kernel, (C * cd_lists + B * id_lists,), targets, targets.stride(0), targets.stride(1), B, C,
+            cd_idx, cd_cnt, id_idx, id_cnt, CD=cd_lists, ID=id_lists,
+            BLOCK=min(MEMBERS_BLOCK, next_power_of_2(max(B, C))))
     n_s, slice_width = _split_slices(es.shape[2])
     split_cd = split_id = None
     if n_s > 1:
@@ -955,18 +975,19 @@ def led_forward(es: torch.Tensor, et: torch.Tensor, targets: torch.Tensor, lambd
         given = (cd_idx, cd_cnt, id_idx, id_cnt)
         cd_idx_, cd_cnt_, id_idx_, id_cnt_ = (t if t is not None else group_loss for t in given)
         part = torch.empty(_split_scratch(es, grad, n_s), dtype=torch.float32, device=device)
-        plan = _plan(targets, cd_cnt_, id_cnt_, n_s, part.numel())
+        plan = _plan(targets, cd_cnt_, id_cnt_, n_s, part.numel(), launch)
         offs = plan[0]
-        _gram_kernel[(C + B, n_s)](
-            es, et, *es.stride(), *et.stride(), targets, *targets.stride(), B, C, es.shape[2], offs, part,
-            cd_idx_, cd_cnt_, id_idx_, id_cnt_, CD_LISTS=cd_lists, ID_LISTS=id_lists, CD_N_PAD=_n_pad(B),
-            ID_N_PAD=_n_pad(C), AHEAD=LOAD_AHEAD, SLICE=slice_width, GRAM_ROWS=GRAM_ROWS,
+        launch(
+            _gram_kernel, (C + B, n_s), es, et, *es.stride(), *et.stride(), targets, *targets.stride(), B, C,
+            es.shape[2], offs, part, cd_idx_, cd_cnt_, id_idx_, id_cnt_, CD_LISTS=cd_lists, ID_LISTS=id_lists,
+            CD_N_PAD=_n_pad(B), ID_N_PAD=_n_pad(C), AHEAD=LOAD_AHEAD, SLICE=slice_width, GRAM_ROWS=GRAM_ROWS,
             GRAM_D=_gram_d(slice_width), num_warps=NUM_WARPS)
         split_cd = (offs[:C], plan[1, :C], part, n_s, slice_width)
         split_id = (offs[C:], plan[1, C:], part, n_s, slice_width)
-    _run_family(es, et, grad, targets, cd_idx, cd_cnt, group_loss[:C], 1, 2.0 * lambda_cd, True, split_cd)
-    _run_family(es, et, grad, targets, id_idx, id_cnt, group_loss[C:], 0, 2.0 * lambda_id, False, split_id)
-    _finalize_kernel[(1,)](group_loss, C, B, out, lambda_cd, lambda_id, BLOCK=SUM_BLOCK)
+    _run_family(launch, es, et, grad, targets, cd_idx, cd_cnt, group_loss[:C], 1, 2.0 * lambda_cd, True, split_cd)
+    _run_family(launch, es, et, grad, targets, id_idx, id_cnt, group_loss[C:], 0, 2.0 * lambda_id, False, split_id)
+    launch(_finalize_kernel, (1,), group_loss, C, B, out, float(lambda_cd), float(lambda_id), BLOCK=SUM_BLOCK)
+    launch.done()
     return out, grad
 
 

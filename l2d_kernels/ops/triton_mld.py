@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpreted
-from .triton_common import cdiv, clamp, finalize_sum, on_input_device, settle_cache_keys
+from .triton_common import (LaunchCache, alignment_key, cdiv, clamp, finalize_sum, on_input_device,
+                            settle_cache_keys)
 
 BLOCK_B = 8
 BLOCK_C = 128
@@ -42,6 +43,7 @@ MAX_REGISTERS = 64
 # logits below -87, whose probabilities the eps clamp replaces and whose gradient terms are that small.
 # The interpreter (CPU tests) has no PTX: it takes tl.exp and a division.
 _INTERPRETED = tl.constexpr(triton_interpreted())
+_LAUNCHES = LaunchCache()
 LOG2_E = tl.constexpr(1.4426950408889634)
 
 
@@ -149,17 +151,20 @@ def mld_forward(zs: torch.Tensor, zt: torch.Tensor, reduction: str, eps: float, 
     # refuses in-place changes to a view made inside a custom Function, such as ``loss *= 2``).
     out_shape = (B, C) if per_label else (() if n_partials == 1 else (n_partials,))
     out = torch.empty(out_shape, dtype=torch.float32, device=zs.device)
-    _mld_kernel[grid](
-        zs, zt, grad, out, B, C, zs.stride(0), zs.stride(1), zt.stride(0), zt.stride(1),
+    # Everything that decides this call's launches and their specializations (see LaunchCache).
+    key = (zs.shape, zs.stride(), zt.stride(), zs.dtype, zt.dtype, alignment_key(zs, zt), per_label, ROWS_SMALL,
+           ROWS_LARGE, BLOCK_B, BLOCK_C, MAX_REGISTERS)
+    launch = _LAUNCHES.call(key, zs.device.index)
+    launch(
+        _mld_kernel, grid, zs, zt, grad, out, B, C, zs.stride(0), zs.stride(1), zt.stride(0), zt.stride(1),
         1.0 / temperature, loss_scale, loss_scale if n_partials == 1 else 1.0, scale * temperature,
         math.log(eps), math.log1p(-eps),
         PER_LABEL=per_label, ROWS=rows, BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_C, maxnreg=MAX_REGISTERS,
     )
-    if per_label:
-        return out, grad
-    if n_partials == 1:
-        return out, grad
-    return finalize_sum(out, loss_scale), grad
+    if not per_label and n_partials > 1:
+        out = finalize_sum(out, loss_scale, launch)
+    launch.done()
+    return out, grad
 
 
 settle_cache_keys(globals())  # see there: the same on-disk cache key in every process

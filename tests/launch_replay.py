@@ -1,0 +1,241 @@
+"""Checks ``triton_common.LaunchCache`` without a GPU: the launches a fused call makes directly, from
+the kernels kept for its key, are the launches Triton's just-in-time path would make.
+
+    TRITON_INTERPRET=0 python tests/launch_replay.py
+
+Triton's launch is replaced by its own binder (for an sm_90 target) and a stand-in compiled kernel
+per specialization: nothing is compiled or run, the inputs are never read. Each case calls a
+launcher on several inputs of one layout (fresh tensors, another storage offset of the same
+alignment), each call made twice: directly (the LaunchCache) and through the just-in-time path
+(``DIRECT_LAUNCH`` off). It fails unless
+
+- every call after a key's first launches directly, none of them through the just-in-time path;
+- each direct launch's kernel is the one Triton's binder picks for that launch's arguments (the same
+  specialization and options: types, 16-byte alignments, integers equal to 1 or divisible by 16,
+  compile-time values);
+- the direct launches have the grids and arguments of the just-in-time ones, in the same order;
+- no key was dropped for a mismatch.
+
+Prints one line per case and ``ok`` at the end; exits 1 with the first failure. ``--without-alignment``
+leaves the pointers' alignment out of the launchers' keys, a key too coarse, which must fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from unittest import mock
+
+assert os.environ.get("TRITON_INTERPRET", "0") == "0", "the compiled path's launch is checked: TRITON_INTERPRET=0"
+
+import torch  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import make_backend  # noqa: E402
+from triton.compiler.compiler import CompiledKernel  # noqa: E402
+from triton.runtime import jit  # noqa: E402
+from triton.runtime.driver import driver  # noqa: E402
+
+from l2d_kernels.ops import triton_common, triton_led, triton_mld  # noqa: E402
+
+BACKEND = make_backend(GPUTarget("cuda", 90, 32))
+_binders: dict = {}
+_kernels: dict = {}
+LOG: list = []
+
+
+def _bind(fn, args, options):
+    if fn not in _binders:
+        _binders[fn] = jit.create_function_from_signature(fn.signature, fn.params, BACKEND)
+    bound, specialization, opts = _binders[fn](*args, **dict(options, debug=False))
+    return bound, jit.compute_cache_key({}, specialization, opts)
+
+
+def _grid3(grid):
+    return tuple(grid) + (1,) * (3 - len(grid))
+
+
+def _arg(value):
+    """An argument as compared between the two paths: a tensor by its layout and alignment (the two
+    calls allocate their own outputs), anything else by value."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.stride(), value.dtype, value.data_ptr() % 16 == 0)
+    return (type(value).__name__, value)
+
+
+class _Kernel(CompiledKernel):
+    """A compiled kernel that is not: it logs each direct launch with the key Triton's binder gives
+    that launch's arguments."""
+
+    def __init__(self, fn, key, options):  # noqa: D107 (CompiledKernel's own set-up needs a binary)
+        self.fn, self.key, self.options = fn, key, options
+        self.function, self.packed_metadata, self.module = 0, (), None
+
+    def launch_metadata(self, grid, stream, *args):
+        return None
+
+    def run(self, g0, g1, g2, stream, function, packed, metadata, enter, exit_, *args):
+        _, key = _bind(self.fn, args, self.options)
+        LOG.append(("direct", self.fn.__name__, (g0, g1, g2), key == self.key, tuple(map(_arg, args))))
+
+
+def _jit_run(self, *args, grid, warmup, **kwargs):
+    """Triton's ``JITFunction.run`` up to its kernel lookup; the kernel is a stand-in per key."""
+    options = {k: v for k, v in kwargs.items() if k not in self.signature.parameters}
+    bound, key = _bind(self, args, kwargs)
+    kernel = _kernels.setdefault((self, key), _Kernel(self, key, options))
+    LOG.append(("jit", self.__name__, _grid3(grid), True, tuple(map(_arg, bound.values()))))
+    return kernel
+
+
+class _StandInDriver:
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+@contextlib.contextmanager
+def _patched():
+    saved = driver._active
+    driver.set_active(_StandInDriver())
+    try:
+        with mock.patch.object(jit.JITFunction, "run", _jit_run):
+            yield
+    finally:
+        driver._active = saved
+
+
+def _one_call(call, direct: bool):
+    LOG.clear()
+    with mock.patch.object(triton_common, "DIRECT_LAUNCH", direct):
+        call()
+    return list(LOG)
+
+
+def check(name: str, calls, recorded: bool = False) -> None:
+    """``calls``: functions of one layout. The first call of the key records (unless ``recorded``: an
+    earlier case did; its backward's scaling may share an earlier case's key); every later one must
+    launch directly, as the just-in-time path would."""
+    for i, call in enumerate(calls):
+        direct = _one_call(call, True)
+        through_jit = _one_call(call, False)
+        bad = [entry[1] for entry in direct if not entry[3]]
+        if bad:
+            raise AssertionError(f"{name}: call {i} launched {bad} with a kernel of another specialization")
+        kinds = {entry[0] for entry in direct}
+        if (i > 0 or recorded) and kinds != {"direct"}:
+            raise AssertionError(f"{name}: call {i} launched {sorted(kinds)}, not directly")
+        if i == 0 and not recorded and "jit" not in kinds:
+            raise AssertionError(f"{name}: a new key's first call launched only directly")
+        strip = [entry[1:3] + entry[4:] for entry in direct]
+        if strip != [entry[1:3] + entry[4:] for entry in through_jit]:
+            raise AssertionError(f"{name}: call {i}'s direct launches differ from the just-in-time path's:\n"
+                                 f"{strip}\n{[entry[1:3] + entry[4:] for entry in through_jit]}")
+    print(f"{name}: {len(calls)} calls, {len(direct)} launches each")
+
+
+def _offset(t: torch.Tensor, nbytes: int) -> torch.Tensor:
+    """``t``'s values (same strides) in a storage that starts ``nbytes`` bytes (at least one element) earlier."""
+    elements = max(1, nbytes // t.element_size())
+    flat = torch.empty(t.untyped_storage().nbytes() // t.element_size() + elements, dtype=t.dtype)
+    return flat.as_strided(t.shape, t.stride(), elements).copy_(t)
+
+
+def _led_calls(B, C, D, dtype=torch.float32, teacher=None, targets_dtype=torch.bool, offset=0, transpose=False):
+    """Three calls on fresh inputs and one on inputs 16 bytes further into their storage (the same
+    alignment: the same key); ``offset`` (bytes) moves all of them."""
+    def make(seed, extra=0):
+        g = torch.Generator().manual_seed(seed)
+        es = torch.randn(B, C, D, generator=g).to(dtype)
+        et = torch.randn(B, C, D, generator=g).to(teacher or dtype)
+        y = (torch.rand(B, C, generator=g) < 0.3).to(targets_dtype)
+        if transpose:  # [C, B, D] storage seen as [B, C, D]
+            es, et = (t.transpose(0, 1).contiguous().transpose(0, 1) for t in (es, et))
+        if offset + extra:
+            es, et, y = (_offset(t, offset + extra) for t in (es, et, y))
+        grad_output = torch.tensor(2.0)
+
+        def call():
+            _, grad = triton_led.led_forward(es, et, y, 100.0, 1000.0)
+            triton_led.led_scale(grad, y, grad_output)
+
+        return call
+
+    return [make(0), make(1), make(2), make(3, extra=16)]
+
+
+def _mld_calls(B, C, reduction, dtype=torch.float32, teacher=None, offset=0):
+    def make(seed):
+        g = torch.Generator().manual_seed(seed)
+        zs = torch.randn(B, C, generator=g).to(dtype)
+        zt = torch.randn(B, C, generator=g).to(teacher or dtype)
+        if offset:
+            zs, zt = (_offset(t, offset) for t in (zs, zt))
+        return lambda: triton_mld.mld_forward(zs, zt, reduction, 1e-8, 2.0)
+
+    return [make(0), make(1), make(2)]
+
+
+def _check_fallback() -> None:
+    """A key that misses what decides the launches (here: the settings left out, then one changed):
+    the call is warned about, falls back to the just-in-time path, and launches what it would have."""
+    import warnings
+
+    calls = _led_calls(12, 40, 96)
+    with mock.patch.object(triton_led, "_settings", lambda: ()):
+        _one_call(calls[0], True)
+        with mock.patch.object(triton_led, "SMALL_WARPS", 0), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            direct = _one_call(calls[1], True)
+            through_jit = _one_call(calls[1], False)
+    if triton_common.LaunchCache.mismatches != 1 or not any("do not match" in str(w.message) for w in caught):
+        raise AssertionError(f"a changed setting outside the key: {triton_common.LaunchCache.mismatches} "
+                             f"mismatches, warnings {[str(w.message) for w in caught]}")
+    if [e[1:3] + e[4:] for e in direct] != [e[1:3] + e[4:] for e in through_jit] or not all(e[3] for e in direct):
+        raise AssertionError("the call that fell back did not launch what the just-in-time path launches")
+    triton_common.LaunchCache.mismatches = 0
+    print("a key missing a setting: warned, fell back to the just-in-time path")
+
+
+def main() -> int:
+    if "--without-alignment" in sys.argv:
+        for module in (triton_led, triton_mld):
+            module.alignment_key = lambda *tensors: 0
+    cases = {
+        "led 8x20x32 (one slice)": _led_calls(8, 20, 32),
+        "led 16x80x96 (width split)": _led_calls(16, 80, 96),
+        "led 16x80x96 misaligned by 4 bytes": _led_calls(16, 80, 96, offset=4),
+        "led 16x80x96 [C, B, D] storage": _led_calls(16, 80, 96, transpose=True),
+        "led 16x80x96 bf16 / fp32 teacher, float targets": _led_calls(16, 80, 96, torch.bfloat16, torch.float32,
+                                                                     torch.float32),
+        "led 4x5x1 (width 1), int targets": _led_calls(4, 5, 1, targets_dtype=torch.int64),
+        "led 1x1x80": _led_calls(1, 1, 80),
+        "led 136x6x80 (large groups, member lists)": _led_calls(136, 6, 80),
+        "mld 64x80 batchmean": _mld_calls(64, 80, "batchmean"),
+        "mld 200x300 sum (partials)": _mld_calls(200, 300, "sum"),
+        "mld 200x300 none": _mld_calls(200, 300, "none"),
+        "mld 1x1 mean, misaligned": _mld_calls(1, 1, "mean", offset=4),
+        "mld 64x80 fp16 / fp32 teacher": _mld_calls(64, 80, "batchmean", torch.float16, torch.float32),
+    }
+    with _patched():
+        for name, calls in cases.items():
+            check(name, calls)
+        # Another misalignment, the same for Triton (which asks only whether a pointer is a multiple of 16).
+        check("led 16x80x96 misaligned by 8 bytes", _led_calls(16, 80, 96, offset=8), recorded=True)
+        # Settings are part of the key: another SMALL_WARPS launches otherwise, from the same inputs.
+        with mock.patch.object(triton_led, "SMALL_WARPS", 0):
+            check("led 16x80x96 SMALL_WARPS=0", _led_calls(16, 80, 96))
+        # Alternating layouts of one shape: each call finds its own key's kernels.
+        mixed = [c for pair in zip(_led_calls(16, 80, 96), _led_calls(16, 80, 96, offset=4)) for c in pair]
+        check("led 16x80x96 aligned and misaligned alternating", mixed, recorded=True)
+        if triton_common.LaunchCache.mismatches:
+            raise AssertionError(f"{triton_common.LaunchCache.mismatches} keys dropped for a mismatch")
+        _check_fallback()
+    print("ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
