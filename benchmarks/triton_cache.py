@@ -121,19 +121,21 @@ def _recording(arch: int, records: dict, functions: dict | None = None):
         _fresh_binders()
 
 
-def _led_case(B, C, D, dtype, teacher_dtype=None, settings=(), tiny_scratch=False):
+def _led_case(B, C, D, dtype, teacher_dtype=None, settings=(), tiny_scratch=False, misaligned_teacher=False):
     def call():
         from kernel_profile import _triton_led_settings
         from l2d_kernels.ops import library
         from sanitizer_driver import tiny_split_scratch
 
         es = torch.empty(B, C, D, dtype=dtype).requires_grad_()
-        et = torch.empty(B, C, D, dtype=teacher_dtype or dtype)
+        et = torch.empty(B * C * D + misaligned_teacher, dtype=teacher_dtype or dtype)[int(misaligned_teacher):]
+        et = et.view(B, C, D)
         with _triton_led_settings(settings), tiny_split_scratch() if tiny_scratch else contextlib.nullcontext():
             total, _ = library.led("triton", es, et, torch.zeros(B, C, dtype=torch.bool), 100.0, 1000.0)
             total.backward()
 
     name = f"led {B}x{C}x{D} {str(dtype)[6:]}" + (f"/{str(teacher_dtype)[6:]}" if teacher_dtype else "")
+    name += " misaligned teacher" if misaligned_teacher else ""
     return name + "".join(f" {k}={v}" for k, v in settings) + (" tiny scratch" if tiny_scratch else ""), call
 
 
@@ -184,7 +186,7 @@ def gpu_check_cases() -> list:
     # tests/test_gpu.py: the large shapes, half precision at COCO. Then a bfloat16 student with a
     # float32 teacher, one mix of dtypes that autocast can give (the step benchmark, the training loop).
     cases += [_led_case(32, 10000, 256, f32), _led_case(64, 9605, 768, f32), _led_case(64, 80, 768, f16),
-              _led_case(64, 80, 768, bf16, f32)]
+              _led_case(64, 80, 768, bf16, f32), _led_case(64, 80, 768, f32, misaligned_teacher=True)]
     # The kernel profile's default variant rows (gpu_check.sh's bench_all).
     cases += [_led_case(64, 80, 768, f32, settings=(("GRAM_D", 16),)),
               _led_case(64, 80, 768, f32, settings=(("SMALL_WARPS", 2),))]

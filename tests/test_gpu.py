@@ -223,3 +223,34 @@ def test_losses_on_a_gpu_that_is_not_the_current_one(gpu_backend):
     reference.mld(m_ref, zt.double()).backward()
     assert rel_err(mld.double(), reference.mld(zs.double(), zt.double())) < 1e-4
     assert rel_err(m.grad.double(), m_ref.grad) < 1e-4
+
+
+def test_triton_direct_launches_equal_triton_launches_bitwise():
+    """The Triton launchers' direct launches (``triton_common.LaunchCache``: a shape's later calls)
+    give bitwise what launches through Triton's own path give, at COCO (the width-split path, with
+    misaligned inputs too) and for MLD with partial sums; and they are taken."""
+    from l2d_kernels.ops import triton_common, triton_led
+
+    if "triton" not in fused_backends():
+        pytest.skip("no Triton backend")
+    es, et, y = _embeddings(64, 80, 768)
+    # A teacher 4 bytes off a 16-byte boundary (the student is cloned, hence aligned, in _fused).
+    shifted = torch.empty(et.numel() + 1, device=CUDA)[1:].view(et.shape).copy_(et)
+    zs, zt = (torch.randn(4096, 1000, device=CUDA) * 3 for _ in range(2))
+
+    def calls():
+        x = zs.clone().requires_grad_()
+        loss = fused_mld(x, zt, backend="triton")
+        loss.backward()
+        return [*_fused(es, et, y, "triton"), *_fused(es, shifted, y, "triton"), loss.detach(), x.grad]
+
+    mismatches = triton_common.LaunchCache.mismatches
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(triton_common, "DIRECT_LAUNCH", False)
+        through_triton = calls()
+    calls()  # each key's first call: recorded
+    direct = calls()
+    assert triton_common.LaunchCache.mismatches == mismatches
+    for a, b in zip(direct, through_triton):
+        assert torch.equal(a, b)
+    assert any(seq for seq in triton_led._FORWARD_LAUNCHES._calls.values()), "no key kept its kernels"
