@@ -16,6 +16,11 @@ alignment), each call made twice: directly (the LaunchCache) and through the jus
 - the direct launches have the grids and arguments of the just-in-time ones, in the same order;
 - no key was dropped for a mismatch.
 
+Then the same comparison with Triton's real launch path and real compiled kernels (``_mld_kernel``
+and ``_finalize_sum_kernel`` compiled for sm_90, a few seconds; a stand-in driver; each kernel's
+own launcher replaced by a log): the arguments Triton's ``JITFunction.run`` hands a kernel's launcher
+and those of the direct launches must be the same.
+
 Prints one line per case and ``ok`` at the end; exits 1 with the first failure. ``--without-alignment``
 leaves the pointers' alignment out of the launchers' keys, a key too coarse, which must fail.
 """
@@ -60,6 +65,8 @@ def _arg(value):
     calls allocate their own outputs), anything else by value."""
     if isinstance(value, torch.Tensor):
         return ("tensor", tuple(value.shape), value.stride(), value.dtype, value.data_ptr() % 16 == 0)
+    if type(value).__name__ == "LazyDict":  # a launch's metadata for the profiler hooks: by its entries
+        return ("LazyDict", tuple((k, repr(v)) for k, v in value.data.items()), len(value.extras))
     return (type(value).__name__, value)
 
 
@@ -199,6 +206,46 @@ def _check_fallback() -> None:
     print("a key missing a setting: warned, fell back to the just-in-time path")
 
 
+def _check_compiled() -> None:
+    """Triton's own ``JITFunction.run`` and compiled kernels (only their loading and launcher stood in):
+    what it hands each kernel's launcher, and what the direct launches hand it, must agree."""
+    import pathlib
+
+    sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "benchmarks"))
+    from triton_cache import _fresh_binders, _stand_in_driver
+
+    launches: list = []
+
+    def init_handles(self):  # in place of loading the binary: the launcher logs its arguments
+        if self._run is None:
+            self.function = 7  # no module: nothing for the destructor to unload
+            self._run = lambda *args: launches.append(tuple(map(_arg, args)))
+
+    def logged(call, direct: bool):
+        launches.clear()
+        with mock.patch.object(triton_common, "DIRECT_LAUNCH", direct):
+            call()
+        return list(launches)
+
+    triton_mld._LAUNCHES.clear()
+    with _stand_in_driver(90), mock.patch.object(CompiledKernel, "_init_handles", init_handles):
+        _fresh_binders()
+        try:
+            for calls in (_mld_calls(64, 80, "batchmean"), _mld_calls(200, 300, "sum")):
+                for i, call in enumerate(calls):
+                    through_triton = logged(call, False)
+                    direct = logged(call, True)
+                    if not through_triton or direct != through_triton:
+                        raise AssertionError(f"compiled kernels, call {i}: the direct launches' arguments differ "
+                                             f"from Triton's:\n{direct}\n{through_triton}")
+                print(f"compiled mld kernels: {len(calls)} calls, {len(direct)} launches each, arguments as Triton's")
+        finally:
+            _fresh_binders()
+            triton_mld._LAUNCHES.clear()
+    if triton_common.LaunchCache.mismatches:
+        raise AssertionError(f"{triton_common.LaunchCache.mismatches} keys dropped for a mismatch")
+
+
 def main() -> int:
     if "--without-alignment" in sys.argv:
         for module in (triton_led, triton_mld):
@@ -233,6 +280,8 @@ def main() -> int:
         if triton_common.LaunchCache.mismatches:
             raise AssertionError(f"{triton_common.LaunchCache.mismatches} keys dropped for a mismatch")
         _check_fallback()
+    if "--without-alignment" not in sys.argv:
+        _check_compiled()
     print("ok")
     return 0
 

@@ -13,22 +13,23 @@ pytest.importorskip("triton")
 SCRIPT = pathlib.Path(__file__).with_name("launch_replay.py")
 
 
-def _run(*args):
-    env = dict(os.environ, TRITON_INTERPRET="0")
+def _run(cache_dir, *args):
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(cache_dir))
     env["PYTHONPATH"] = os.pathsep.join([str(SCRIPT.parents[1]), env.get("PYTHONPATH", "")])
     return subprocess.run([sys.executable, str(SCRIPT), *args], env=env, text=True, capture_output=True, timeout=600)
 
 
-def test_direct_launches_are_the_just_in_time_launches():
-    run = _run()
+def test_direct_launches_are_the_just_in_time_launches(tmp_path):
+    run = _run(tmp_path)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert run.stdout.rstrip().endswith("ok")
     assert "large groups" in run.stdout and "fell back" in run.stdout
+    assert run.stdout.count("arguments as Triton's") == 2  # the real compiled kernels' launches
 
 
-def test_a_key_without_the_alignment_is_caught():
+def test_a_key_without_the_alignment_is_caught(tmp_path):
     """The check can fail: keys that ignore the inputs' 16-byte alignment replay an aligned kernel
     for misaligned inputs."""
-    run = _run("--without-alignment")
+    run = _run(tmp_path, "--without-alignment")
     assert run.returncode == 1
     assert "with a kernel of another specialization" in run.stderr, run.stderr[-4000:]
