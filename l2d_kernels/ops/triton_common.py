@@ -75,11 +75,14 @@ class _Recording:
         kernel = fn[grid](*args, **kwargs)
         seq = self._seq
         if seq is not None:
-            if isinstance(kernel, _COMPILED_KERNEL) and not fn.pre_run_hooks:
-                bound = fn.signature.bind(*args, **{k: v for k, v in kwargs.items() if k in fn.signature.parameters})
+            params = fn.signature.parameters
+            # Only compile-time values may come by keyword: the rest of the call is replayed as recorded.
+            runtime_by_keyword = any(not p.is_constexpr and p.name in kwargs for p in fn.params)
+            if isinstance(kernel, _COMPILED_KERNEL) and not fn.pre_run_hooks and not runtime_by_keyword:
+                bound = fn.signature.bind(*args, **{k: v for k, v in kwargs.items() if k in params})
                 bound.apply_defaults()
                 seq.append((fn, kernel, tuple(bound.arguments.values())[len(args):], kwargs))
-            else:  # the interpreter, a compile still running, a pre-run hook: this key stays on that path
+            else:  # the interpreter, a compile still running, a pre-run hook...: this key keeps Triton's path
                 self._seq = None
         return kernel
 
@@ -146,7 +149,8 @@ class LaunchCache:
     compile-time arguments (and options such as ``num_warps``) are checked against the recorded ones,
     and a call that launches another kernel, or another number of them, falls back to the
     just-in-time path with a warning and drops the key (``mismatches`` counts them; a test keeps it at
-    zero). Triton's debug and instrumentation settings are part of every key.
+    zero). Triton's debug and instrumentation settings are part of every key. Only on the Triton
+    releases of ``DIRECT_LAUNCH_TRITON``.
 
     Used as ``launch = cache.call(key, device)``, then ``launch(fn, grid, *args, **kwargs)`` for each
     launch and ``launch.done()`` at the end of the call (a call that raises records nothing)."""
@@ -173,13 +177,19 @@ class LaunchCache:
         self._calls.clear()
 
 
+# The Triton releases whose launch path (``JITFunction.run`` after its lookup) the direct launches
+# repeat, checked by tests/launch_replay.py on 3.6 and 3.8; any other takes Triton's path throughout.
+DIRECT_LAUNCH_TRITON = ((3, 6), (3, 7), (3, 8))
+
+
 def _direct_launch_parts():
-    try:
-        from triton import knobs
-        from triton.compiler.compiler import CompiledKernel
-        from triton.runtime.driver import driver
-    except ImportError:  # another Triton layout: every launch takes the just-in-time path
+    version = tuple(int(part) for part in triton.__version__.split(".")[:2] if part.isdigit())
+    if version not in DIRECT_LAUNCH_TRITON:
         return None, None, None
+    from triton import knobs
+    from triton.compiler.compiler import CompiledKernel
+    from triton.runtime.driver import driver
+
     return CompiledKernel, knobs, driver
 
 
