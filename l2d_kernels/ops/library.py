@@ -115,7 +115,9 @@ def _launcher(loss: str, backend: str):
     if backend == "triton":
         from . import triton_led, triton_mld
 
-        return {"mld": triton_mld.mld_forward, "led": triton_led.led_forward, "led_scale": triton_led.led_scale}[loss]
+        # LED: the total also written to a 0-d tensor of its own (see _Fused).
+        return {"mld": triton_mld.mld_forward, "led": functools.partial(triton_led.led_forward, separate_total=True),
+                "led_scale": triton_led.led_scale}[loss]
     return getattr(torch.ops.l2d_kernels, f"{loss}_{backend}").default
 
 
@@ -127,17 +129,19 @@ class _Fused(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, launch, total_of, scale, aux, x, *rest):
-        loss, grad = launch(x, *rest)
+        outputs = launch(x, *rest)
+        loss, grad = outputs[0], outputs[1]
         ctx.save_for_backward(grad, aux)
         ctx.scale = scale
         ctx.n_rest = len(rest)
         if total_of is None:
             return loss
         # LED: the total as its own tensor (not a view of the three sums, so that in-place use of it
-        # stays allowed), the three sums beside it without gradient.
+        # stays allowed), the three sums beside it without gradient. A launcher that writes the total
+        # apart returns it third (Triton's); else it is copied out (a copy kernel and an op's host time).
         ctx.mark_non_differentiable(loss)
         ctx.set_materialize_grads(False)  # no zero-filled gradient for the sums
-        return loss[total_of].clone(), loss
+        return (outputs[2] if len(outputs) > 2 else loss[total_of].clone()), loss
 
     @staticmethod
     def backward(ctx, grad_loss, *_):

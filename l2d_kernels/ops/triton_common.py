@@ -33,11 +33,11 @@ def on_input_device(launcher):
     """
 
     @functools.wraps(launcher)
-    def launch(x: torch.Tensor, *args):
+    def launch(x: torch.Tensor, *args, **kwargs):
         if x.is_cuda and x.device.index != torch.cuda.current_device():
             with torch.cuda.device(x.device):
-                return launcher(x, *args)
-        return launcher(x, *args)
+                return launcher(x, *args, **kwargs)
+        return launcher(x, *args, **kwargs)
 
     return launch
 
@@ -75,10 +75,10 @@ class _Recording:
         kernel = fn[grid](*args, **kwargs)
         seq = self._seq
         if seq is not None:
-            params = fn.signature.parameters
             # Only compile-time values may come by keyword: the rest of the call is replayed as recorded.
-            runtime_by_keyword = any(not p.is_constexpr and p.name in kwargs for p in fn.params)
-            if isinstance(kernel, _COMPILED_KERNEL) and not fn.pre_run_hooks and not runtime_by_keyword:
+            if (isinstance(kernel, _COMPILED_KERNEL) and not fn.pre_run_hooks
+                    and not any(not p.is_constexpr and p.name in kwargs for p in fn.params)):
+                params = fn.signature.parameters
                 bound = fn.signature.bind(*args, **{k: v for k, v in kwargs.items() if k in params})
                 bound.apply_defaults()
                 seq.append((fn, kernel, tuple(bound.arguments.values())[len(args):], kwargs))
