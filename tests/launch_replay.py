@@ -216,10 +216,17 @@ def _check_compiled() -> None:
 
     launches: list = []
 
+    def log(*args):
+        """A launcher's arguments; metadata and hooks as what they call: (the metadata's entries and
+        the hooks) where a hook is set, nothing where the chains are empty or None."""
+        hooks = tuple(tuple(getattr(h, "calls", ())) if h is not None else () for h in args[7:9])
+        called = (_arg(args[6]), hooks) if any(hooks) else "no hooks"
+        launches.append(tuple(map(_arg, args[:6] + args[9:])) + (called,))
+
     def init_handles(self):  # in place of loading the binary: the launcher logs its arguments
         if self._run is None:
             self.function = 7  # no module: nothing for the destructor to unload
-            self._run = lambda *args: launches.append(tuple(map(_arg, args)))
+            self._run = log
 
     def logged(call, direct: bool):
         launches.clear()
@@ -231,14 +238,26 @@ def _check_compiled() -> None:
     with _stand_in_driver(90), mock.patch.object(CompiledKernel, "_init_handles", init_handles):
         _fresh_binders()
         try:
-            for calls in (_mld_calls(64, 80, "batchmean"), _mld_calls(200, 300, "sum")):
-                for i, call in enumerate(calls):
-                    through_triton = logged(call, False)
-                    direct = logged(call, True)
-                    if not through_triton or direct != through_triton:
-                        raise AssertionError(f"compiled kernels, call {i}: the direct launches' arguments differ "
-                                             f"from Triton's:\n{direct}\n{through_triton}")
-                print(f"compiled mld kernels: {len(calls)} calls, {len(direct)} launches each, arguments as Triton's")
+            from triton import knobs
+
+            def profiler_hook(metadata):
+                pass
+
+            for hooked in (False, True):  # without a launch hook, then with one (as a profiler sets)
+                if hooked:
+                    knobs.runtime.launch_enter_hook.add(profiler_hook)
+                for calls in (_mld_calls(64, 80, "batchmean"), _mld_calls(200, 300, "sum")):
+                    for i, call in enumerate(calls):
+                        through_triton = logged(call, False)
+                        direct = logged(call, True)
+                        if not through_triton or direct != through_triton:
+                            raise AssertionError(f"compiled kernels, call {i}: the direct launches' arguments "
+                                                 f"differ from Triton's:\n{direct}\n{through_triton}")
+                        if hooked != (direct[0][-1] != "no hooks"):
+                            raise AssertionError(f"hook set {hooked}, launches {direct}")
+                    print(f"compiled mld kernels{', a launch hook set' if hooked else ''}: {len(calls)} calls, "
+                          f"{len(direct)} launches each, arguments as Triton's")
+                knobs.runtime.launch_enter_hook.remove(profiler_hook)
         finally:
             _fresh_binders()
             triton_mld._LAUNCHES.clear()

@@ -27,7 +27,7 @@ def test_direct_launches_are_the_just_in_time_launches(tmp_path):
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert run.stdout.rstrip().endswith("ok")
     assert "large groups" in run.stdout and "fell back" in run.stdout
-    assert run.stdout.count("arguments as Triton's") == 2  # the real compiled kernels' launches
+    assert run.stdout.count("arguments as Triton's") == 4  # the real compiled kernels' launches, hooked or not
 
 
 def test_a_key_without_the_alignment_is_caught(tmp_path):

@@ -96,7 +96,9 @@ class _Recording:
 class _Replay:
     """A call's launches from the kernels recorded for its key: what ``JITFunction.run`` does once it
     has found its kernel (launch metadata for a profiler's hook, then the kernel's launcher), without
-    binding and specializing every argument again."""
+    binding and specializing every argument again. Where Triton's launch hooks are empty chains (Triton
+    3.6 and 3.8 keep a chain, never None), no metadata is built and no hook handed on: Triton would
+    build a dictionary for each launch and call two chains that call nothing."""
 
     __slots__ = ("_cache", "_key", "_seq", "_i", "_stream")
 
@@ -114,11 +116,15 @@ class _Replay:
         self._i = i + 1
         _, kernel, tail, _ = seq[i]
         full = args + tail
-        enter = _knobs.runtime.launch_enter_hook
-        metadata = None if enter is None else kernel.launch_metadata(grid, self._stream, *full)
+        enter, exit_ = _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook
+        if not getattr(enter, "calls", True) and not getattr(exit_, "calls", True):
+            # Triton's hook chains, both empty (no profiler): what Triton would build and call does nothing.
+            enter = exit_ = metadata = None
+        else:
+            metadata = None if enter is None else kernel.launch_metadata(grid, self._stream, *full)
         n = len(grid)
         kernel.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, self._stream, kernel.function,
-                   kernel.packed_metadata, metadata, enter, _knobs.runtime.launch_exit_hook, *full)
+                   kernel.packed_metadata, metadata, enter, exit_, *full)
         return kernel
 
     def _mismatch(self, what: str) -> None:
