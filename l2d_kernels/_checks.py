@@ -37,8 +37,17 @@ def _nonempty(name: str, shape, dims: tuple[str, ...]) -> None:
             raise ValueError(f"{name} has an empty {dim} dimension (shape {tuple(shape)}): need at least one")
 
 
+def _fine(a, b, dims: int) -> bool:
+    """The inputs' common case, in few operations (every call takes it): floating tensors of ``dims``
+    dimensions, one non-empty shape, one device. Anything else goes through the checks that name it."""
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() == dims and a.shape == b.shape
+            and a.is_floating_point() and b.is_floating_point() and a.numel() > 0 and a.device == b.device)
+
+
 def check_logits(student_logits, teacher_logits) -> torch.device:
     """Student and teacher logits: floating ``[B, C]`` tensors of one shape on one device."""
+    if _fine(student_logits, teacher_logits, 2):
+        return student_logits.device
     zs = _tensor("student_logits", student_logits)
     zt = _tensor("teacher_logits", teacher_logits)
     for name, t in (("student_logits", zs), ("teacher_logits", zt)):
@@ -62,6 +71,10 @@ def check_targets(targets, shape: torch.Size, against: str) -> None:
 
 def check_embeddings(student_emb, teacher_emb, targets) -> torch.device:
     """Student and teacher embeddings ``[B, C, D]`` of one shape, targets ``[B, C]``, one device."""
+    if (_fine(student_emb, teacher_emb, 3) and isinstance(targets, torch.Tensor)
+            and targets.shape == student_emb.shape[:2] and not targets.dtype.is_complex
+            and targets.device == student_emb.device):
+        return student_emb.device
     es = _tensor("student_emb", student_emb)
     et = _tensor("teacher_emb", teacher_emb)
     for name, t in (("student_emb", es), ("teacher_emb", et)):
