@@ -110,8 +110,9 @@ def led_op(backend: str):
 @functools.lru_cache(maxsize=None)
 def _launcher(loss: str, backend: str):
     """The function that launches a backend's kernels: for "mld" and "led", (student, *rest) -> (loss,
-    d loss / d student); for "led_scale", the LED backward's in-place scaling (grad, targets,
-    grad_output). Looked up once per (name, backend): it is on every call's path."""
+    d loss / d student), Triton's "led" with the total as a third output; for "led_scale", the LED
+    backward's in-place scaling (grad, targets, grad_output). Looked up once per (name, backend): it
+    is on every call's path."""
     if backend == "triton":
         from . import triton_led, triton_mld
 
