@@ -114,11 +114,12 @@ def _patched():
         driver._active = saved
 
 
-def _one_call(call, direct: bool):
-    LOG.clear()
+def _one_call(call, direct: bool, log: list = LOG):
+    """What ``call`` launched (``log``'s entries), directly or through Triton's path."""
+    log.clear()
     with mock.patch.object(triton_common, "DIRECT_LAUNCH", direct):
         call()
-    return list(LOG)
+    return list(log)
 
 
 def check(name: str, calls, recorded: bool = False) -> None:
@@ -228,12 +229,6 @@ def _check_compiled() -> None:
             self.function = 7  # no module: nothing for the destructor to unload
             self._run = log
 
-    def logged(call, direct: bool):
-        launches.clear()
-        with mock.patch.object(triton_common, "DIRECT_LAUNCH", direct):
-            call()
-        return list(launches)
-
     triton_mld._LAUNCHES.clear()
     with _stand_in_driver(90), mock.patch.object(CompiledKernel, "_init_handles", init_handles):
         _fresh_binders()
@@ -248,8 +243,8 @@ def _check_compiled() -> None:
                     knobs.runtime.launch_enter_hook.add(profiler_hook)
                 for calls in (_mld_calls(64, 80, "batchmean"), _mld_calls(200, 300, "sum")):
                     for i, call in enumerate(calls):
-                        through_triton = logged(call, False)
-                        direct = logged(call, True)
+                        through_triton = _one_call(call, False, launches)
+                        direct = _one_call(call, True, launches)
                         if not through_triton or direct != through_triton:
                             raise AssertionError(f"compiled kernels, call {i}: the direct launches' arguments "
                                                  f"differ from Triton's:\n{direct}\n{through_triton}")
