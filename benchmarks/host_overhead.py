@@ -48,43 +48,21 @@ def _bind_only_launches() -> None:
     which is a stand-in whose launch does nothing. What is timed is then the launchers' own host path
     plus Triton's per-launch Python work; with the launchers' direct launches (``LaunchCache``), a
     key's later calls skip the binding and call the stand-in's launch."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import make_backend
-    from triton.compiler.compiler import CompiledKernel
     from triton.runtime import jit
     from triton.runtime.driver import driver
 
-    class NoLaunch(CompiledKernel):
-        def __init__(self):  # noqa: D107 (no binary to set up)
-            self.function, self.packed_metadata, self.module = 0, (), None
+    from triton_cache import TritonBinding, _StandInDriver, stand_in_kernel
 
-        def launch_metadata(self, grid, stream, *args):
-            return None
-
-        def run(self, *args):
-            pass
-
-    class StandInDriver:  # the current device and stream, as the direct launches ask for them
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device=None):
-            return 0
-
-    backend = make_backend(GPUTarget("cuda", 90, 32))
-    binders = {}
+    bind = TritonBinding(90)
+    kernels = {}
 
     def run(self, *args, grid, warmup, **kwargs):
-        if self not in binders:
-            binders[self] = (jit.create_function_from_signature(self.signature, self.params, backend), {}, {})
-        binder, key_cache, kernels = binders[self]
-        _, specialization, options = binder(*args, **dict(kwargs, debug=False))
-        key = jit.compute_cache_key(key_cache, specialization, options)
-        kernel = kernels.get(key)
-        return kernel if kernel is not None else kernels.setdefault(key, NoLaunch())
+        _, key = bind(self, args, kwargs)
+        kernel = kernels.get((self, key))
+        return kernel if kernel is not None else kernels.setdefault((self, key), stand_in_kernel())
 
     jit.JITFunction.run = run
-    driver.set_active(StandInDriver())
+    driver.set_active(_StandInDriver(90))  # the current device and stream, as the direct launches ask
 
 
 def _us_per_call(fn, calls: int, repeats: int = 5) -> float:

@@ -88,6 +88,47 @@ def _stand_in_driver(arch: int):
         driver._active = saved
 
 
+class TritonBinding:
+    """Triton's own binding of a launch's arguments and the kernel key it looks up, for an sm_<arch>
+    target, as ``JITFunction.run`` computes them before its lookup: ``(bound arguments, key)`` for
+    ``fn``, positional ``args`` and keyword ``kwargs`` (options such as ``num_warps`` included)."""
+
+    def __init__(self, arch: int = 90):
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+
+        self._backend = make_backend(GPUTarget("cuda", arch, 32))
+        self._binders: dict = {}
+
+    def __call__(self, fn, args, kwargs):
+        from triton.runtime import jit
+
+        if fn not in self._binders:
+            self._binders[fn] = (jit.create_function_from_signature(fn.signature, fn.params, self._backend), {})
+        binder, key_cache = self._binders[fn]
+        bound, specialization, options = binder(*args, **dict(kwargs, debug=False))
+        return bound, jit.compute_cache_key(key_cache, specialization, options)
+
+
+def stand_in_kernel(on_launch=None):
+    """A compiled kernel without a binary (a ``CompiledKernel``, as the direct launches require): its
+    launch calls ``on_launch`` with the launcher's arguments, or does nothing."""
+    from triton.compiler.compiler import CompiledKernel
+
+    class StandInKernel(CompiledKernel):
+        def __init__(self):  # noqa: D107 (no binary to set up; no module for the destructor to unload)
+            self.function, self.packed_metadata, self.module = 0, (), None
+
+        def launch_metadata(self, grid, stream, *args):
+            return None
+
+        def run(self, *args):
+            if on_launch is not None:
+                on_launch(*args)
+
+    return StandInKernel()
+
+
 def _fresh_binders():
     """Forget every kernel's binder and in-memory kernels (made for another driver's target)."""
     from triton.runtime.jit import JITFunction

@@ -34,26 +34,21 @@ from unittest import mock
 
 assert os.environ.get("TRITON_INTERPRET", "0") == "0", "the compiled path's launch is checked: TRITON_INTERPRET=0"
 
+import pathlib  # noqa: E402
+
 import torch  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import make_backend  # noqa: E402
 from triton.compiler.compiler import CompiledKernel  # noqa: E402
 from triton.runtime import jit  # noqa: E402
-from triton.runtime.driver import driver  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "benchmarks"))
+from triton_cache import (TritonBinding, _fresh_binders, _stand_in_driver,  # noqa: E402
+                          stand_in_kernel)
 
 from l2d_kernels.ops import triton_common, triton_led, triton_mld  # noqa: E402
 
-BACKEND = make_backend(GPUTarget("cuda", 90, 32))
-_binders: dict = {}
+_bind = TritonBinding(90)
 _kernels: dict = {}
 LOG: list = []
-
-
-def _bind(fn, args, options):
-    if fn not in _binders:
-        _binders[fn] = jit.create_function_from_signature(fn.signature, fn.params, BACKEND)
-    bound, specialization, opts = _binders[fn](*args, **dict(options, debug=False))
-    return bound, jit.compute_cache_key({}, specialization, opts)
 
 
 def _grid3(grid):
@@ -70,48 +65,25 @@ def _arg(value):
     return (type(value).__name__, value)
 
 
-class _Kernel(CompiledKernel):
-    """A compiled kernel that is not: it logs each direct launch with the key Triton's binder gives
-    that launch's arguments."""
-
-    def __init__(self, fn, key, options):  # noqa: D107 (CompiledKernel's own set-up needs a binary)
-        self.fn, self.key, self.options = fn, key, options
-        self.function, self.packed_metadata, self.module = 0, (), None
-
-    def launch_metadata(self, grid, stream, *args):
-        return None
-
-    def run(self, g0, g1, g2, stream, function, packed, metadata, enter, exit_, *args):
-        _, key = _bind(self.fn, args, self.options)
-        LOG.append(("direct", self.fn.__name__, (g0, g1, g2), key == self.key, tuple(map(_arg, args))))
-
-
 def _jit_run(self, *args, grid, warmup, **kwargs):
-    """Triton's ``JITFunction.run`` up to its kernel lookup; the kernel is a stand-in per key."""
+    """Triton's ``JITFunction.run`` up to its kernel lookup; the kernel is a stand-in per key, which
+    logs each direct launch with the key Triton's binding gives that launch's arguments."""
     options = {k: v for k, v in kwargs.items() if k not in self.signature.parameters}
     bound, key = _bind(self, args, kwargs)
-    kernel = _kernels.setdefault((self, key), _Kernel(self, key, options))
+    if (self, key) not in _kernels:
+        def direct(g0, g1, g2, stream, function, packed, metadata, enter, exit_, *full, fn=self, key=key):
+            _, launched = _bind(fn, full, options)
+            LOG.append(("direct", fn.__name__, (g0, g1, g2), launched == key, tuple(map(_arg, full))))
+
+        _kernels[(self, key)] = stand_in_kernel(direct)
     LOG.append(("jit", self.__name__, _grid3(grid), True, tuple(map(_arg, bound.values()))))
-    return kernel
-
-
-class _StandInDriver:
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
+    return _kernels[(self, key)]
 
 
 @contextlib.contextmanager
 def _patched():
-    saved = driver._active
-    driver.set_active(_StandInDriver())
-    try:
-        with mock.patch.object(jit.JITFunction, "run", _jit_run):
-            yield
-    finally:
-        driver._active = saved
+    with _stand_in_driver(90), mock.patch.object(jit.JITFunction, "run", _jit_run):
+        yield
 
 
 def _one_call(call, direct: bool, log: list = LOG):
@@ -210,11 +182,6 @@ def _check_fallback() -> None:
 def _check_compiled() -> None:
     """Triton's own ``JITFunction.run`` and compiled kernels (only their loading and launcher stood in):
     what it hands each kernel's launcher, and what the direct launches hand it, must agree."""
-    import pathlib
-
-    sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "benchmarks"))
-    from triton_cache import _fresh_binders, _stand_in_driver
-
     launches: list = []
 
     def log(*args):
