@@ -37,8 +37,8 @@ from l2d_kernels.ops import triton_common, triton_led, triton_mld  # noqa: E402
 def _stub_launchers() -> None:
     triton_mld.mld_forward = lambda zs, zt, reduction, eps, t: (
         zs.new_zeros((), dtype=torch.float32), torch.empty_like(zs))
-    triton_led.led_forward = lambda es, et, y, lambda_cd, lambda_id, separate_total=False: (
-        es.new_zeros(3, dtype=torch.float32), torch.empty_like(es)) + ((es.new_zeros(()),) if separate_total else ())
+    triton_led.led_forward = lambda es, et, y, lambda_cd, lambda_id: (
+        es.new_zeros(3, dtype=torch.float32), torch.empty_like(es), es.new_zeros((), dtype=torch.float32))
     triton_led.led_scale = lambda grad, targets, grad_output: None  # the backward's launcher
 
 

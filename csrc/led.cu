@@ -612,14 +612,14 @@ __device__ void group(const TS* __restrict__ es, const TT* __restrict__ et, TS* 
 // order: [lambda_cd * CD + lambda_id * ID, CD, ID]. Run by the last block of the ID launch to finish;
 // __ldcg reads at L2, past any L1 line of this SM that predates the other blocks' writes.
 __device__ void finalize(const float* group_loss, int64_t C, int64_t B, float lambda_cd, float lambda_id,
-                         float* __restrict__ out, float* scratch) {
+                         float* __restrict__ out, float* __restrict__ total, float* scratch) {
   float cd = 0.f, id = 0.f;
   for (int64_t k = threadIdx.x; k < C; k += kThreads) cd += __ldcg(group_loss + k);
   for (int64_t k = threadIdx.x; k < B; k += kThreads) id += __ldcg(group_loss + C + k);
   cd = block_sum(cd, scratch);
   id = block_sum(id, scratch);
   if (threadIdx.x == 0) {
-    out[0] = lambda_cd * cd + lambda_id * id;
+    out[0] = *total = lambda_cd * cd + lambda_id * id;
     out[1] = cd;
     out[2] = id;
   }
@@ -628,6 +628,7 @@ __device__ void finalize(const float* group_loss, int64_t C, int64_t B, float la
 // What the launch that ends a call (ID) needs to add the group losses once every block is done.
 struct Finalize {
   float* out;              // [3]; null for the CD launch
+  float* total;            // [], out[0] once more
   const float* group_loss; // all C + B group losses
   int* blocks_done;        // zero before the launch
   int64_t C, B;
@@ -668,7 +669,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
   if (!last) return;
   __threadfence();
-  finalize(fin.group_loss, fin.C, fin.B, fin.lambda_cd, fin.lambda_id, fin.out, shared.reduce);
+  finalize(fin.group_loss, fin.C, fin.B, fin.lambda_cd, fin.lambda_id, fin.out, fin.total, shared.reduce);
 }
 
 // ---------------------------------------------------------------- the width-split path
@@ -799,7 +800,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in, const at::Tensor& et_in,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in, const at::Tensor& et_in,
                                             const at::Tensor& targets, double lambda_cd, double lambda_id) {
   TORCH_CHECK(es_in.is_cuda() && et_in.is_cuda() && targets.is_cuda(), "led_cuda: inputs must be CUDA tensors");
   TORCH_CHECK(es_in.dim() == 3 && es_in.sizes() == et_in.sizes(), "led_cuda: embeddings must be [B, C, D] of one shape");
@@ -837,7 +838,7 @@ std::tuple<at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in, const at::T
   at::Tensor group_loss = at::empty({C + B + 4 * n_items}, f32);
   float* losses = group_loss.data_ptr<float>();
   float* sums = losses + C + B;
-  at::Tensor out = at::empty({3}, f32);
+  at::Tensor out = at::empty({3}, f32), total = at::empty({}, f32);
   // The width-split path (above slice_kernel): slices of kSliceWidth widths, or of a multiple of it
   // past kMaxSlices; a scratch for the partial Grams of what every group at its family's largest
   // tile would need, at most a sixteenth of the gradient's bytes, within 4-32 MiB. For the tests,
@@ -893,7 +894,7 @@ std::tuple<at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in, const at::T
     const FamilyArgs id{es.stride(0), es.stride(1), es.stride(2), et.stride(0), et.stride(1), et.stride(2),
                         grad.stride(0), grad.stride(1), C, D, static_cast<float>(2.0 * lambda_id), true,
                         split ? offs_ptr + C : nullptr};
-    const Finalize fin{out.data_ptr<float>(), losses, n_active + 2, C, B, static_cast<float>(lambda_cd),
+    const Finalize fin{out.data_ptr<float>(), total.data_ptr<float>(), losses, n_active + 2, C, B, static_cast<float>(lambda_cd),
                        static_cast<float>(lambda_id)};
     const auto family = [&](const FamilyArgs& f, const int* idx, const int* cnt, const int* n_act, const int* act,
                             float* loss, const Strips& st, int64_t groups, bool ends_call) {
@@ -919,7 +920,7 @@ std::tuple<at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in, const at::T
     family(id, id_idx, id_cnt, n_active + 1, active + C, losses + C, st_id, B, true);
   });
   if (mixed) grad = grad.to(es_in.scalar_type());
-  return {out, grad};
+  return {out, grad, total};
 }
 
 }  // namespace l2d

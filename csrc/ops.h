@@ -13,15 +13,16 @@ namespace l2d {
 inline constexpr char kMldArgs[] =
     "(Tensor zs, Tensor zt, str reduction, float eps, float temperature) -> (Tensor, Tensor)";
 inline constexpr char kLedArgs[] =
-    "(Tensor es, Tensor et, Tensor targets, float lambda_cd, float lambda_id) -> (Tensor, Tensor)";
+    "(Tensor es, Tensor et, Tensor targets, float lambda_cd, float lambda_id) -> (Tensor, Tensor, Tensor)";
 inline constexpr char kLedScaleArgs[] = "(Tensor(a!) grad, Tensor targets, Tensor grad_output) -> ()";
 
 // (loss in float32, d loss / d zs in zs's dtype)
 std::tuple<at::Tensor, at::Tensor> mld_cuda(const at::Tensor& zs, const at::Tensor& zt, c10::string_view reduction,
                                             double eps, double temperature);
 
-// (float32 [lambda_cd * CD + lambda_id * ID, CD, ID], d total / d es in es's dtype)
-std::tuple<at::Tensor, at::Tensor> led_cuda(const at::Tensor& es, const at::Tensor& et, const at::Tensor& targets,
+// (float32 [lambda_cd * CD + lambda_id * ID, CD, ID], d total / d es in es's dtype, the total again as a
+// float32 0-d tensor of its own: what an eager call returns, with no copy kernel to make it)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> led_cuda(const at::Tensor& es, const at::Tensor& et, const at::Tensor& targets,
                                             double lambda_cd, double lambda_id);
 
 // The LED backward: grad *= grad_output in place, reading only the rows whose target is positive

@@ -200,6 +200,24 @@ def test_led_components_carry_no_gradient(backend):
     assert total.requires_grad and not cd.requires_grad and not id_.requires_grad
 
 
+def test_led_total_is_a_tensor_of_its_own(backend):
+    """The returned total may be changed in place (``loss += other`` in a training loop) without
+    touching the components, and backward sees the change; the same total as the components give."""
+    es, et, y = embeddings(6, 5, 12, device=DEVICE, density=0.6)
+    x = es.clone().requires_grad_()
+    total, cd, id_ = fused_led(x, et, y, backend=backend, lambda_cd=3.0, lambda_id=5.0, return_components=True)
+    assert total.shape == () and total._base is None
+    kept = (total.item(), cd.item(), id_.item())
+    assert kept[0] == pytest.approx(3.0 * kept[1] + 5.0 * kept[2], rel=1e-6)
+    total.mul_(2.0)
+    total += 1.0
+    assert (cd.item(), id_.item()) == kept[1:] and total.item() == pytest.approx(2.0 * kept[0] + 1.0, rel=1e-6)
+    total.backward()
+    x2 = es.clone().requires_grad_()
+    (2.0 * fused_led(x2, et, y, backend=backend, lambda_cd=3.0, lambda_id=5.0)).backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=0, atol=0)
+
+
 def test_led_nan_propagates_from_a_member_row(backend):
     es, et, y = embeddings(5, 4, 8, device=DEVICE, density=1.0)
     es[2, 3, 1] = float("nan")

@@ -77,7 +77,11 @@ def test_emulator_orders_expose_a_missing_barrier(ops):
 
 
 def _led(ops, es, et, y, lambda_cd=100.0, lambda_id=1000.0):
-    return ops.led(es, et, y, lambda_cd, lambda_id)
+    """(losses, grad) of the emulated operator, whose third output, the total apart, must be losses[0]."""
+    losses, grad, total = ops.led(es, et, y, lambda_cd, lambda_id)
+    assert total.shape == () and total.dtype == torch.float32
+    assert torch.equal(total.view(torch.int32), losses[0].view(torch.int32))  # bitwise: NaN included
+    return losses, grad
 
 
 def _check_fp32(losses, grad, es, et, y, lambda_cd=100.0, lambda_id=1000.0, tol=1e-4):

@@ -39,7 +39,7 @@ def test_schemas():
     led = torch.ops.l2d_kernels.led_cuda.default._schema
     assert [a.name for a in mld.arguments] == ["zs", "zt", "reduction", "eps", "temperature"]
     assert [a.name for a in led.arguments] == ["es", "et", "targets", "lambda_cd", "lambda_id"]
-    assert len(mld.returns) == len(led.returns) == 2
+    assert len(mld.returns) == 2 and len(led.returns) == 3
     assert not any(a.alias_info for a in list(mld.arguments) + list(led.arguments))
 
 
@@ -58,11 +58,14 @@ def test_led_fake_kernel(dtype):
     with FakeTensorMode():
         es = torch.empty(4, 3, 8, device="cuda", dtype=dtype)
         y = torch.empty(4, 3, device="cuda", dtype=torch.bool)
-        losses, grad = torch.ops.l2d_kernels.led_cuda(es, es, y, 100.0, 1000.0)
+        losses, grad, total = torch.ops.l2d_kernels.led_cuda(es, es, y, 100.0, 1000.0)
     assert losses.shape == (3,) and losses.dtype == torch.float32
+    assert total.shape == () and total.dtype == torch.float32 and total.device.type == "cuda"
     assert grad.shape == (4, 3, 8) and grad.dtype == dtype and grad.device.type == "cuda"
 
 
 def test_an_extension_without_an_operator_the_package_calls_counts_as_another_build():
     assert cuda_ext.missing_operators() == []
-    assert cuda_ext.missing_operators(("led_cuda", "led_from_the_future_cuda")) == ["led_from_the_future_cuda"]
+    assert cuda_ext.missing_operators({"led_cuda": 3, "led_from_the_future_cuda": 2}) == ["led_from_the_future_cuda"]
+    # An operator of an older build, with another number of results (LED had two before the total apart).
+    assert cuda_ext.missing_operators({"led_cuda": 2, "mld_cuda": 2}) == ["led_cuda"]

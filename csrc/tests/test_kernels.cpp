@@ -12,6 +12,7 @@
 namespace {
 
 using Pair = std::tuple<at::Tensor, at::Tensor>;
+using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 double sigmoid(double z) { return 1.0 / (1.0 + std::exp(-z)); }
 
@@ -72,7 +73,7 @@ int main() {
   auto mld = dispatcher.findSchemaOrThrow("l2d_kernels::mld_cuda", "")
                  .typed<Pair(const at::Tensor&, const at::Tensor&, c10::string_view, double, double)>();
   auto led = dispatcher.findSchemaOrThrow("l2d_kernels::led_cuda", "")
-                 .typed<Pair(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double)>();
+                 .typed<Triple(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double)>();
   at::manual_seed(0);
 
   // MLD, batchmean, against the formula in double.
@@ -90,7 +91,7 @@ int main() {
   at::Tensor y = at::rand({b, c}, at::kDouble) < 0.4;
   y.select(1, 0).fill_(true);
   y.select(0, 3).fill_(true);
-  auto [losses, lgrad] = led.call(es.to(at::kFloat).cuda(), et.to(at::kFloat).cuda(), y.cuda(), 3.0, 5.0);
+  auto [losses, lgrad, ltotal] = led.call(es.to(at::kFloat).cuda(), et.to(at::kFloat).cuda(), y.cuda(), 3.0, 5.0);
   at::Tensor want_grad = at::zeros({b, c, D}, at::kDouble);
   auto acc_s = es.accessor<double, 3>(), acc_t = et.accessor<double, 3>();
   auto acc_y = y.accessor<bool, 2>();
@@ -120,10 +121,12 @@ int main() {
   const double total = 3 * cd + 5 * id;
   check(std::fabs(l[0].item<double>() - total) < 1e-4 * total, "led_cuda total, float32",
         std::fabs(l[0].item<double>() - total) / total);
+  check(at::equal(ltotal.cpu(), l[0]) && ltotal.dim() == 0, "led_cuda total apart, equal to losses[0]", 0.0);
   check(std::fabs(l[1].item<double>() - cd) < 1e-4 * cd, "led_cuda CD", std::fabs(l[1].item<double>() - cd) / cd);
   check(std::fabs(l[2].item<double>() - id) < 1e-4 * id, "led_cuda ID", std::fabs(l[2].item<double>() - id) / id);
   check(rel_err(lgrad, want_grad) < 1e-4, "led_cuda gradient, float32", rel_err(lgrad, want_grad));
-  auto [again, again_grad] = led.call(es.to(at::kFloat).cuda(), et.to(at::kFloat).cuda(), y.cuda(), 3.0, 5.0);
-  check(at::equal(again, losses) && at::equal(again_grad, lgrad), "led_cuda bitwise reproducible", 0.0);
+  auto [again, again_grad, again_total] = led.call(es.to(at::kFloat).cuda(), et.to(at::kFloat).cuda(), y.cuda(), 3.0, 5.0);
+  check(at::equal(again, losses) && at::equal(again_grad, lgrad) && at::equal(again_total, ltotal),
+        "led_cuda bitwise reproducible", 0.0);
   return failures == 0 ? 0 : 1;
 }

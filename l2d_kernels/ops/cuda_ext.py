@@ -7,8 +7,9 @@ sources older than this package (an operator the Python side calls is missing).
 
 import importlib.util
 
-# Every operator the Python side calls: an extension that lacks one was built from other sources.
-OPERATORS = ("mld_cuda", "led_cuda", "led_scale_cuda")
+# Every operator the Python side calls, with the number of its results: an extension that lacks one,
+# or has it with another number of results, was built from other sources.
+OPERATORS = {"mld_cuda": 2, "led_cuda": 3, "led_scale_cuda": 0}
 
 _C = None
 load_error = None
@@ -22,12 +23,18 @@ else:
         load_error = f"it failed to load: {err}"
 
 
-def missing_operators(names=OPERATORS) -> list:
-    """The operators among ``names`` that no loaded library registered."""
+def missing_operators(expected=OPERATORS) -> list:
+    """The operators of ``expected`` (name: number of results) that no loaded library registered, or
+    registered with another number of results."""
     import torch
 
-    return [op for op in names if not hasattr(torch.ops.l2d_kernels, op)]
+    def matches(op, n_returns):
+        return hasattr(torch.ops.l2d_kernels, op) and len(
+            getattr(torch.ops.l2d_kernels, op).default._schema.returns) == n_returns
+
+    return [op for op, n_returns in expected.items() if not matches(op, n_returns)]
 
 
 if _C is not None and missing_operators():
-    load_error = f"it was built from other sources (no {', '.join(missing_operators())}): rebuild it"
+    load_error = (f"it was built from other sources (no {', '.join(missing_operators())} as this package calls it):"
+                  " rebuild it")

@@ -21,7 +21,7 @@ kernels).
 
     l2d_kernels::mld_<backend>(zs, zt, reduction, eps, temperature) -> (loss, d loss / d zs)
     l2d_kernels::led_<backend>(es, et, targets, lambda_cd, lambda_id)
-        -> ([lambda_cd * CD + lambda_id * ID, CD, ID] as float32[3], d total / d es)
+        -> ([lambda_cd * CD + lambda_id * ID, CD, ID] as float32[3], d total / d es, the total as float32[])
     l2d_kernels::led_scale_cuda(Tensor(a!) grad, targets, grad_output) -> ()   (CUDA extension only)
 """
 
@@ -46,15 +46,17 @@ def _mld_fake(zs, zt, reduction, eps, temperature):
 
 
 def _led_fake(es, et, targets, lambda_cd, lambda_id):
-    return es.new_empty(3, dtype=torch.float32), torch.empty_like(es, memory_format=torch.contiguous_format)
+    return (es.new_empty(3, dtype=torch.float32), torch.empty_like(es, memory_format=torch.contiguous_format),
+            es.new_empty((), dtype=torch.float32))
 
 
 def _save_grad(ctx, inputs, output):
     ctx.save_for_backward(output[1])
-    # The second output (the gradient) is never differentiated through. Autograd would otherwise
-    # hand backward a zero-filled tensor of its size as its "gradient": a second gradient-sized
-    # buffer at the peak of every step (seen on an H100: backward's peak was two gradients).
-    ctx.mark_non_differentiable(output[1])
+    # The outputs after the first (the gradient; LED's total apart, which traced code does not use)
+    # are never differentiated through. Autograd would otherwise hand backward a zero-filled tensor
+    # of the gradient's size as its "gradient": a second gradient-sized buffer at the peak of every
+    # step (seen on an H100: backward's peak was two gradients).
+    ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)  # so the loss output's gradient is the only one, never None here
 
 
@@ -63,7 +65,7 @@ def _mld_backward(ctx, grad_loss, _):
     return grad.mul_(grad_loss), None, None, None, None
 
 
-def _led_backward(ctx, grad_losses, _):
+def _led_backward(ctx, grad_losses, *_):
     (grad,) = ctx.saved_tensors
     return grad.mul_(grad_losses[0]), None, None, None, None
 
@@ -81,7 +83,8 @@ def mld_triton(zs: Tensor, zt: Tensor, reduction: str, eps: float, temperature: 
 
 
 @torch.library.custom_op("l2d_kernels::led_triton", mutates_args=())
-def led_triton(es: Tensor, et: Tensor, targets: Tensor, lambda_cd: float, lambda_id: float) -> tuple[Tensor, Tensor]:
+def led_triton(es: Tensor, et: Tensor, targets: Tensor, lambda_cd: float, lambda_id: float
+               ) -> tuple[Tensor, Tensor, Tensor]:
     from .triton_led import led_forward
 
     return led_forward(es, et, targets, lambda_cd, lambda_id)
@@ -110,15 +113,13 @@ def led_op(backend: str):
 @functools.lru_cache(maxsize=None)
 def _launcher(loss: str, backend: str):
     """The function that launches a backend's kernels: for "mld" and "led", (student, *rest) -> (loss,
-    d loss / d student), Triton's "led" with the total as a third output; for "led_scale", the LED
-    backward's in-place scaling (grad, targets, grad_output). Looked up once per (name, backend): it
-    is on every call's path."""
+    d loss / d student), LED's with the total as a third output; for "led_scale", the LED backward's
+    in-place scaling (grad, targets, grad_output). Looked up once per (name, backend): it is on every
+    call's path."""
     if backend == "triton":
         from . import triton_led, triton_mld
 
-        # LED: the total also written to a 0-d tensor of its own (see _Fused).
-        return {"mld": triton_mld.mld_forward, "led": functools.partial(triton_led.led_forward, separate_total=True),
-                "led_scale": triton_led.led_scale}[loss]
+        return {"mld": triton_mld.mld_forward, "led": triton_led.led_forward, "led_scale": triton_led.led_scale}[loss]
     return getattr(torch.ops.l2d_kernels, f"{loss}_{backend}").default
 
 
@@ -129,20 +130,20 @@ class _Fused(torch.autograd.Function):
     zero whatever the inputs (those whose target is not positive); MLD's gradient is dense."""
 
     @staticmethod
-    def forward(ctx, launch, total_of, scale, aux, x, *rest):
+    def forward(ctx, launch, sums, scale, aux, x, *rest):
         outputs = launch(x, *rest)
         loss, grad = outputs[0], outputs[1]
         ctx.save_for_backward(grad, aux)
         ctx.scale = scale
         ctx.n_rest = len(rest)
-        if total_of is None:
+        if not sums:  # MLD: the loss alone
             return loss
-        # LED: the total as its own tensor (not a view of the three sums, so that in-place use of it
-        # stays allowed), the three sums beside it without gradient. A launcher that writes the total
-        # apart returns it third (Triton's); else it is copied out (a copy kernel and an op's host time).
+        # LED: the total as its own tensor, which the kernels write beside the three sums (not a view
+        # of them, so that in-place use of it stays allowed, and no copy kernel to make one); the
+        # three sums without gradient.
         ctx.mark_non_differentiable(loss)
         ctx.set_materialize_grads(False)  # no zero-filled gradient for the sums
-        return (outputs[2] if len(outputs) > 2 else loss[total_of].clone()), loss
+        return outputs[2], loss
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
@@ -159,7 +160,7 @@ def mld(backend: str, zs: Tensor, zt: Tensor, reduction: str, eps: float, temper
     """The MLD loss on a fused backend, differentiable in ``zs``."""
     if torch.compiler.is_compiling():
         return mld_op(backend)(zs, zt, reduction, eps, temperature)[0]
-    return _Fused.apply(_launcher("mld", backend), None, None, None, zs, zt, reduction, eps, temperature)
+    return _Fused.apply(_launcher("mld", backend), False, None, None, zs, zt, reduction, eps, temperature)
 
 
 def led(backend: str, es: Tensor, et: Tensor, targets: Tensor, lambda_cd: float, lambda_id: float):
@@ -167,5 +168,5 @@ def led(backend: str, es: Tensor, et: Tensor, targets: Tensor, lambda_cd: float,
     if torch.compiler.is_compiling():
         losses = led_op(backend)(es, et, targets, lambda_cd, lambda_id)[0]
         return losses[0], losses.detach()
-    return _Fused.apply(_launcher("led", backend), 0, _launcher("led_scale", backend), targets, es, et, targets,
+    return _Fused.apply(_launcher("led", backend), True, _launcher("led_scale", backend), targets, es, et, targets,
                         lambda_cd, lambda_id)

@@ -949,10 +949,9 @@ def led_scale(grad: torch.Tensor, targets: torch.Tensor, grad_output: torch.Tens
 
 
 @on_input_device
-def led_forward(es: torch.Tensor, et: torch.Tensor, targets: torch.Tensor, lambda_cd: float, lambda_id: float,
-                separate_total: bool = False):
-    """Launch the LED kernels: returns (float32 [total, cd, id], d total / d es in es's dtype), and with
-    ``separate_total`` the total once more as a 0-d tensor of its own (no view, no copy to make one)."""
+def led_forward(es: torch.Tensor, et: torch.Tensor, targets: torch.Tensor, lambda_cd: float, lambda_id: float):
+    """Launch the LED kernels: returns (float32 [total, cd, id], d total / d es in es's dtype, the total
+    once more as a float32 0-d tensor of its own: no view of the sums, and no copy kernel to make one)."""
     B, C, _ = es.shape
     device = es.device
     # Everything that decides this call's launches and their specializations (see LaunchCache).
@@ -990,10 +989,10 @@ def led_forward(es: torch.Tensor, et: torch.Tensor, targets: torch.Tensor, lambd
         split_id = (offs[C:], plan[1, C:], part, n_s, slice_width)
     _run_family(launch, es, et, grad, targets, cd_idx, cd_cnt, group_loss[:C], 1, 2.0 * lambda_cd, True, split_cd)
     _run_family(launch, es, et, grad, targets, id_idx, id_cnt, group_loss[C:], 0, 2.0 * lambda_id, False, split_id)
-    total = torch.empty((), dtype=torch.float32, device=device) if separate_total else out
+    total = torch.empty((), dtype=torch.float32, device=device)
     launch(_finalize_kernel, (1,), group_loss, C, B, out, total, float(lambda_cd), float(lambda_id), BLOCK=SUM_BLOCK)
     launch.done()
-    return (out, grad, total) if separate_total else (out, grad)
+    return out, grad, total
 
 
 settle_cache_keys(globals())  # see there: the same on-disk cache key in every process
