@@ -2,9 +2,9 @@
 // in global memory (the formulas are those of l2d_kernels/ops/triton_led.py).
 //
 // Launches: members_kernel compacts each group's members from the targets and writes the zero rows
-// of the gradient; where the width is more than one slice (kSliceWidth), plan_kernel and per family
-// two slice_kernel launches take the groups of 2 to 64 members over their width (see "the
-// width-split path" below); group_kernel runs once per family (three times for a striped family,
+// of the gradient; where the width is more than one slice (kSliceWidth), plan_kernel, one
+// slice_kernel launch of both families' partial Grams and one per family of weights and gradient
+// take the groups of 2 to 64 members over their width (see "the width-split path" below); group_kernel runs once per family (three times for a striped family,
 // below; CD writes its groups' rows, ID adds into them), and the last block of the last launch adds
 // the group losses. Every sum runs in a fixed order and no float atomics are used: results are bitwise
 // reproducible. Squared norms are the Gram's own diagonal (or the same fmaf chain), so identical rows
@@ -716,10 +716,18 @@ __global__ void plan_kernel(const int* __restrict__ cd_cnt, const int* __restric
 }
 
 struct SliceArgs {
-  float* part;       // the scratch
-  int n_s;           // slices per group
-  int64_t slice;     // widths per slice
-  int64_t n_groups;  // of the family
+  float* part;    // the scratch
+  int n_s;        // slices per group
+  int64_t slice;  // widths per slice
+};
+
+// One family's share of a slice launch.
+struct SliceFamily {
+  FamilyArgs f;
+  const int* idx;    // member lists
+  const int* cnt;    // group sizes
+  float* loss;       // group losses
+  int64_t n_groups;  // 0: no share in the launch
 };
 
 template <int T, typename TS, typename TT>
@@ -764,37 +772,50 @@ __device__ void slice_grad(const TS* __restrict__ s, const int* __restrict__ mem
   tile_grad<T>(s, f, sh, P, P, true, f.add, grad, lo, hi);
 }
 
-// Work items (q, g), item i = q * n_groups + g (a group's slices fall on different blocks), every
-// gridDim.x-th one per block; items of groups without a place in the scratch are passed over.
+// Work item i = q * n_groups + g of a family: slice q of group g (a group's slices fall on different
+// blocks). An item of a group without a place in the scratch is passed over (the same for the whole
+// block).
+template <bool kGrad, typename TS, typename TT>
+__device__ __forceinline__ void slice_item(const TS* __restrict__ es, const TT* __restrict__ et, TS* __restrict__ grad,
+                                           const SliceFamily& fam, const SliceArgs& sa, GroupShared& shared,
+                                           int64_t i) {
+  const FamilyArgs& f = fam.f;
+  const int64_t g = i % fam.n_groups;
+  const int q = static_cast<int>(i / fam.n_groups);
+  const int64_t off = f.offs[g];
+  if (off < 0) return;
+  const int P = fam.cnt[g];
+  const int64_t lo = q * sa.slice, hi = lo + sa.slice < f.width ? lo + sa.slice : f.width;
+  const TS* s = es + g * f.s_g;
+  const TT* t = et + g * f.t_g;
+  const int* members = fam.idx + g * f.n_members;
+  float* part_g = sa.part + off;
+  if constexpr (kGrad) {
+    TS* grad_g = grad + g * f.g_g;
+    float* loss = fam.loss + g;
+    if (P <= 16) slice_grad<16>(s, members, P, f, shared, part_g, sa.n_s, q, lo, hi, grad_g, loss);
+    else if (P <= 32) slice_grad<32>(s, members, P, f, shared, part_g, sa.n_s, q, lo, hi, grad_g, loss);
+    else slice_grad<64>(s, members, P, f, shared, part_g, sa.n_s, q, lo, hi, grad_g, loss);
+  } else {
+    if (P <= 16) slice_gram<16>(s, t, members, P, f, shared, part_g, q, lo, hi);
+    else if (P <= 32) slice_gram<32>(s, t, members, P, f, shared, part_g, q, lo, hi);
+    else slice_gram<64>(s, t, members, P, f, shared, part_g, q, lo, hi);
+  }
+  __syncthreads();  // the next item reuses shared memory
+}
+
+// Every gridDim.x-th work item per block: family a's items, then b's. The Gram launch (kGrad false)
+// takes both families at once, CD then ID: they read the inputs and write apart in the scratch. The
+// gradient launches take one family each (b unused): ID adds into the rows CD wrote.
 template <bool kGrad, typename TS, typename TT>
 __global__ void __launch_bounds__(kThreads, 1)
-    slice_kernel(const TS* __restrict__ es, const TT* __restrict__ et, TS* __restrict__ grad,
-                 const int* __restrict__ idx, const int* __restrict__ cnt, float* __restrict__ group_loss,
-                 FamilyArgs f, SliceArgs sa) {
+    slice_kernel(const TS* __restrict__ es, const TT* __restrict__ et, TS* __restrict__ grad, SliceFamily a,
+                 SliceFamily b, SliceArgs sa) {
   __shared__ GroupShared shared;
-  const int64_t items = sa.n_groups * sa.n_s;
+  const int64_t items_a = a.n_groups * sa.n_s, items = items_a + (kGrad ? 0 : b.n_groups * sa.n_s);
   for (int64_t i = blockIdx.x; i < items; i += gridDim.x) {
-    const int64_t g = i % sa.n_groups;
-    const int q = static_cast<int>(i / sa.n_groups);
-    const int64_t off = f.offs[g];
-    if (off < 0) continue;  // the same for the whole block
-    const int P = cnt[g];
-    const int64_t lo = q * sa.slice, hi = lo + sa.slice < f.width ? lo + sa.slice : f.width;
-    const TS* s = es + g * f.s_g;
-    const TT* t = et + g * f.t_g;
-    const int* members = idx + g * f.n_members;
-    float* part_g = sa.part + off;
-    if constexpr (kGrad) {
-      TS* grad_g = grad + g * f.g_g;
-      if (P <= 16) slice_grad<16>(s, members, P, f, shared, part_g, sa.n_s, q, lo, hi, grad_g, group_loss + g);
-      else if (P <= 32) slice_grad<32>(s, members, P, f, shared, part_g, sa.n_s, q, lo, hi, grad_g, group_loss + g);
-      else slice_grad<64>(s, members, P, f, shared, part_g, sa.n_s, q, lo, hi, grad_g, group_loss + g);
-    } else {
-      if (P <= 16) slice_gram<16>(s, t, members, P, f, shared, part_g, q, lo, hi);
-      else if (P <= 32) slice_gram<32>(s, t, members, P, f, shared, part_g, q, lo, hi);
-      else slice_gram<64>(s, t, members, P, f, shared, part_g, q, lo, hi);
-    }
-    __syncthreads();  // the next item reuses shared memory
+    if (kGrad || i < items_a) slice_item<kGrad>(es, et, grad, a, sa, shared, i);
+    else slice_item<kGrad>(es, et, grad, b, sa, shared, i - items_a);
   }
 }
 
@@ -885,25 +906,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in,
       plan_kernel<<<1, kThreads, 0, stream>>>(cd_cnt, id_cnt, C, B, static_cast<int>(n_s), cap, offs_ptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    // CD: groups are labels, members are images; then ID: the other way round. Each family's launches
-    // (the two slice launches when split; then one, or three when striped) in order; the last one of
-    // the call adds the losses.
+    // CD: groups are labels, members are images; then ID: the other way round. When split, one slice
+    // launch writes both families' partial Grams; then each family's launches in order (its slice
+    // launch of weights and gradient when split; then one group launch, or three when striped); the
+    // last one of the call adds the losses.
     const FamilyArgs cd{es.stride(1), es.stride(0), es.stride(2), et.stride(1), et.stride(0), et.stride(2),
                         grad.stride(1), grad.stride(0), B, D, static_cast<float>(2.0 * lambda_cd), false,
                         offs_ptr};
     const FamilyArgs id{es.stride(0), es.stride(1), es.stride(2), et.stride(0), et.stride(1), et.stride(2),
                         grad.stride(0), grad.stride(1), C, D, static_cast<float>(2.0 * lambda_id), true,
                         split ? offs_ptr + C : nullptr};
-    const Finalize fin{out.data_ptr<float>(), total.data_ptr<float>(), losses, n_active + 2, C, B, static_cast<float>(lambda_cd),
-                       static_cast<float>(lambda_id)};
+    const Finalize fin{out.data_ptr<float>(), total.data_ptr<float>(), losses, n_active + 2, C, B,
+                       static_cast<float>(lambda_cd), static_cast<float>(lambda_id)};
+    const SliceFamily cd_share{cd, cd_idx, cd_cnt, losses, C}, id_share{id, id_idx, id_cnt, losses + C, B};
+    const SliceArgs sa{split ? part.data_ptr<float>() : nullptr, static_cast<int>(n_s), slice};
+    if (split) {
+      slice_kernel<false, T, T><<<blocks((C + B) * n_s), kThreads, 0, stream>>>(s, t, g, cd_share, id_share, sa);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
     const auto family = [&](const FamilyArgs& f, const int* idx, const int* cnt, const int* n_act, const int* act,
                             float* loss, const Strips& st, int64_t groups, bool ends_call) {
       const unsigned grid0 = blocks(groups + groups * st.max_strips), grid = blocks(groups * st.max_strips);
       if (split) {
-        const SliceArgs sa{part.data_ptr<float>(), static_cast<int>(n_s), slice, groups};
-        slice_kernel<false, T, T><<<blocks(groups * n_s), kThreads, 0, stream>>>(s, t, g, idx, cnt, loss, f, sa);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        slice_kernel<true, T, T><<<blocks(groups * n_s), kThreads, 0, stream>>>(s, t, g, idx, cnt, loss, f, sa);
+        const SliceFamily share{f, idx, cnt, loss, groups};
+        slice_kernel<true, T, T><<<blocks(groups * n_s), kThreads, 0, stream>>>(s, t, g, share, SliceFamily{}, sa);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       group_kernel<0, T, T><<<grid0, kThreads, 0, stream>>>(s, t, g, idx, cnt, n_act, act, loss, f, st,
