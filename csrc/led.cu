@@ -2,11 +2,12 @@
 // in global memory (the formulas are those of l2d_kernels/ops/triton_led.py).
 //
 // Launches: members_kernel compacts each group's members from the targets and writes the zero rows
-// of the gradient; where the width is more than one slice (kSliceWidth), plan_kernel, one
-// slice_kernel launch of both families' partial Grams and one per family of weights and gradient
-// take the groups of 2 to 64 members over their width (see "the width-split path" below); group_kernel runs once per family (three times for a striped family,
-// below; CD writes its groups' rows, ID adds into them), and the last block of the last launch adds
-// the group losses. Every sum runs in a fixed order and no float atomics are used: results are bitwise
+// of the gradient; where the width is more than one slice (kSliceWidth), its last block to finish
+// places the groups of 2 to 64 members in a scratch, and one slice_kernel launch of both families'
+// partial Grams and one per family of weights and gradient take those groups over their width (see
+// "the width-split path" below); group_kernel runs once per family (three times for a striped
+// family, below; CD writes its groups' rows, ID adds into them), and the last block of the last
+// launch adds the group losses. Every sum runs in a fixed order and no float atomics are used: results are bitwise
 // reproducible. Squared norms are the Gram's own diagonal (or the same fmaf chain), so identical rows
 // are exactly 0 apart.
 //
@@ -46,6 +47,10 @@ namespace {
 constexpr int kOneTile = 64;  // the largest group of the one-tile path, and the tile of larger groups
 constexpr float kDistEps = 1e-12f;
 
+// The one-tile size for a group of P members (P above kOneTile: the largest), on the device and in
+// the host's scratch bound alike.
+__host__ __device__ __forceinline__ int tile_of(int64_t P) { return P <= 16 ? 16 : P <= 32 ? 32 : kOneTile; }
+
 // A family's groups of more than 64 members spread over blocks ("striped", where the family's groups
 // can exceed 128 members; max_strips > 0): each row tile I of such a group is a work item (g, I) that
 // members_kernel lists, and its three sweeps are three launches of the group kernel (kStage 0, 1,
@@ -58,19 +63,59 @@ struct Strips {
   int max_strips;   // row tiles of the largest possible group; 0: the family is not striped
 };
 
+// The width-split path's placement of the groups in the scratch (see "the width-split path" below),
+// made by the last block of members_kernel to finish, once every group's size is written.
+struct Plan {
+  int* blocks_done;  // zero before the launch
+  int n_s;           // slices per group
+  int64_t cap;       // floats of the scratch
+  int64_t* offs;     // [C + B]: where each group's partial Grams start; null: no width split
+};
+
+// One block: each group's place in the scratch (floats), CD groups then ID groups, -1 for a group of
+// fewer than two or more than 64 members, or past cap. A group's area, n_s * 2 * T * T floats, is
+// counted in units of n_s * 2 * 16 * 16 (1, 4 or 16 units): the scan runs in 32-bit integers, in
+// the caller's scan storage and counter. The sizes are read at L2 (__ldcg): other blocks of the
+// launch wrote them.
+template <typename Scan>
+__device__ void plan_groups(const int* cd_cnt, const int* id_cnt, int64_t C, int64_t B, const Plan& plan,
+                            typename Scan::TempStorage& scan_storage, int& running) {
+  const int64_t unit = static_cast<int64_t>(plan.n_s) * 2 * 16 * 16;
+  const int64_t cap_units = plan.cap / unit;
+  __syncthreads();  // the caller's last use of the storage and counter is over
+  if (threadIdx.x == 0) running = 0;
+  __syncthreads();
+  for (int64_t start = 0; start < C + B; start += kThreads) {
+    const int64_t g = start + threadIdx.x;
+    int units = 0;
+    if (g < C + B) {
+      const int P = g < C ? __ldcg(cd_cnt + g) : __ldcg(id_cnt + g - C);
+      const int side = tile_of(P) / 16;
+      if (P >= 2 && P <= kOneTile) units = side * side;
+    }
+    int before, total;
+    Scan(scan_storage).ExclusiveSum(units, before, total);
+    const int64_t end = static_cast<int64_t>(running) + before + units;
+    if (g < C + B) plan.offs[g] = (units > 0 && end <= cap_units) ? (end - units) * unit : -1;
+    __syncthreads();
+    if (threadIdx.x == 0) running += total;
+    __syncthreads();
+  }
+}
+
 // One block per group (CD groups first, then ID groups): the group's members in order and its size;
 // a group of two to 64 members (or more, in a family that is not striped) goes on its family's list
 // of active groups, a larger one of a striped family puts its row tiles on the list of work items
 // (integer atomics: the lists' order varies, each group's arithmetic does not); a group of fewer
 // than two has loss 0 here. CD blocks also write zero into the gradient rows of their label outside
 // the group (all of them when it has fewer than two members), so that every row is written once
-// before ID adds into it.
+// before ID adds into it. With a plan (the width split), the last block to finish places the groups.
 template <typename TG, typename TY>
 __global__ void members_kernel(const TY* __restrict__ pos, int64_t y_sb, int64_t y_sc, int64_t B, int64_t C,
-                               int* __restrict__ cd_idx, int* __restrict__ cd_cnt, int* __restrict__ id_idx,
-                               int* __restrict__ id_cnt, int* __restrict__ n_active, int* __restrict__ active,
+                               int* __restrict__ cd_idx, int* cd_cnt, int* __restrict__ id_idx,
+                               int* id_cnt, int* __restrict__ n_active, int* __restrict__ active,
                                float* __restrict__ group_loss, TG* __restrict__ grad, int64_t g_sb, int64_t g_sc,
-                               int64_t D, Strips cd_strips, Strips id_strips) {
+                               int64_t D, Strips cd_strips, Strips id_strips, Plan plan) {
   using Scan = cub::BlockScan<int, kThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
   __shared__ int running;
@@ -117,6 +162,16 @@ __global__ void members_kernel(const TY* __restrict__ pos, int64_t y_sb, int64_t
       for (int64_t d = lane; d < D; d += 32) row[d] = zero;
     }
   }
+  if (plan.offs == nullptr) return;
+  __shared__ bool last;
+  if (threadIdx.x == 0) {
+    __threadfence();  // this block's group size is visible before it counts itself done
+    last = atomicAdd(plan.blocks_done, 1) == static_cast<int>(gridDim.x) - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  plan_groups<Scan>(cd_cnt, id_cnt, C, B, plan, scan_storage, running);
 }
 
 struct FamilyArgs {
@@ -679,41 +734,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 // over the widths of slice q into the scratch (part + offs[g]: [n_s][2][T][T]); slice_kernel<true>'s
 // item (q, g) adds the n_s slices' entries in order, takes the weights (the loss too, slice 0) and
 // writes the gradient at the widths of slice q. A group's work then runs on up to n_s SMs instead of one
-// (the 36-member group of a COCO batch held its launch for 182 us on one SM). plan_kernel places the
-// groups in the scratch in group order while they fit; a group past it stays with group_kernel,
+// (the 36-member group of a COCO batch held its launch for 182 us on one SM). members_kernel's last
+// block (plan_groups) places the groups in the scratch in group order while they fit; a group past it stays with group_kernel,
 // whole. Each group's sums run in a fixed order wherever it is placed: bitwise reproducible.
 constexpr int kSliceWidth = 128;  // a whole number of chunks for every tile (128, 64 and 32 wide)
 constexpr int kMaxSlices = 16;    // wider inputs take slices of a multiple of kSliceWidth
-
-// The one-tile size for a group of P members (P above kOneTile: the largest), on the device and in
-// the host's scratch bound alike.
-__host__ __device__ __forceinline__ int tile_of(int64_t P) { return P <= 16 ? 16 : P <= 32 ? 32 : kOneTile; }
-
-// One block: each group's place in the scratch (floats), CD groups then ID groups, -1 for a group of
-// fewer than two or more than 64 members, or past cap.
-__global__ void plan_kernel(const int* __restrict__ cd_cnt, const int* __restrict__ id_cnt, int64_t C, int64_t B,
-                            int n_s, int64_t cap, int64_t* __restrict__ offs) {
-  using Scan = cub::BlockScan<int64_t, kThreads>;
-  __shared__ typename Scan::TempStorage scan_storage;
-  __shared__ int64_t running;
-  if (threadIdx.x == 0) running = 0;
-  __syncthreads();
-  for (int64_t start = 0; start < C + B; start += kThreads) {
-    const int64_t g = start + threadIdx.x;
-    int64_t area = 0;
-    if (g < C + B) {
-      const int P = g < C ? cd_cnt[g] : id_cnt[g - C];
-      const int64_t T = tile_of(P);
-      if (P >= 2 && P <= kOneTile) area = static_cast<int64_t>(n_s) * 2 * T * T;
-    }
-    int64_t before, total;
-    Scan(scan_storage).ExclusiveSum(area, before, total);
-    if (g < C + B) offs[g] = (area > 0 && running + before + area <= cap) ? running + before : -1;
-    __syncthreads();
-    if (threadIdx.x == 0) running += total;
-    __syncthreads();
-  }
-}
 
 struct SliceArgs {
   float* part;    // the scratch
@@ -843,14 +868,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in,
   const auto strips_of = [](int64_t n_members) { return n_members > 2 * kOneTile ? (n_members + kOneTile - 1) / kOneTile : 0; };
   const int64_t strips_cd = strips_of(B), strips_id = strips_of(C);
   const int64_t n_items = C * strips_cd + B * strips_id;
-  // One int buffer: counters first (active CD groups, active ID groups, blocks done, CD and ID work
-  // items), zeroed by a memset on the stream rather than a fill kernel; then the member lists, the
-  // active groups and the striped families' work items. One float buffer: the group losses, then
-  // the striped sweeps' sums.
-  at::Tensor lists = at::empty({5 + 2 * B * C + 2 * (B + C) + n_items}, i32);
+  // One int buffer: counters first (active CD groups, active ID groups, blocks done of the last
+  // launch, CD and ID work items, blocks done of members_kernel), zeroed by a memset on the stream
+  // rather than a fill kernel; then the member lists, the active groups and the striped families'
+  // work items. One float buffer: the group losses, then the striped sweeps' sums.
+  constexpr int kCounters = 6;
+  at::Tensor lists = at::empty({kCounters + 2 * B * C + 2 * (B + C) + n_items}, i32);
   int* n_active = lists.data_ptr<int>();
-  C10_CUDA_CHECK(cudaMemsetAsync(n_active, 0, 5 * sizeof(int), stream));
-  int* cd_idx = n_active + 5;
+  C10_CUDA_CHECK(cudaMemsetAsync(n_active, 0, kCounters * sizeof(int), stream));
+  int* cd_idx = n_active + kCounters;
   int* id_idx = cd_idx + B * C;
   int* cd_cnt = id_idx + B * C;
   int* id_cnt = cd_cnt + C;
@@ -899,13 +925,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in,
       using TY = std::remove_cv_t<std::remove_pointer_t<decltype(y)>>;
       members_kernel<T, TY><<<static_cast<unsigned>(C + B), kThreads, 0, stream>>>(
           y, pos.stride(0), pos.stride(1), B, C, cd_idx, cd_cnt, id_idx, id_cnt, n_active, active, losses, g,
-          grad.stride(0), grad.stride(1), D, st_cd, st_id);
+          grad.stride(0), grad.stride(1), D, st_cd, st_id,
+          split ? Plan{n_active + 5, static_cast<int>(n_s), cap, offs_ptr} : Plan{});
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (split) {
-      plan_kernel<<<1, kThreads, 0, stream>>>(cd_cnt, id_cnt, C, B, static_cast<int>(n_s), cap, offs_ptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
     // CD: groups are labels, members are images; then ID: the other way round. When split, one slice
     // launch writes both families' partial Grams; then each family's launches in order (its slice
     // launch of weights and gradient when split; then one group launch, or three when striped); the
