@@ -104,8 +104,8 @@ def main(argv=None) -> int:
 
 
 def _split(led_forward, es, et, y):
-    """``led_forward`` on the width-split path (plan, Grams, the split launches, finalize), as at
-    realistic widths, on the narrow test width: slices of 4 widths."""
+    """``led_forward`` on the width-split path (plan, Grams, the split launches, the last of them adding
+    the losses), as at realistic widths, on the narrow test width: slices of 4 widths."""
     with mock.patch.object(triton_led, "SLICE_WIDTH", 4):
         return led_forward(es, et, y, 100.0, 1000.0)
 

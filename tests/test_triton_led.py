@@ -215,7 +215,8 @@ def test_plan_places_groups_in_order_while_they_fit(monkeypatch, shape, small_ma
     cap = 2**40 if room == "all" else placed[3]  # the fourth group's start: room for three
     cd_cnt = (y > 0.5).sum(0).to(torch.int32).to(DEVICE)
     id_cnt = (y > 0.5).sum(1).to(torch.int32).to(DEVICE)
-    offs, sizes = triton_led._plan(y.to(DEVICE), cd_cnt, id_cnt, n_s, cap).cpu().tolist()
+    offs, sizes, done = (t.cpu().tolist() for t in triton_led._plan(y.to(DEVICE), cd_cnt, id_cnt, n_s, cap))
+    assert done == [0]  # the call's last launch counts its programs from zero
     assert offs == _expected_plan(y, n_s, cap, small_max)
     assert sizes == cd_cnt.cpu().tolist() + id_cnt.cpu().tolist()  # every group's, placed or not
     assert sum(o >= 0 for o in offs) == (len(placed) if room == "all" else 3)
@@ -321,3 +322,36 @@ def test_backward_scaling_by_blocks_of_rows(shape, grad_output):
     chosen = (targets > 0.5) | (not torch.isfinite(torch.tensor(grad_output)))
     want = torch.where(chosen[..., None], grad * grad_output, grad)
     torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("small_warps", [0, 4], ids=["one-split-launch", "two-split-launches"])
+@pytest.mark.parametrize("shape", [(12, 6, 24), (6, 20, 24), (20, 6, 24)], ids=["small", "large-id", "large-cd"])
+def test_the_split_path_adds_the_losses_in_its_last_launch(monkeypatch, small_warps, shape):
+    """On the width-split path the call's last launch adds the group losses (its last program to finish)
+    and no finalize kernel runs, unless ID's large groups' passes come last: then _finalize_kernel does.
+    The sums are the same either way."""
+    from l2d_kernels.ops import triton_common, triton_led
+
+    monkeypatch.setattr(triton_led, "SLICE_WIDTH", 8)
+    monkeypatch.setattr(triton_led, "SMALL_MAX", 16)
+    monkeypatch.setattr(triton_led, "TILE", 16)
+    monkeypatch.setattr(triton_led, "SMALL_WARPS", small_warps)
+    monkeypatch.setattr(triton_common, "DIRECT_LAUNCH", False)
+    launched = []
+
+    class Logged(type(triton_common.JIT_LAUNCH)):
+        def __call__(self, fn, grid, *args, **kwargs):
+            launched.append((fn.__name__, kwargs.get("FINAL")))
+            return super().__call__(fn, grid, *args, **kwargs)
+
+    monkeypatch.setattr(triton_common, "JIT_LAUNCH", Logged())
+    es, et, y = embeddings(*shape, device=DEVICE, density=0.8)
+    _check(es, et, y, lambda_cd=3.0, lambda_id=5.0)
+    names = [name for name, _ in launched]
+    large_id = shape[1] > 16
+    assert names[0] in ("_members_kernel", "_plan_kernel") and "_gram_kernel" in names
+    assert [final for name, final in launched if name == "_split_kernel"][-1] is (not large_id)
+    assert sum(final is True for _, final in launched) == (not large_id)
+    assert ("_finalize_kernel" in names) is large_id
+    # The forward's last launch, then the backward's.
+    assert names[-2:] == ["_finalize_kernel" if large_id else "_split_kernel", "_scale_kernel"]

@@ -43,7 +43,9 @@ Launches, all on the device, none waiting for the host:
 3. only when a family can hold groups larger than ``SMALL_MAX``, three passes over ``(group, row
    tile, column tile)`` that recompute their Gram tiles instead of storing them: ``_means_kernel``
    (distance sums), ``_stats_kernel`` (Huber and ``K`` sums), ``_grad_kernel`` (the gradient).
-4. ``_finalize_kernel``: CD and ID sums and the weighted total.
+4. ``_finalize_kernel``: CD and ID sums and the weighted total. On the width-split path where ID's
+   groups cannot be large, the last program of ID's last ``_split_kernel`` launch does this instead
+   (one launch fewer; ``_plan_kernel`` zeroes the counter it takes).
 
 CD runs before ID because both add into the same rows: CD writes, ID adds. Every sum is taken in a
 fixed order and no float atomics are used, so two runs give bitwise equal results.
@@ -604,13 +606,14 @@ def _plan_family(Y, y_g, y_m, n_groups, N, cnt, offs, sizes, running, cap,
 
 
 @triton.jit
-def _plan_kernel(Y, y_b, y_c, B, C, cd_cnt, id_cnt, offs, sizes, cap,
+def _plan_kernel(Y, y_b, y_c, B, C, cd_cnt, id_cnt, offs, sizes, cap, done,
                  CD_LISTS: tl.constexpr, ID_LISTS: tl.constexpr, N_S: tl.constexpr, SMALL_MAX: tl.constexpr,
                  BG: tl.constexpr, CD_BM: tl.constexpr, ID_BM: tl.constexpr):
     """One program: for every group of 2 to SMALL_MAX members (CD groups 0..C-1, then ID groups), where
     its N_S partial Gram pairs start in the scratch (floats), in group order while they fit in ``cap``;
-    -1 for every other group (fewer than 2 members, a large group, or past the scratch); and every
-    group's size."""
+    -1 for every other group (fewer than 2 members, a large group, or past the scratch); every
+    group's size; and zero in ``done``, the counter of the call's last launch (see ``_finish``)."""
+    tl.store(done, tl.zeros((), dtype=tl.int64))
     running = tl.zeros((), dtype=tl.int64)
     running = _plan_family(Y, y_c, y_b, C, B, cd_cnt, offs, sizes, running, cap, CD_LISTS, N_S, SMALL_MAX, BG,
                            CD_BM)
@@ -758,19 +761,49 @@ def _split_program(S, T, s_g, s_m, s_d, t_g, t_m, t_d, G, g_g, g_m, Y, y_g, y_m,
 
 
 @triton.jit
+def _finish(group_loss, C, B, out, total, lambda_cd, lambda_id, done, BLOCK: tl.constexpr):
+    """What ``_finalize_kernel`` does, by the last program of the call's last launch to finish, which
+    counts itself in ``done`` (zeroed by ``_plan_kernel``) after the program's stores; a fixed order,
+    whichever program it is. The group losses of other programs are read at L2 (``.cg``)."""
+    tl.debug_barrier()  # every thread's stores of this program before its count
+    n_programs = tl.num_programs(0) * tl.num_programs(1)
+    before = tl.atomic_add(done, 1, sem="acq_rel", scope="gpu")
+    if before == n_programs - 1:
+        cd = tl.zeros((BLOCK,), dtype=tl.float32)
+        for start in range(0, C, BLOCK):
+            k = start + tl.arange(0, BLOCK)
+            cd += tl.load(group_loss + k, mask=k < C, other=0.0, cache_modifier=".cg")
+        id_ = tl.zeros((BLOCK,), dtype=tl.float32)
+        for start in range(0, B, BLOCK):
+            k = start + tl.arange(0, BLOCK)
+            id_ += tl.load(group_loss + C + k, mask=k < B, other=0.0, cache_modifier=".cg")
+        cd_sum = tl.sum(cd, axis=0)
+        id_sum = tl.sum(id_, axis=0)
+        weighted = lambda_cd * cd_sum + lambda_id * id_sum
+        tl.store(out, weighted)
+        tl.store(out + 1, cd_sum)
+        tl.store(out + 2, id_sum)
+        tl.store(total, weighted)
+
+
+@triton.jit
 def _split_kernel(
     S, T, s_g, s_m, s_d, t_g, t_m, t_d, G, g_g, g_m,
     Y, y_g, y_m, idx, cnt, N, D, scale, loss_ptr, norms, offs, sizes, part,
+    all_loss, n_cd, n_id, out, total, lambda_cd, lambda_id, done,
     ZERO_OUTSIDE: tl.constexpr, ADD: tl.constexpr, AHEAD: tl.constexpr, MAX_P: tl.constexpr, LARGE: tl.constexpr,
     N_PAD: tl.constexpr, N_S: tl.constexpr, SLICE: tl.constexpr, SIZES: tl.constexpr,
-    SMALL_MAX: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
+    SMALL_MAX: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, FINAL: tl.constexpr,
+    SUM_BLOCK: tl.constexpr,
 ):
     """One family on the width-split path, program (g, s): width slice s of group g's gradient (and the
     zero gradient of the rows outside groups, CD); a group the plan left out (past the scratch) is
     done whole by its slice-0 program; a large group's squared norms, row tiles s, s + N_S, ...
     ``SIZES``: 0, every group; 1, groups of at most SMALLEST_TILE members, the zero rows and the
     losses of groups of fewer than two; 2, the others, a program of a smaller group stopping at its
-    size, read from the plan (see ``SMALL_WARPS``)."""
+    size, read from the plan (see ``SMALL_WARPS``). ``FINAL``: the call's last launch, which also adds
+    the group losses of both families (``_finish``; else ``_finalize_kernel`` does, and the arguments
+    from ``all_loss`` on are not read)."""
     g = tl.program_id(0)  # groups on the first axis: up to 2^31 - 1 of them (the others stop at 65535)
     s = tl.program_id(1)
     if SIZES == 2:
@@ -782,6 +815,8 @@ def _split_kernel(
         _split_program(S, T, s_g, s_m, s_d, t_g, t_m, t_d, G, g_g, g_m, Y, y_g, y_m, idx, cnt, N, D, scale, loss_ptr,
                        norms, offs, part, g, s, ZERO_OUTSIDE, ADD, AHEAD, MAX_P, LARGE, N_PAD, N_S, SLICE, SIZES,
                        SMALL_MAX, TILE, BLOCK_D)
+    if FINAL:
+        _finish(all_loss, n_cd, n_id, out, total, lambda_cd, lambda_id, done, SUM_BLOCK)
 
 
 @triton.jit
@@ -840,8 +875,8 @@ def _run_family(launch, es, et, grad, targets, idx, cnt, group_loss, groups_dim:
     """All groups of one family; ``groups_dim`` is 1 for CD (groups are labels), 0 for ID. ``idx`` and
     ``cnt``: the member lists, needed only when a group can exceed SMALL_MAX members (else None).
     ``split``: None (each small group whole in one program, ``_main_kernel``) or the width-split
-    path's (plan offsets, group sizes, scratch, slices, slice width), after ``_gram_kernel``
-    (``_split_kernel``)."""
+    path's (plan offsets, group sizes, scratch, slices, slice width, ``_finish``'s arguments, whether
+    the family's last launch is the call's last), after ``_gram_kernel`` (``_split_kernel``)."""
     geometry = _family_args(es, et, grad, targets, groups_dim)
     n_groups, n_members, width, strides, (g_g, g_m), (y_g, y_m) = geometry
     large = n_members > SMALL_MAX
@@ -855,18 +890,20 @@ def _run_family(launch, es, et, grad, targets, idx, cnt, group_loss, groups_dim:
     if split is None:
         launch(_main_kernel, (n_groups, cdiv(n_members, TILE)), *args, **family, **common)
     else:
-        offs, sizes, part, n_s, slice_width = split
+        offs, sizes, part, n_s, slice_width, finish, final = split
+        assert not (final and large), "the large groups' passes come after the split launches"
         grid = (n_groups, n_s)
-        split_args = (*args, offs, sizes, part)
+        split_args = (*args, offs, sizes, part, *finish)
+        family.update(N_S=n_s, SLICE=slice_width, SUM_BLOCK=SUM_BLOCK)
         if SMALL_WARPS <= 0:  # one launch for every group size
-            launch(_split_kernel, grid, *split_args, **family, N_S=n_s, SLICE=slice_width, SIZES=0, **common)
+            launch(_split_kernel, grid, *split_args, **family, SIZES=0, FINAL=final, **common)
         else:
             smallest = SMALLEST_TILE.value
             small = {**family, "MAX_P": smallest}
-            launch(_split_kernel, grid, *split_args, **small, N_S=n_s, SLICE=slice_width,
-                   SIZES=0 if n_members <= smallest else 1, **{**common, "num_warps": SMALL_WARPS})
+            launch(_split_kernel, grid, *split_args, **small, SIZES=0 if n_members <= smallest else 1,
+                   FINAL=final and n_members <= smallest, **{**common, "num_warps": SMALL_WARPS})
             if n_members > smallest:
-                launch(_split_kernel, grid, *split_args, **family, N_S=n_s, SLICE=slice_width, SIZES=2, **common)
+                launch(_split_kernel, grid, *split_args, **family, SIZES=2, FINAL=final, **common)
     if large:
         _large_passes(launch, es, et, grad, idx, cnt, group_loss, geometry, norms, scale, first, common)
 
@@ -887,17 +924,18 @@ def _gram_d(slice_width: int) -> int:
     return min(GRAM_D, max(16, next_power_of_2(slice_width)))
 
 
-def _plan(targets, cd_cnt, id_cnt, n_s: int, cap: int, launch=JIT_LAUNCH) -> torch.Tensor:
-    """``_plan_kernel``'s offsets and group sizes (int64 ``[2, C + B]``: row 0 the offsets, row 1 the
-    sizes, CD groups then ID groups) for ``n_s`` slices and ``cap`` floats."""
+def _plan(targets, cd_cnt, id_cnt, n_s: int, cap: int, launch=JIT_LAUNCH):
+    """``_plan_kernel``'s offsets and group sizes (int64 ``[C + B]`` each, CD groups then ID groups) for
+    ``n_s`` slices and ``cap`` floats, and the zeroed counter of the call's last launch (int64 ``[1]``):
+    views of one buffer."""
     B, C = targets.shape
-    plan = torch.empty(2, C + B, dtype=torch.int64, device=targets.device)
-    offs, sizes = plan[0], plan[1]
+    plan = torch.empty(2 * (C + B) + 1, dtype=torch.int64, device=targets.device)
+    offs, sizes, done = plan[: C + B], plan[C + B : 2 * (C + B)], plan[2 * (C + B) :]
     launch(
         _plan_kernel, (1,), targets, targets.stride(0), targets.stride(1), B, C, cd_cnt, id_cnt, offs, sizes, cap,
-        CD_LISTS=B > SMALL_MAX, ID_LISTS=C > SMALL_MAX, N_S=n_s, SMALL_MAX=SMALL_MAX, BG=PLAN_BLOCK,
+        done, CD_LISTS=B > SMALL_MAX, ID_LISTS=C > SMALL_MAX, N_S=n_s, SMALL_MAX=SMALL_MAX, BG=PLAN_BLOCK,
         CD_BM=min(_n_pad(B), PLAN_MEMBERS), ID_BM=min(_n_pad(C), PLAN_MEMBERS), num_warps=NUM_WARPS)
-    return plan
+    return offs, sizes, done
 
 
 def _split_slices(D: int) -> tuple[int, int]:
@@ -961,6 +999,7 @@ def led_forward(es: torch.Tensor, et: torch.Tensor, targets: torch.Tensor, lambd
     grad = torch.empty(es.shape, dtype=es.dtype, device=device)
     group_loss = torch.empty(C + B, dtype=torch.float32, device=device)
     out = torch.empty(3, dtype=torch.float32, device=device)
+    total = torch.empty((), dtype=torch.float32, device=device)
     cd_idx = cd_cnt = id_idx = id_cnt = None
     cd_lists, id_lists = B > SMALL_MAX, C > SMALL_MAX  # a family whose groups can be large: member lists
     if cd_lists or id_lists:
@@ -973,24 +1012,29 @@ def led_forward(es: torch.Tensor, et: torch.Tensor, targets: torch.Tensor, lambd
             BLOCK=min(MEMBERS_BLOCK, next_power_of_2(max(B, C))))
     n_s, slice_width = _split_slices(es.shape[2])
     split_cd = split_id = None
+    finished = False  # whether a split launch adds the group losses
     if n_s > 1:
         # A family without member lists: any tensor for the list pointers, which it does not read.
         given = (cd_idx, cd_cnt, id_idx, id_cnt)
         cd_idx_, cd_cnt_, id_idx_, id_cnt_ = (t if t is not None else group_loss for t in given)
         part = torch.empty(_split_scratch(es, grad, n_s), dtype=torch.float32, device=device)
-        plan = _plan(targets, cd_cnt_, id_cnt_, n_s, part.numel(), launch)
-        offs = plan[0]
+        offs, sizes, done = _plan(targets, cd_cnt_, id_cnt_, n_s, part.numel(), launch)
         launch(
             _gram_kernel, (C + B, n_s), es, et, *es.stride(), *et.stride(), targets, *targets.stride(), B, C,
             es.shape[2], offs, part, cd_idx_, cd_cnt_, id_idx_, id_cnt_, CD_LISTS=cd_lists, ID_LISTS=id_lists,
             CD_N_PAD=_n_pad(B), ID_N_PAD=_n_pad(C), AHEAD=LOAD_AHEAD, SLICE=slice_width, GRAM_ROWS=GRAM_ROWS,
             GRAM_D=_gram_d(slice_width), num_warps=NUM_WARPS)
-        split_cd = (offs[:C], plan[1, :C], part, n_s, slice_width)
-        split_id = (offs[C:], plan[1, C:], part, n_s, slice_width)
+        # ID's last split launch ends the call unless ID's large groups' passes follow it: then its last
+        # program also adds the group losses (_finish), and _finalize_kernel does not run.
+        finish = (group_loss, C, B, out, total, float(lambda_cd), float(lambda_id), done)
+        finished = not id_lists
+        split_cd = (offs[:C], sizes[:C], part, n_s, slice_width, finish, False)
+        split_id = (offs[C:], sizes[C:], part, n_s, slice_width, finish, finished)
     _run_family(launch, es, et, grad, targets, cd_idx, cd_cnt, group_loss[:C], 1, 2.0 * lambda_cd, True, split_cd)
     _run_family(launch, es, et, grad, targets, id_idx, id_cnt, group_loss[C:], 0, 2.0 * lambda_id, False, split_id)
-    total = torch.empty((), dtype=torch.float32, device=device)
-    launch(_finalize_kernel, (1,), group_loss, C, B, out, total, float(lambda_cd), float(lambda_id), BLOCK=SUM_BLOCK)
+    if not finished:
+        launch(_finalize_kernel, (1,), group_loss, C, B, out, total, float(lambda_cd), float(lambda_id),
+               BLOCK=SUM_BLOCK)
     launch.done()
     return out, grad, total
 
