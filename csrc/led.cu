@@ -3,11 +3,11 @@
 //
 // Launches: members_kernel compacts each group's members from the targets and writes the zero rows
 // of the gradient; where the width is more than one slice (kSliceWidth), its last block to finish
-// places the groups of 2 to 64 members in a scratch, one slice_kernel launch writes both families'
-// partial Grams of those groups over their width, and each family's group_kernel launch takes
-// their weights and gradient slice by slice (see "the width-split path" below); group_kernel runs
-// once per family (three times for a striped family, below; CD writes its groups' rows, ID adds
-// into them), and the last block of the last launch adds the group losses. Every sum runs in a fixed order and no float atomics are used: results are bitwise
+// places the groups of 2 to 64 members in a scratch, and one slice_kernel launch of both families'
+// partial Grams and one per family of weights and gradient take those groups over their width (see
+// "the width-split path" below); group_kernel runs once per family (three times for a striped
+// family, below; CD writes its groups' rows, ID adds into them), and the last block of the last
+// launch adds the group losses. Every sum runs in a fixed order and no float atomics are used: results are bitwise
 // reproducible. Squared norms are the Gram's own diagonal (or the same fmaf chain), so identical rows
 // are exactly 0 apart.
 //
@@ -690,17 +690,53 @@ struct Finalize {
   float lambda_cd, lambda_id;
 };
 
+// One launch of a family: stage 0 takes its active groups (members_kernel listed them) and, if the
+// family is striped, the first sweep of every row tile of its larger groups; stages 1 and 2 the
+// other two sweeps. Each block takes every gridDim.x-th item: the grid is at most one block per SM,
+// whatever the number of labels. The last launch of a call adds the group losses in its last block.
+template <int kStage, typename TS, typename TT>
+__global__ void __launch_bounds__(kThreads, 1)
+    group_kernel(const TS* __restrict__ es, const TT* __restrict__ et, TS* __restrict__ grad,
+                 const int* __restrict__ idx, const int* __restrict__ cnt, const int* __restrict__ n_active,
+                 const int* __restrict__ active, float* group_loss, FamilyArgs f, Strips st, Finalize fin) {
+  __shared__ GroupShared shared;
+  __shared__ bool last;
+  if constexpr (kStage == 0) {
+    const int n = *n_active;
+    for (int i = blockIdx.x; i < n; i += gridDim.x) {
+      group(es, et, grad, idx, cnt, group_loss, f, shared, active[i]);
+      __syncthreads();  // the next group reuses shared memory
+    }
+  }
+  if (st.max_strips > 0) {
+    const int n = *st.n_items;
+    for (int i = blockIdx.x; i < n; i += gridDim.x) {
+      strip_item<kStage>(es, et, grad, idx, cnt, group_loss, f, st, shared, st.items[i]);
+      __syncthreads();
+    }
+  }
+  if (fin.out == nullptr) return;
+  // The last block to finish adds the losses (a fixed order, whichever block it is).
+  if (threadIdx.x == 0) {
+    __threadfence();  // this block's group losses are visible before it counts itself done
+    last = atomicAdd(fin.blocks_done, 1) == static_cast<int>(gridDim.x) - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  finalize(fin.group_loss, fin.C, fin.B, fin.lambda_cd, fin.lambda_id, fin.out, fin.total, shared.reduce);
+}
+
 // ---------------------------------------------------------------- the width-split path
 
 // Groups of 2 to 64 members, where the width is more than one slice (kSliceWidth), are spread over
-// their width: slice_kernel's work item (slice q, group g) writes the tile's Gram entries over the
-// widths of slice q into the scratch (part + offs[g]: [n_s][2][T][T]); in the family's group_kernel
-// launch, the weights-and-gradient item (q, g) adds the n_s slices' entries in order, takes the
-// weights (the loss too, slice 0) and writes the gradient at the widths of slice q. A group's work
-// then runs on up to n_s SMs instead of one (the 36-member group of a COCO batch held its launch for
-// 182 us on one SM). members_kernel's last block (plan_groups) places the groups in the scratch in
-// group order while they fit; a group past it is done whole by group_kernel. Each group's sums run
-// in a fixed order wherever it is placed: bitwise reproducible.
+// their width: slice_kernel<false>'s work item (slice q, group g) writes the tile's Gram entries
+// over the widths of slice q into the scratch (part + offs[g]: [n_s][2][T][T]); slice_kernel<true>'s
+// item (q, g) adds the n_s slices' entries in order, takes the weights (the loss too, slice 0) and
+// writes the gradient at the widths of slice q. A group's work then runs on up to n_s SMs instead of one
+// (the 36-member group of a COCO batch held its launch for 182 us on one SM). members_kernel's last
+// block (plan_groups) places the groups in the scratch in group order while they fit; a group past it stays with group_kernel,
+// whole. Each group's sums run in a fixed order wherever it is placed: bitwise reproducible.
 constexpr int kSliceWidth = 128;  // a whole number of chunks for every tile (128, 64 and 32 wide)
 constexpr int kMaxSlices = 16;    // wider inputs take slices of a multiple of kSliceWidth
 
@@ -793,72 +829,20 @@ __device__ __forceinline__ void slice_item(const TS* __restrict__ es, const TT* 
   __syncthreads();  // the next item reuses shared memory
 }
 
-// The Gram items of both families at once, every gridDim.x-th one per block, family a's (CD) then
-// b's (ID): they read the inputs and write apart in the scratch. (The weights-and-gradient items run
-// in each family's group_kernel launch: ID adds into the rows CD wrote.)
-template <typename TS, typename TT>
+// Every gridDim.x-th work item per block: family a's items, then b's. The Gram launch (kGrad false)
+// takes both families at once, CD then ID: they read the inputs and write apart in the scratch. The
+// gradient launches take one family each (b unused): ID adds into the rows CD wrote.
+template <bool kGrad, typename TS, typename TT>
 __global__ void __launch_bounds__(kThreads, 1)
-    slice_kernel(const TS* __restrict__ es, const TT* __restrict__ et, SliceFamily a, SliceFamily b, SliceArgs sa) {
+    slice_kernel(const TS* __restrict__ es, const TT* __restrict__ et, TS* __restrict__ grad, SliceFamily a,
+                 SliceFamily b, SliceArgs sa) {
   __shared__ GroupShared shared;
-  const int64_t items_a = a.n_groups * sa.n_s, items = items_a + b.n_groups * sa.n_s;
+  const int64_t items_a = a.n_groups * sa.n_s, items = items_a + (kGrad ? 0 : b.n_groups * sa.n_s);
   for (int64_t i = blockIdx.x; i < items; i += gridDim.x) {
-    if (i < items_a) slice_item<false>(es, et, static_cast<TS*>(nullptr), a, sa, shared, i);
-    else slice_item<false>(es, et, static_cast<TS*>(nullptr), b, sa, shared, i - items_a);
+    if (kGrad || i < items_a) slice_item<kGrad>(es, et, grad, a, sa, shared, i);
+    else slice_item<kGrad>(es, et, grad, b, sa, shared, i - items_a);
   }
 }
-
-// A family's weights-and-gradient slice items, every gridDim.x-th one per block. Not inlined: the
-// group kernel's own paths keep their register allocation (inlined, its stage 0 spilled 76 bytes).
-template <typename TS, typename TT>
-__device__ __attribute__((noinline)) void slice_grad_items(const TS* __restrict__ es, const TT* __restrict__ et,
-                                                          TS* __restrict__ grad, const SliceFamily& split,
-                                                          const SliceArgs& sa, GroupShared& shared) {
-  const int64_t items = split.n_groups * sa.n_s;
-  for (int64_t i = blockIdx.x; i < items; i += gridDim.x) slice_item<true>(es, et, grad, split, sa, shared, i);
-}
-
-// One launch of a family: stage 0 takes, on the width-split path, the family's weights-and-gradient
-// slice items (slice_item<true>: the placed groups), then its active groups (members_kernel listed
-// them; group() passes over the placed ones) and, if the family is striped, the first sweep of every
-// row tile of its larger groups; stages 1 and 2 the other two sweeps. The items of one launch write
-// disjoint gradient rows. Each block takes every gridDim.x-th item: the grid is at most one block
-// per SM, whatever the number of labels. The last launch of a call adds the group losses in its
-// last block.
-template <int kStage, typename TS, typename TT>
-__global__ void __launch_bounds__(kThreads, 1)
-    group_kernel(const TS* __restrict__ es, const TT* __restrict__ et, TS* __restrict__ grad,
-                 const int* __restrict__ idx, const int* __restrict__ cnt, const int* __restrict__ n_active,
-                 const int* __restrict__ active, float* group_loss, FamilyArgs f, Strips st, Finalize fin,
-                 SliceFamily split, SliceArgs sa) {
-  __shared__ GroupShared shared;
-  __shared__ bool last;
-  if constexpr (kStage == 0) {
-    if (split.n_groups > 0) slice_grad_items(es, et, grad, split, sa, shared);
-    const int n = *n_active;
-    for (int i = blockIdx.x; i < n; i += gridDim.x) {
-      group(es, et, grad, idx, cnt, group_loss, f, shared, active[i]);
-      __syncthreads();  // the next group reuses shared memory
-    }
-  }
-  if (st.max_strips > 0) {
-    const int n = *st.n_items;
-    for (int i = blockIdx.x; i < n; i += gridDim.x) {
-      strip_item<kStage>(es, et, grad, idx, cnt, group_loss, f, st, shared, st.items[i]);
-      __syncthreads();
-    }
-  }
-  if (fin.out == nullptr) return;
-  // The last block to finish adds the losses (a fixed order, whichever block it is).
-  if (threadIdx.x == 0) {
-    __threadfence();  // this block's group losses are visible before it counts itself done
-    last = atomicAdd(fin.blocks_done, 1) == static_cast<int>(gridDim.x) - 1;
-  }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  finalize(fin.group_loss, fin.C, fin.B, fin.lambda_cd, fin.lambda_id, fin.out, fin.total, shared.reduce);
-}
-
 
 }  // namespace
 
@@ -946,9 +930,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in,
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     // CD: groups are labels, members are images; then ID: the other way round. When split, one slice
-    // launch writes both families' partial Grams; then each family's launches in order (one group
-    // launch, which also takes the family's weights-and-gradient slice items when split, or three
-    // when striped); the last one of the call adds the losses.
+    // launch writes both families' partial Grams; then each family's launches in order (its slice
+    // launch of weights and gradient when split; then one group launch, or three when striped); the
+    // last one of the call adds the losses.
     const FamilyArgs cd{es.stride(1), es.stride(0), es.stride(2), et.stride(1), et.stride(0), et.stride(2),
                         grad.stride(1), grad.stride(0), B, D, static_cast<float>(2.0 * lambda_cd), false,
                         offs_ptr};
@@ -960,25 +944,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in,
     const SliceFamily cd_share{cd, cd_idx, cd_cnt, losses, C}, id_share{id, id_idx, id_cnt, losses + C, B};
     const SliceArgs sa{split ? part.data_ptr<float>() : nullptr, static_cast<int>(n_s), slice};
     if (split) {
-      slice_kernel<T, T><<<blocks((C + B) * n_s), kThreads, 0, stream>>>(s, t, cd_share, id_share, sa);
+      slice_kernel<false, T, T><<<blocks((C + B) * n_s), kThreads, 0, stream>>>(s, t, g, cd_share, id_share, sa);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     const auto family = [&](const FamilyArgs& f, const int* idx, const int* cnt, const int* n_act, const int* act,
                             float* loss, const Strips& st, int64_t groups, bool ends_call) {
-      // Stage 0 also takes the family's weights-and-gradient slice items when split.
-      const SliceFamily share = split ? SliceFamily{f, idx, cnt, loss, groups} : SliceFamily{};
-      const unsigned grid0 = blocks(std::max(groups + groups * st.max_strips, share.n_groups * n_s));
-      const unsigned grid = blocks(groups * st.max_strips);
+      const unsigned grid0 = blocks(groups + groups * st.max_strips), grid = blocks(groups * st.max_strips);
+      if (split) {
+        const SliceFamily share{f, idx, cnt, loss, groups};
+        slice_kernel<true, T, T><<<blocks(groups * n_s), kThreads, 0, stream>>>(s, t, g, share, SliceFamily{}, sa);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
       group_kernel<0, T, T><<<grid0, kThreads, 0, stream>>>(s, t, g, idx, cnt, n_act, act, loss, f, st,
-                                                             ends_call && st.max_strips == 0 ? fin : Finalize{},
-                                                             share, sa);
+                                                             ends_call && st.max_strips == 0 ? fin : Finalize{});
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (st.max_strips == 0) return;
-      group_kernel<1, T, T><<<grid, kThreads, 0, stream>>>(s, t, g, idx, cnt, n_act, act, loss, f, st, Finalize{},
-                                                           SliceFamily{}, sa);
+      group_kernel<1, T, T><<<grid, kThreads, 0, stream>>>(s, t, g, idx, cnt, n_act, act, loss, f, st, Finalize{});
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       group_kernel<2, T, T><<<grid, kThreads, 0, stream>>>(s, t, g, idx, cnt, n_act, act, loss, f, st,
-                                                           ends_call ? fin : Finalize{}, SliceFamily{}, sa);
+                                                           ends_call ? fin : Finalize{});
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     family(cd, cd_idx, cd_cnt, n_active, active, losses, st_cd, C, false);
