@@ -63,6 +63,22 @@ struct Strips {
   int max_strips;   // row tiles of the largest possible group; 0: the family is not striped
 };
 
+// Whether this block is the last of its launch to get here, in every thread of the block (call it
+// from all of them). Each block counts itself in ``counter`` (zero before the launch) once its
+// writes are visible (the barrier, then thread 0's fence); the last one fences again before it
+// reads the others' writes, which it reads at L2 (__ldcg).
+__device__ bool last_block(int* counter) {
+  __shared__ bool last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    last = atomicAdd(counter, 1) == static_cast<int>(gridDim.x) - 1;
+  }
+  __syncthreads();
+  if (last) __threadfence();
+  return last;
+}
+
 // The width-split path's placement of the groups in the scratch (see "the width-split path" below),
 // made by the last block of members_kernel to finish, once every group's size is written.
 struct Plan {
@@ -162,16 +178,8 @@ __global__ void members_kernel(const TY* __restrict__ pos, int64_t y_sb, int64_t
       for (int64_t d = lane; d < D; d += 32) row[d] = zero;
     }
   }
-  if (plan.offs == nullptr) return;
-  __shared__ bool last;
-  if (threadIdx.x == 0) {
-    __threadfence();  // this block's group size is visible before it counts itself done
-    last = atomicAdd(plan.blocks_done, 1) == static_cast<int>(gridDim.x) - 1;
-  }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  plan_groups<Scan>(cd_cnt, id_cnt, C, B, plan, scan_storage, running);
+  if (plan.offs != nullptr && last_block(plan.blocks_done))
+    plan_groups<Scan>(cd_cnt, id_cnt, C, B, plan, scan_storage, running);
 }
 
 struct FamilyArgs {
@@ -700,7 +708,6 @@ __global__ void __launch_bounds__(kThreads, 1)
                  const int* __restrict__ idx, const int* __restrict__ cnt, const int* __restrict__ n_active,
                  const int* __restrict__ active, float* group_loss, FamilyArgs f, Strips st, Finalize fin) {
   __shared__ GroupShared shared;
-  __shared__ bool last;
   if constexpr (kStage == 0) {
     const int n = *n_active;
     for (int i = blockIdx.x; i < n; i += gridDim.x) {
@@ -715,16 +722,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       __syncthreads();
     }
   }
-  if (fin.out == nullptr) return;
   // The last block to finish adds the losses (a fixed order, whichever block it is).
-  if (threadIdx.x == 0) {
-    __threadfence();  // this block's group losses are visible before it counts itself done
-    last = atomicAdd(fin.blocks_done, 1) == static_cast<int>(gridDim.x) - 1;
-  }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  finalize(fin.group_loss, fin.C, fin.B, fin.lambda_cd, fin.lambda_id, fin.out, fin.total, shared.reduce);
+  if (fin.out != nullptr && last_block(fin.blocks_done))
+    finalize(fin.group_loss, fin.C, fin.B, fin.lambda_cd, fin.lambda_id, fin.out, fin.total, shared.reduce);
 }
 
 // ---------------------------------------------------------------- the width-split path
@@ -735,8 +735,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 // item (q, g) adds the n_s slices' entries in order, takes the weights (the loss too, slice 0) and
 // writes the gradient at the widths of slice q. A group's work then runs on up to n_s SMs instead of one
 // (the 36-member group of a COCO batch held its launch for 182 us on one SM). members_kernel's last
-// block (plan_groups) places the groups in the scratch in group order while they fit; a group past it stays with group_kernel,
-// whole. Each group's sums run in a fixed order wherever it is placed: bitwise reproducible.
+// block (plan_groups) places the groups in the scratch in group order while they fit; a group past
+// it stays with group_kernel, whole. Each group's sums run in a fixed order wherever it is placed: bitwise reproducible.
 constexpr int kSliceWidth = 128;  // a whole number of chunks for every tile (128, 64 and 32 wide)
 constexpr int kMaxSlices = 16;    // wider inputs take slices of a multiple of kSliceWidth
 
