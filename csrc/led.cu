@@ -7,9 +7,9 @@
 // partial Grams and one per family of weights and gradient take those groups over their width (see
 // "the width-split path" below); group_kernel runs once per family (three times for a striped
 // family, below; CD writes its groups' rows, ID adds into them), and the last block of the last
-// launch adds the group losses. Every sum runs in a fixed order and no float atomics are used: results are bitwise
-// reproducible. Squared norms are the Gram's own diagonal (or the same fmaf chain), so identical rows
-// are exactly 0 apart.
+// launch adds the group losses. Every sum runs in a fixed order and no float atomics are used:
+// results are bitwise reproducible. Squared norms are the Gram's own diagonal (or the same fmaf
+// chain), so identical rows are exactly 0 apart.
 //
 // A group of at most 64 members is one tile (one_tile_group, T = 16, 32 or 64 rows by its size):
 // one pass over the width builds both Gram matrices in registers, the distances, means, Huber and K
@@ -64,7 +64,7 @@ struct Strips {
 };
 
 // Whether this block is the last of its launch to get here, in every thread of the block (call it
-// from all of them). Each block counts itself in ``counter`` (zero before the launch) once its
+// from all of them). Each block counts itself in `counter` (zero before the launch) once its
 // writes are visible (the barrier, then thread 0's fence); the last one fences again before it
 // reads the others' writes, which it reads at L2 (__ldcg).
 __device__ bool last_block(int* counter) {
@@ -736,7 +736,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 // writes the gradient at the widths of slice q. A group's work then runs on up to n_s SMs instead of one
 // (the 36-member group of a COCO batch held its launch for 182 us on one SM). members_kernel's last
 // block (plan_groups) places the groups in the scratch in group order while they fit; a group past
-// it stays with group_kernel, whole. Each group's sums run in a fixed order wherever it is placed: bitwise reproducible.
+// it stays with group_kernel, whole. Each group's sums run in a fixed order wherever it is placed:
+// bitwise reproducible.
 constexpr int kSliceWidth = 128;  // a whole number of chunks for every tile (128, 64 and 32 wide)
 constexpr int kMaxSlices = 16;    // wider inputs take slices of a multiple of kSliceWidth
 
