@@ -747,7 +747,7 @@ struct SliceArgs {
   int64_t slice;  // widths per slice
 };
 
-// One family's share of a slice launch.
+// One family's share of a slice launch (and of the host's launches of the family).
 struct SliceFamily {
   FamilyArgs f;
   const int* idx;    // member lists
@@ -948,11 +948,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in,
       slice_kernel<false, T, T><<<blocks((C + B) * n_s), kThreads, 0, stream>>>(s, t, g, cd_share, id_share, sa);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    const auto family = [&](const FamilyArgs& f, const int* idx, const int* cnt, const int* n_act, const int* act,
-                            float* loss, const Strips& st, int64_t groups, bool ends_call) {
+    const auto family = [&](const SliceFamily& share, const int* n_act, const int* act, const Strips& st,
+                            bool ends_call) {
+      const FamilyArgs& f = share.f;
+      const int* idx = share.idx;
+      const int* cnt = share.cnt;
+      float* loss = share.loss;
+      const int64_t groups = share.n_groups;
       const unsigned grid0 = blocks(groups + groups * st.max_strips), grid = blocks(groups * st.max_strips);
       if (split) {
-        const SliceFamily share{f, idx, cnt, loss, groups};
         slice_kernel<true, T, T><<<blocks(groups * n_s), kThreads, 0, stream>>>(s, t, g, share, SliceFamily{}, sa);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
@@ -966,8 +970,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in,
                                                            ends_call ? fin : Finalize{});
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    family(cd, cd_idx, cd_cnt, n_active, active, losses, st_cd, C, false);
-    family(id, id_idx, id_cnt, n_active + 1, active + C, losses + C, st_id, B, true);
+    family(cd_share, n_active, active, st_cd, false);
+    family(id_share, n_active + 1, active + C, st_id, true);
   });
   if (mixed) grad = grad.to(es_in.scalar_type());
   return {out, grad, total};

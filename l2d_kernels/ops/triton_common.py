@@ -224,18 +224,19 @@ def at_least(x, lo):
 
 
 @triton.jit
-def sum_vector(ptr, n, BLOCK: tl.constexpr):
-    """Sum of ``ptr[0:n]`` in float32, in a fixed order (one program)."""
+def sum_vector(ptr, n, BLOCK: tl.constexpr, CACHE: tl.constexpr):
+    """Sum of ``ptr[0:n]`` in float32, in a fixed order (one program); ``CACHE``: the loads' cache
+    modifier (".cg" for values other programs of the same launch wrote)."""
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for start in range(0, n, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        acc += tl.load(ptr + offs, mask=offs < n, other=0.0)
+        acc += tl.load(ptr + offs, mask=offs < n, other=0.0, cache_modifier=CACHE)
     return tl.sum(acc, axis=0)
 
 
 @triton.jit
 def _finalize_sum_kernel(partials_ptr, out_ptr, n, scale, BLOCK: tl.constexpr):
-    tl.store(out_ptr, sum_vector(partials_ptr, n, BLOCK) * scale)
+    tl.store(out_ptr, sum_vector(partials_ptr, n, BLOCK, "") * scale)
 
 
 def finalize_sum(partials: torch.Tensor, scale: float, launch=JIT_LAUNCH) -> torch.Tensor:

@@ -761,6 +761,20 @@ def _split_program(S, T, s_g, s_m, s_d, t_g, t_m, t_d, G, g_g, g_m, Y, y_g, y_m,
 
 
 @triton.jit
+def _add_losses(group_loss, C, B, out, total, lambda_cd, lambda_id, BLOCK: tl.constexpr, CACHE: tl.constexpr):
+    """The call's sums from the group losses (CD groups, then ID groups), each in a fixed order:
+    ``out`` = [lambda_cd * CD + lambda_id * ID, CD, ID], ``total`` = out[0]; ``CACHE``: the loads'
+    cache modifier."""
+    cd = sum_vector(group_loss, C, BLOCK, CACHE)
+    id_ = sum_vector(group_loss + C, B, BLOCK, CACHE)
+    weighted = lambda_cd * cd + lambda_id * id_
+    tl.store(out, weighted)
+    tl.store(out + 1, cd)
+    tl.store(out + 2, id_)
+    tl.store(total, weighted)
+
+
+@triton.jit
 def _finish(group_loss, C, B, out, total, lambda_cd, lambda_id, done, BLOCK: tl.constexpr):
     """What ``_finalize_kernel`` does, by the last program of the call's last launch to finish, which
     counts itself in ``done`` (zeroed by ``_plan_kernel``) after the program's stores; a fixed order,
@@ -769,21 +783,7 @@ def _finish(group_loss, C, B, out, total, lambda_cd, lambda_id, done, BLOCK: tl.
     n_programs = tl.num_programs(0) * tl.num_programs(1)
     before = tl.atomic_add(done, 1, sem="acq_rel", scope="gpu")
     if before == n_programs - 1:
-        cd = tl.zeros((BLOCK,), dtype=tl.float32)
-        for start in range(0, C, BLOCK):
-            k = start + tl.arange(0, BLOCK)
-            cd += tl.load(group_loss + k, mask=k < C, other=0.0, cache_modifier=".cg")
-        id_ = tl.zeros((BLOCK,), dtype=tl.float32)
-        for start in range(0, B, BLOCK):
-            k = start + tl.arange(0, BLOCK)
-            id_ += tl.load(group_loss + C + k, mask=k < B, other=0.0, cache_modifier=".cg")
-        cd_sum = tl.sum(cd, axis=0)
-        id_sum = tl.sum(id_, axis=0)
-        weighted = lambda_cd * cd_sum + lambda_id * id_sum
-        tl.store(out, weighted)
-        tl.store(out + 1, cd_sum)
-        tl.store(out + 2, id_sum)
-        tl.store(total, weighted)
+        _add_losses(group_loss, C, B, out, total, lambda_cd, lambda_id, BLOCK, ".cg")
 
 
 @triton.jit
@@ -821,13 +821,7 @@ def _split_kernel(
 
 @triton.jit
 def _finalize_kernel(group_loss, C, B, out, total, lambda_cd, lambda_id, BLOCK: tl.constexpr):
-    cd = sum_vector(group_loss, C, BLOCK)
-    id_ = sum_vector(group_loss + C, B, BLOCK)
-    weighted = lambda_cd * cd + lambda_id * id_
-    tl.store(out, weighted)
-    tl.store(out + 1, cd)
-    tl.store(out + 2, id_)
-    tl.store(total, weighted)
+    _add_losses(group_loss, C, B, out, total, lambda_cd, lambda_id, BLOCK, "")
 
 
 def _family_args(es, et, grad, targets, groups_dim: int):
