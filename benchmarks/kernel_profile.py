@@ -143,7 +143,7 @@ def launch_costs(device: str = "cuda", calls: int = 2000) -> str:
 def direct_launch_costs(device: str = "cuda", calls: int = 500, shape=(64, 80, 128)) -> str:
     """The Triton launchers' host time per call, through Triton's launch and launched directly
     (``triton_common.LaunchCache``): the LED forward at COCO's batch and labels on a narrow width (the
-    width-split path's seven launches, little device time), and MLD at 64 x 80. Back to back with one
+    width-split path's six launches, little device time), and MLD at 64 x 80. Back to back with one
     synchronization, as ``launch_costs``."""
     from l2d_kernels.labels import sample_targets
     from l2d_kernels.ops import triton_common, triton_led, triton_mld
