@@ -146,9 +146,9 @@ class LaunchCache:
 
     Each ``fn[grid](...)`` launch costs Triton's binder: every argument specialized (type, 16-byte
     alignment, integers equal to 1 or divisible by 16), a cache key, a lookup. On a 2-core CPU that is
-    5-7 us of a launch, and the LED call's width-split path makes six or more of them. Everything that decides
-    which kernels a launcher's call launches, with which specializations, is a function of few
-    things: the inputs' shapes, strides, dtypes, 16-byte alignment and device, and the module's
+    5-7 us of a launch, and the LED call's width-split path makes six or more of them. Everything
+    that decides which kernels a launcher's call launches, with which specializations, is a function
+    of few things: the inputs' shapes, strides, dtypes, 16-byte alignment and device, and the module's
     settings; the caller names them as ``key``. The first call of a key goes through Triton's path and
     keeps each launch's compiled kernel; a later call of that key launches the kernels it kept, in
     order, with the kernel's own launcher (as ``JITFunction.run`` does after its lookup). Each launch's
