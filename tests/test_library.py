@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import DEVICE, embeddings, logits
@@ -52,6 +53,33 @@ def test_compiles_without_graph_breaks(fused_backend):
     out.backward()
     assert torch.equal(out.detach(), step(zs, es).detach())
     assert torch.equal(comp_z.grad, eager_z.grad) and torch.equal(comp_e.grad, eager_e.grad)
+
+
+def test_compiles_once_for_every_batch_size_with_dynamic_shapes(fused_backend):
+    """A training loop's last batch is smaller: with dynamic=True one graph serves every batch size
+    (the fake kernels take symbolic shapes), and each size gives the eager call's loss and gradients.
+    The first call may compile twice: Dynamo traces the float arguments symbolically, then restarts
+    once to specialize them, as for any custom operator with a float argument."""
+    counter = CompileCounterWithBackend("aot_eager")
+
+    def step(zs, zt, es, et, y):
+        return fused_mld(zs, zt, backend=fused_backend) + fused_led(es, et, y, backend=fused_backend)
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend=counter)
+    first = None
+    for batch in (6, 4, 9):
+        zs, zt = logits(batch, 7, device=DEVICE)
+        es, et, y = embeddings(batch, 7, 8, device=DEVICE, density=0.5)
+        eager = [zs.clone().requires_grad_(), es.clone().requires_grad_()]
+        comp = [zs.clone().requires_grad_(), es.clone().requires_grad_()]
+        expected = step(eager[0], zt, eager[1], et, y)
+        expected.backward()
+        out = compiled(comp[0], zt, comp[1], et, y)
+        out.backward()
+        assert torch.equal(out.detach(), expected.detach())
+        assert torch.equal(comp[0].grad, eager[0].grad) and torch.equal(comp[1].grad, eager[1].grad)
+        first = first or counter.frame_count
+    assert counter.frame_count == first
 
 
 def test_backward_reuses_the_saved_gradient_and_refuses_a_second_pass(fused_backend):
