@@ -162,7 +162,8 @@ def _recording(arch: int, records: dict, functions: dict | None = None):
         _fresh_binders()
 
 
-def _led_case(B, C, D, dtype, teacher_dtype=None, settings=(), tiny_scratch=False, misaligned_teacher=False):
+def _led_case(B, C, D, dtype, teacher_dtype=None, settings=(), tiny_scratch=False, misaligned_teacher=False,
+              with_grad=True):
     def call():
         from kernel_profile import _triton_led_settings
         from l2d_kernels.ops import library
@@ -172,11 +173,14 @@ def _led_case(B, C, D, dtype, teacher_dtype=None, settings=(), tiny_scratch=Fals
         et = torch.empty(B * C * D + misaligned_teacher, dtype=teacher_dtype or dtype)[int(misaligned_teacher):]
         et = et.view(B, C, D)
         with _triton_led_settings(settings), tiny_split_scratch() if tiny_scratch else contextlib.nullcontext():
-            total, _ = library.led("triton", es, et, torch.zeros(B, C, dtype=torch.bool), 100.0, 1000.0)
-            total.backward()
+            with torch.set_grad_enabled(with_grad):
+                total, _ = library.led("triton", es, et, torch.zeros(B, C, dtype=torch.bool), 100.0, 1000.0)
+            if with_grad:
+                total.backward()
 
     name = f"led {B}x{C}x{D} {str(dtype)[6:]}" + (f"/{str(teacher_dtype)[6:]}" if teacher_dtype else "")
     name += " misaligned teacher" if misaligned_teacher else ""
+    name += "" if with_grad else " without gradient"
     return name + "".join(f" {k}={v}" for k, v in settings) + (" tiny scratch" if tiny_scratch else ""), call
 
 
@@ -211,6 +215,8 @@ def _sanitizer_cases() -> list:
             cases.append(_led_case(B, C, D, dtype))
             if D > 64:  # the driver's "D > 64": the Triton split path, then with a tiny scratch
                 cases.append(_led_case(B, C, D, dtype, tiny_scratch=True))
+            if (B, C, D) in sd.SMALL_NO_GRAD_SHAPES:
+                cases.append(_led_case(B, C, D, dtype, with_grad=False))
         cases += [_mld_case(B, C, dtype, reduction) for B, C in sd.SMALL_MLD_SHAPES for reduction in sd.MLD_REDUCTIONS]
     return cases
 
@@ -227,9 +233,10 @@ def gpu_check_cases() -> list:
     # tests/test_gpu.py: the large shapes, half precision at COCO. Then a bfloat16 student with a
     # float32 teacher, one mix of dtypes that autocast can give (the step benchmark, the training loop).
     cases += [_led_case(32, 10000, 256, f32), _led_case(64, 9605, 768, f32), _led_case(64, 80, 768, f16),
-              _led_case(64, 80, 768, bf16, f32), _led_case(64, 80, 768, f32, misaligned_teacher=True)]
+              _led_case(64, 80, 768, bf16, f32), _led_case(64, 80, 768, f32, misaligned_teacher=True),
+              _led_case(1024, 80, 768, f32, with_grad=False), _led_case(32, 10000, 256, f32, with_grad=False)]
     # The kernel profile's default variant rows (gpu_check.sh's bench_all).
-    cases += [_led_case(64, 80, 768, f32, settings=(("GRAM_D", 16),)),
+    cases += [_led_case(64, 80, 768, f32, with_grad=False), _led_case(64, 80, 768, f32, settings=(("GRAM_D", 16),)),
               _led_case(64, 80, 768, f32, settings=(("SMALL_WARPS", 2),))]
     # MLD at the MLD benchmark's shapes and at the L2D benchmark's (its first three LED shapes).
     mld_shapes = dict.fromkeys([(B, C) for _, B, C in GPU_MLD_SHAPES] + [(B, C) for _, B, C, _ in GPU_LED_SHAPES[:3]])

@@ -8,7 +8,10 @@
 // "the width-split path" below); group_kernel runs once per family (three times for a striped
 // family, below; CD writes its groups' rows, ID adds into them), and the last block of the last
 // launch adds the group losses. Every sum runs in a fixed order and no float atomics are used:
-// results are bitwise reproducible. Squared norms are the Gram's own diagonal (or the same fmaf
+// results are bitwise reproducible. A call without gradient (with_grad false: a null gradient
+// pointer, FamilyArgs::write_grad false) makes the same launches and writes no gradient: no zero
+// rows, no gradient pass of a tile, no third sweep of a large group, no slice past a group's first;
+// its losses are those of the call with gradient, bitwise. Squared norms are the Gram's own diagonal (or the same fmaf
 // chain), so identical rows are exactly 0 apart.
 //
 // A group of at most 64 members is one tile (one_tile_group, T = 16, 32 or 64 rows by its size):
@@ -169,7 +172,7 @@ __global__ void members_kernel(const TY* __restrict__ pos, int64_t y_sb, int64_t
       group_loss[g] = 0.f;
     }
   }
-  if (cd) {
+  if (cd && grad != nullptr) {
     const TG zero = from_float<TG>(0.f);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     for (int64_t m = warp; m < B; m += kThreads / 32) {
@@ -188,6 +191,7 @@ struct FamilyArgs {
   int64_t n_members, width;
   float scale;                           // 2 lambda
   bool add;                              // ID adds into the gradient CD wrote
+  bool write_grad;                       // false: a call without gradient (grad is null; losses only)
   const int64_t* offs;                   // width-split path: each group's partial Grams in the scratch,
                                          // -1 if it has none; null without the split (see slice_kernel)
 };
@@ -452,6 +456,7 @@ __device__ void one_tile_group(const TS* __restrict__ s, const TT* __restrict__ 
 template <int T, typename TS>
 __device__ void tile_grad(const TS* __restrict__ s, const FamilyArgs& f, GroupShared& sh, int rows_in_group,
                           int cols, bool same, bool add, TS* __restrict__ grad, int64_t lo, int64_t hi) {
+  if (!f.write_grad) return;  // the same for every thread of the block
   using C = OneTile<T>;
   const float* w = sh.buf;
   float* ci = sh.buf + T * C::kPad;                // student chunk of I [kWidth][kPad], after the weights
@@ -618,6 +623,7 @@ __device__ void large_group(const TS* __restrict__ s, const TT* __restrict__ t, 
   const float loss = block_sum(stats[0], sh.reduce) / p_f;
   in.k_sum = block_sum(stats[1], sh.reduce);
   if (threadIdx.x == 0) *loss_out = loss;
+  if (!f.write_grad) return;
   float unused[2];
   for (int i0 = 0; i0 < P; i0 += kOneTile) strip_sweep<2>(s, t, members, P, f, sh, grad, i0, in, unused);
 }
@@ -645,6 +651,7 @@ __device__ void strip_item(const TS* __restrict__ es, const TT* __restrict__ et,
     for (int k = 0; k < n_strips; ++k) hs += __ldcg(sums + 4 * k + 2), ks += __ldcg(sums + 4 * k + 3);
     in.k_sum = ks;
     if (strip == 0 && threadIdx.x == 0) group_loss[g] = hs / p_f;
+    if (!f.write_grad) return;  // the sweep of stage 2 only writes gradient
   }
   float out[2] = {0.f, 0.f};
   strip_sweep<kStage>(s, t, members, P, f, sh, grad + g * f.g_g, strip * kOneTile, in, out);
@@ -809,7 +816,7 @@ __device__ __forceinline__ void slice_item(const TS* __restrict__ es, const TT* 
   const int64_t g = i % fam.n_groups;
   const int q = static_cast<int>(i / fam.n_groups);
   const int64_t off = f.offs[g];
-  if (off < 0) return;
+  if (off < 0 || (kGrad && !f.write_grad && q > 0)) return;  // without gradient, slice 0 takes the loss alone
   const int P = fam.cnt[g];
   const int64_t lo = q * sa.slice, hi = lo + sa.slice < f.width ? lo + sa.slice : f.width;
   const TS* s = es + g * f.s_g;
@@ -848,7 +855,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in, const at::Tensor& et_in,
-                                            const at::Tensor& targets, double lambda_cd, double lambda_id) {
+                                            const at::Tensor& targets, double lambda_cd, double lambda_id,
+                                            bool with_grad) {
   TORCH_CHECK(es_in.is_cuda() && et_in.is_cuda() && targets.is_cuda(), "led_cuda: inputs must be CUDA tensors");
   TORCH_CHECK(es_in.dim() == 3 && es_in.sizes() == et_in.sizes(), "led_cuda: embeddings must be [B, C, D] of one shape");
   TORCH_CHECK(targets.dim() == 2 && targets.size(0) == es_in.size(0) && targets.size(1) == es_in.size(1),
@@ -863,7 +871,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in,
   auto stream = c10::cuda::getCurrentCUDAStream();
   auto i32 = es.options().dtype(at::kInt), f32 = es.options().dtype(at::kFloat);
 
-  at::Tensor grad = at::empty({B, C, D}, es.options());
+  // Without the gradient: no buffer (an empty tensor returned in its place), a null pointer to the
+  // kernels, which then write none of it (the same launches; the same losses, bitwise).
+  at::Tensor grad = with_grad ? at::empty({B, C, D}, es.options()) : at::empty({0}, es_in.options());
+  const int64_t g_sb = C * D, g_sc = D;  // its strides, when there is one
   // Striped families (groups of more than 64 members spread over blocks): those whose groups can
   // exceed 128 members; up to 128, a larger group's four tile pairs stay in one block.
   const auto strips_of = [](int64_t n_members) { return n_members > 2 * kOneTile ? (n_members + kOneTile - 1) / kOneTile : 0; };
@@ -901,7 +912,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in,
   }
   const int64_t tile_b = tile_of(B), tile_c = tile_of(C);  // each family's largest tile
   const int64_t worst = n_s * 2 * (C * tile_b * tile_b + B * tile_c * tile_c);
-  int64_t scratch_bytes = std::min<int64_t>(std::max<int64_t>(4 << 20, grad.numel() * grad.element_size() / 16), 32 << 20);
+  const int64_t grad_bytes = es.numel() * es.element_size();
+  int64_t scratch_bytes = std::min<int64_t>(std::max<int64_t>(4 << 20, grad_bytes / 16), 32 << 20);
   if (const char* env = std::getenv("L2D_CUDA_LED_SCRATCH_BYTES")) scratch_bytes = std::atoll(env);
   const int64_t cap = std::min<int64_t>(worst, scratch_bytes / 4);
   const bool split = n_s > 1 && cap > 0 && B * C > 0;
@@ -921,12 +933,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in,
     using T = decltype(tag);
     const T* s = reinterpret_cast<const T*>(es.data_ptr());
     const T* t = reinterpret_cast<const T*>(et.data_ptr());
-    T* g = reinterpret_cast<T*>(grad.data_ptr());
+    T* g = with_grad ? reinterpret_cast<T*>(grad.data_ptr()) : nullptr;
     with_targets(pos, [&](const auto* y) {
       using TY = std::remove_cv_t<std::remove_pointer_t<decltype(y)>>;
       members_kernel<T, TY><<<static_cast<unsigned>(C + B), kThreads, 0, stream>>>(
           y, pos.stride(0), pos.stride(1), B, C, cd_idx, cd_cnt, id_idx, id_cnt, n_active, active, losses, g,
-          grad.stride(0), grad.stride(1), D, st_cd, st_id,
+          g_sb, g_sc, D, st_cd, st_id,
           split ? Plan{n_active + 5, static_cast<int>(n_s), cap, offs_ptr} : Plan{});
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -935,10 +947,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in,
     // launch of weights and gradient when split; then one group launch, or three when striped); the
     // last one of the call adds the losses.
     const FamilyArgs cd{es.stride(1), es.stride(0), es.stride(2), et.stride(1), et.stride(0), et.stride(2),
-                        grad.stride(1), grad.stride(0), B, D, static_cast<float>(2.0 * lambda_cd), false,
-                        offs_ptr};
+                        g_sc, g_sb, B, D, static_cast<float>(2.0 * lambda_cd), false, with_grad, offs_ptr};
     const FamilyArgs id{es.stride(0), es.stride(1), es.stride(2), et.stride(0), et.stride(1), et.stride(2),
-                        grad.stride(0), grad.stride(1), C, D, static_cast<float>(2.0 * lambda_id), true,
+                        g_sb, g_sc, C, D, static_cast<float>(2.0 * lambda_id), true, with_grad,
                         split ? offs_ptr + C : nullptr};
     const Finalize fin{out.data_ptr<float>(), total.data_ptr<float>(), losses, n_active + 2, C, B,
                        static_cast<float>(lambda_cd), static_cast<float>(lambda_id)};
@@ -973,7 +984,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in,
     family(cd_share, n_active, active, st_cd, false);
     family(id_share, n_active + 1, active + C, st_id, true);
   });
-  if (mixed) grad = grad.to(es_in.scalar_type());
+  if (mixed && with_grad) grad = grad.to(es_in.scalar_type());
   return {out, grad, total};
 }
 

@@ -123,9 +123,11 @@ def _offset(t: torch.Tensor, nbytes: int) -> torch.Tensor:
     return flat.as_strided(t.shape, t.stride(), elements).copy_(t)
 
 
-def _led_calls(B, C, D, dtype=torch.float32, teacher=None, targets_dtype=torch.bool, offset=0, transpose=False):
+def _led_calls(B, C, D, dtype=torch.float32, teacher=None, targets_dtype=torch.bool, offset=0, transpose=False,
+               with_grad=True):
     """Three calls on fresh inputs and one on inputs 16 bytes further into their storage (the same
-    alignment: the same key); ``offset`` (bytes) moves all of them."""
+    alignment: the same key); ``offset`` (bytes) moves all of them; without ``with_grad``, the forward
+    alone, without gradient."""
     def make(seed, extra=0):
         g = torch.Generator().manual_seed(seed)
         es = torch.randn(B, C, D, generator=g).to(dtype)
@@ -138,22 +140,23 @@ def _led_calls(B, C, D, dtype=torch.float32, teacher=None, targets_dtype=torch.b
         grad_output = torch.tensor(2.0)
 
         def call():
-            _, grad, _ = triton_led.led_forward(es, et, y, 100.0, 1000.0)
-            triton_led.led_scale(grad, y, grad_output)
+            _, grad, _ = triton_led.led_forward(es, et, y, 100.0, 1000.0, with_grad)
+            if with_grad:
+                triton_led.led_scale(grad, y, grad_output)
 
         return call
 
     return [make(0), make(1), make(2), make(3, extra=16)]
 
 
-def _mld_calls(B, C, reduction, dtype=torch.float32, teacher=None, offset=0):
+def _mld_calls(B, C, reduction, dtype=torch.float32, teacher=None, offset=0, with_grad=True):
     def make(seed):
         g = torch.Generator().manual_seed(seed)
         zs = torch.randn(B, C, generator=g).to(dtype)
         zt = torch.randn(B, C, generator=g).to(teacher or dtype)
         if offset:
             zs, zt = (_offset(t, offset) for t in (zs, zt))
-        return lambda: triton_mld.mld_forward(zs, zt, reduction, 1e-8, 2.0)
+        return lambda: triton_mld.mld_forward(zs, zt, reduction, 1e-8, 2.0, with_grad)
 
     return [make(0), make(1), make(2)]
 
@@ -246,11 +249,14 @@ def main() -> int:
         "led 4x5x1 (width 1), int targets": _led_calls(4, 5, 1, targets_dtype=torch.int64),
         "led 1x1x80": _led_calls(1, 1, 80),
         "led 136x6x80 (large groups, member lists)": _led_calls(136, 6, 80),
+        "led 136x6x80 without gradient": _led_calls(136, 6, 80, with_grad=False),
+        "led 16x80x96 without gradient": _led_calls(16, 80, 96, with_grad=False),
         "mld 64x80 batchmean": _mld_calls(64, 80, "batchmean"),
         "mld 200x300 sum (partials)": _mld_calls(200, 300, "sum"),
         "mld 200x300 none": _mld_calls(200, 300, "none"),
         "mld 1x1 mean, misaligned": _mld_calls(1, 1, "mean", offset=4),
         "mld 64x80 fp16 / fp32 teacher": _mld_calls(64, 80, "batchmean", torch.float16, torch.float32),
+        "mld 200x300 sum without gradient": _mld_calls(200, 300, "sum", with_grad=False),
     }
     with _patched():
         for name, calls in cases.items():

@@ -14,7 +14,9 @@ Widths above the Triton LED slice width (64) take its width-split path (plan, pa
 gradient; the last slice ragged), once more with a scratch too small for every group, so that the
 groups past it are done whole by their slice-0 programs; widths above the CUDA kernel's (128) its
 split path (plan, slice kernels), likewise once more with a scratch for a few groups only, the
-others left to the group kernel.
+others left to the group kernel. Calls without gradient (no_grad: no gradient buffer, its stores
+compiled out or behind a null pointer) at every shape of the full set, and in the small set at the
+two shapes whose large groups take the tiled passes (one of them also split over its width).
 """
 
 import os
@@ -54,6 +56,7 @@ MORE_LED_SHAPES = ((64, 80, 64), (200, 6, 160), (64, 80, 200))
 SMALL_MLD_SHAPES = ((1, 1), (70, 130))
 MORE_MLD_SHAPES = ((300, 1000),)
 MLD_REDUCTIONS = ("batchmean", "none")
+SMALL_NO_GRAD_SHAPES = ((200, 6, 40), (3, 150, 72))
 
 
 def main():
@@ -77,6 +80,9 @@ def main():
                 if backend == "cuda" and D > 128:
                     with tiny_cuda_split_scratch():
                         fused_led(es, et, y, backend=backend).backward()
+                if not small or (B, C, D) in SMALL_NO_GRAD_SHAPES:
+                    with torch.no_grad():
+                        fused_led(es, et, y, backend=backend)
                 if not small:
                     fused_led(es.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(), et,
                               y.t().contiguous().t(), backend=backend).backward()
@@ -85,6 +91,9 @@ def main():
                 zt = torch.randn(B, C, device="cuda", dtype=dtype)
                 for reduction in MLD_REDUCTIONS * (2 if backend == "triton" else 1):
                     fused_mld(zs, zt, reduction=reduction, backend=backend).sum().backward()
+                if not small:
+                    with torch.no_grad():
+                        fused_mld(zs, zt, backend=backend)
     torch.cuda.synchronize()
     if not backends:
         raise SystemExit(f"no fused backend to check among {chosen}: available {available_backends()}")

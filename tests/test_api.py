@@ -97,6 +97,18 @@ def test_mld_teacher_never_gets_gradient(backend):
     assert zt.grad is None and zs.grad is not None
 
 
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_mld_without_gradient_gives_the_same_loss(backend, reduction):
+    """A call that needs no gradient (a validation loss) takes the kernels' forward-only path: the
+    same loss, bitwise, and no autograd history."""
+    zs, zt = logits(70, 130, scale=4.0, device=DEVICE)
+    want = fused_mld(zs.clone().requires_grad_(), zt, reduction=reduction, backend=backend)
+    with torch.no_grad():
+        got = fused_mld(zs.clone().requires_grad_(), zt, reduction=reduction, backend=backend)
+    assert got.grad_fn is None and not got.requires_grad
+    assert torch.equal(got, want.detach())
+
+
 def test_mld_nan_propagates(backend):
     zs, zt = logits(4, 6, device=DEVICE)
     zs[1, 2] = float("nan")
@@ -216,6 +228,33 @@ def test_led_total_is_a_tensor_of_its_own(backend):
     x2 = es.clone().requires_grad_()
     (2.0 * fused_led(x2, et, y, backend=backend, lambda_cd=3.0, lambda_id=5.0)).backward()
     torch.testing.assert_close(x.grad, x2.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", list(LED_CASES))
+def test_led_without_gradient_gives_the_same_losses(backend, case):
+    """Under no_grad the kernels write no gradient: the same total and components, bitwise."""
+    es, et, y = embeddings(*LED_CASES[case]["shape"], density=LED_CASES[case]["density"], device=DEVICE)
+    want = fused_led(es.clone().requires_grad_(), et, y, backend=backend, return_components=True)
+    with torch.no_grad():
+        got = fused_led(es.clone().requires_grad_(), et, y, backend=backend, return_components=True)
+    assert got[0].grad_fn is None and not got[0].requires_grad
+    assert all(torch.equal(a, b.detach()) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("how", ["inference_mode", "student_without_requires_grad"])
+def test_led_without_gradient_in_other_ways(backend, how):
+    es, et, y = embeddings(7, 6, 33, density=0.5, device=DEVICE)
+    want = fused_led(es.clone().requires_grad_(), et, y, backend=backend)
+    if how == "inference_mode":
+        with torch.inference_mode():
+            got = fused_led(es, et, y, backend=backend)
+    else:
+        got = fused_led(es, et, y, backend=backend)
+    assert not got.requires_grad and torch.equal(got, want.detach())
+    # The same total can be changed in place afterwards, as a loss with gradient can.
+    if how != "inference_mode":
+        got *= 2.0
+        assert torch.equal(got, 2.0 * want.detach())
 
 
 def test_led_nan_propagates_from_a_member_row(backend):

@@ -258,6 +258,27 @@ def test_led_width_split_wider_slices(ops):
     _check_fp32(losses, grad, es, et, y)
 
 
+@pytest.mark.parametrize("members, width, split", [(70, 300, True), (150, 72, False), (128, 260, True)],
+                         ids=["one-tile-sizes-split", "striped", "tile-pairs-in-one-block-split"])
+@pytest.mark.parametrize("transpose", [False, True], ids=["cd-groups", "id-groups"])
+def test_led_without_gradient_gives_the_same_losses(ops, monkeypatch, members, width, split, transpose):
+    """with_grad=False on every path (one-tile sizes whole and split, a large group's tile pairs in one
+    block, striped over blocks): the same losses, bitwise, and no gradient returned (the kernels get a
+    null gradient pointer: a write through it would stop the run)."""
+    sizes = torch.tensor([s for s in (150, 129, 128, 70, 65, 64, 33, 17, 16, 9, 2, 1, 0) if s <= members])
+    y = torch.arange(members)[:, None] < sizes[None, :]
+    if transpose:
+        y = y.T.contiguous()
+    es, et, _ = embeddings(*y.shape, width, seed=34)
+    es, et = es.float(), et.float()
+    if not split:
+        monkeypatch.setenv("L2D_CUDA_LED_SCRATCH_BYTES", "0")
+    losses, grad = _led(ops, es, et, y)
+    _check_fp32(losses, grad, es, et, y)
+    only, none, total = ops.led(es, et, y, 100.0, 1000.0, False)
+    assert torch.equal(only, losses) and torch.equal(total, losses[0]) and none.numel() == 0
+
+
 def test_mld_grid_stride_loop_over_more_than_1024_blocks(ops):
     """At more than 1024 x 256 labels each thread of the capped grid takes several labels, and the
     per-block partial sums are added by one block."""
@@ -266,3 +287,5 @@ def test_mld_grid_stride_loop_over_more_than_1024_blocks(ops):
     loss, grad = ops.mld(zs, zt, "batchmean", 1e-8, 1.0)
     w_loss, w_grad = oracle.mld(zs.double().numpy(), zt.double().numpy(), "batchmean")
     assert rel_err(loss, w_loss) < 1e-5 and rel_err(grad, w_grad) < 1e-5
+    loss_only, none = ops.mld(zs, zt, "batchmean", 1e-8, 1.0, False)
+    assert torch.equal(loss_only, loss) and none.numel() == 0

@@ -37,8 +37,9 @@ def test_the_backward_scaling_is_registered_in_place_with_a_fake_kernel():
 def test_schemas():
     mld = torch.ops.l2d_kernels.mld_cuda.default._schema
     led = torch.ops.l2d_kernels.led_cuda.default._schema
-    assert [a.name for a in mld.arguments] == ["zs", "zt", "reduction", "eps", "temperature"]
-    assert [a.name for a in led.arguments] == ["es", "et", "targets", "lambda_cd", "lambda_id"]
+    assert [a.name for a in mld.arguments] == ["zs", "zt", "reduction", "eps", "temperature", "with_grad"]
+    assert [a.name for a in led.arguments] == ["es", "et", "targets", "lambda_cd", "lambda_id", "with_grad"]
+    assert mld.arguments[-1].default_value is True and led.arguments[-1].default_value is True
     assert len(mld.returns) == 2 and len(led.returns) == 3
     assert not any(a.alias_info for a in list(mld.arguments) + list(led.arguments))
 
@@ -66,6 +67,19 @@ def test_led_fake_kernel(dtype):
 
 def test_an_extension_without_an_operator_the_package_calls_counts_as_another_build():
     assert cuda_ext.missing_operators() == []
-    assert cuda_ext.missing_operators({"led_cuda": 3, "led_from_the_future_cuda": 2}) == ["led_from_the_future_cuda"]
-    # An operator of an older build, with another number of results (LED had two before the total apart).
-    assert cuda_ext.missing_operators({"led_cuda": 2, "mld_cuda": 2}) == ["led_cuda"]
+    assert cuda_ext.missing_operators({"led_cuda": (6, 3), "led_from_the_future_cuda": (6, 2)}) == [
+        "led_from_the_future_cuda"]
+    # Operators of older builds: LED had two results before the total apart, and neither loss took
+    # with_grad before the calls without gradient.
+    assert cuda_ext.missing_operators({"led_cuda": (6, 2), "mld_cuda": (6, 2)}) == ["led_cuda"]
+    assert cuda_ext.missing_operators({"led_cuda": (5, 3), "mld_cuda": (5, 2)}) == ["led_cuda", "mld_cuda"]
+
+
+def test_led_fake_kernel_without_gradient():
+    with FakeTensorMode():
+        es = torch.empty(4, 3, 8, device="cuda")
+        y = torch.empty(4, 3, device="cuda", dtype=torch.bool)
+        losses, grad, total = torch.ops.l2d_kernels.led_cuda(es, es, y, 100.0, 1000.0, False)
+        _, mld_grad = torch.ops.l2d_kernels.mld_cuda(es[:, :, 0], es[:, :, 0], "sum", 1e-8, 1.0, False)
+    assert losses.shape == (3,) and total.shape == ()
+    assert grad.shape == (0,) and mld_grad.shape == (0,)

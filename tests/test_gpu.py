@@ -132,6 +132,23 @@ def test_led_runs_at_openimages_scale_within_inputs_gradient_and_scratch(gpu_bac
     assert torch.cuda.max_memory_allocated() - base <= grad_bytes + 64 * 2**20
 
 
+@pytest.mark.parametrize("shape", ["coco-b1024", "c10000"])
+def test_led_without_gradient_at_scale(gpu_backend, shape):
+    """Under no_grad (a validation loss): the losses of the call with gradient, bitwise, and a peak
+    beyond the inputs of a scratch only, no gradient (252 MB at 1024 x 80 x 768)."""
+    es, et, y = _embeddings(*LED_SHAPES[shape])
+    want = _fused(es, et, y, gpu_backend)[:3]
+    x = es.requires_grad_()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with no_host_sync(), torch.no_grad():
+        got = fused_led(x, et, y, backend=gpu_backend, return_components=True)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base <= 64 * 2**20
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 @pytest.mark.parametrize("shape", [(64, 80), (4096, 1000)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_mld_at_scale(gpu_backend, shape, dtype):

@@ -10,17 +10,19 @@ from l2d_kernels import fused_led, fused_mld
 from l2d_kernels.ops import library
 
 
+@pytest.mark.parametrize("with_grad", [True, False])
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
-def test_mld_op_passes_opcheck(fused_backend, reduction):
+def test_mld_op_passes_opcheck(fused_backend, reduction, with_grad):
     zs, zt = logits(5, 7, device=DEVICE)
-    args = (zs.requires_grad_(), zt, reduction, 1e-8, 1.0)
+    args = (zs.requires_grad_(), zt, reduction, 1e-8, 1.0, with_grad)
     torch.library.opcheck(library.mld_op(fused_backend), args, test_utils=("test_schema", "test_faketensor",
                                                                            "test_autograd_registration"))
 
 
-def test_led_op_passes_opcheck(fused_backend):
+@pytest.mark.parametrize("with_grad", [True, False])
+def test_led_op_passes_opcheck(fused_backend, with_grad):
     es, et, y = embeddings(6, 5, 8, device=DEVICE, density=0.5)
-    args = (es.requires_grad_(), et, y, 100.0, 1000.0)
+    args = (es.requires_grad_(), et, y, 100.0, 1000.0, with_grad)
     torch.library.opcheck(library.led_op(fused_backend), args, test_utils=("test_schema", "test_faketensor",
                                                                            "test_autograd_registration"))
 
@@ -34,6 +36,23 @@ def test_led_scale_op_passes_opcheck(fused_backend):
     grad = torch.randn(6, 5, 8, device=DEVICE)
     torch.library.opcheck(torch.ops.l2d_kernels.led_scale_cuda.default, (grad, y, torch.tensor(2.0, device=DEVICE)),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("loss", ["mld", "led"])
+def test_backward_through_an_operator_called_without_gradient_is_refused(fused_backend, loss):
+    """The operators called directly with with_grad=False on an input that requires grad: the loss is
+    there, and backward says why it has no gradient to give."""
+    if loss == "mld":
+        zs, zt = logits(5, 7, device=DEVICE)
+        x = zs.requires_grad_()
+        out = library.mld_op(fused_backend)(x, zt, "sum", 1e-8, 1.0, False)[0]
+    else:
+        es, et, y = embeddings(6, 5, 8, device=DEVICE, density=0.5)
+        x = es.requires_grad_()
+        out = library.led_op(fused_backend)(x, et, y, 100.0, 1000.0, False)[0][0]
+    assert torch.isfinite(out)
+    with pytest.raises(RuntimeError, match="with_grad=False"):
+        out.backward()
 
 
 def test_compiles_without_graph_breaks(fused_backend):
@@ -53,6 +72,29 @@ def test_compiles_without_graph_breaks(fused_backend):
     out.backward()
     assert torch.equal(out.detach(), step(zs, es).detach())
     assert torch.equal(comp_z.grad, eager_z.grad) and torch.equal(comp_e.grad, eager_e.grad)
+
+
+def test_compiles_without_gradient_into_the_forward_only_kernels(fused_backend):
+    """Traced under no_grad (an evaluation step), the operators are called with with_grad=False and
+    give the eager call's losses, bitwise."""
+    zs, zt = logits(5, 7, device=DEVICE)
+    es, et, y = embeddings(5, 7, 8, device=DEVICE, density=0.5)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def evaluate(zs, es):
+        return fused_mld(zs, zt, backend=fused_backend) + fused_led(es, et, y, backend=fused_backend)
+
+    compiled = torch.compile(evaluate, fullgraph=True, backend=record)
+    zs.requires_grad_()
+    es.requires_grad_()
+    with torch.no_grad():
+        assert torch.equal(compiled(zs, es), evaluate(zs, es))
+    calls = [n for n in graphs[0].graph.nodes if n.op == "call_function" and "l2d_kernels" in str(n.target)]
+    assert len(calls) == 2 and all(n.args[-1] is False for n in calls)
 
 
 def test_compiles_once_for_every_batch_size_with_dynamic_shapes(fused_backend):
@@ -131,6 +173,24 @@ def test_backward_allocates_no_second_gradient(fused_backend, loss):
         (out * 0.5).backward()
     assert mode.ops == []
     assert x.grad.data_ptr() == buffer_ptr
+
+
+def test_a_call_without_gradient_makes_no_gradient_buffer(fused_backend):
+    """Under no_grad the kernels write no gradient, and no tensor of its size is made; with gradient
+    the same check sees the buffer."""
+    zs, zt = logits(7, 9, device=DEVICE)
+    es, et, y = embeddings(6, 5, 8, device=DEVICE, density=0.6)
+    zs.requires_grad_()
+    es.requires_grad_()
+    calls = {zs.numel(): lambda: fused_mld(zs, zt, backend=fused_backend),
+             es.numel(): lambda: fused_led(es, et, y, backend=fused_backend)}
+    for numel, call in calls.items():
+        with torch.no_grad(), _NewBuffers(numel) as mode:
+            call()
+        assert mode.ops == []
+        with _NewBuffers(numel) as mode:
+            call()
+        assert mode.ops
 
 
 @pytest.mark.parametrize("loss", ["mld", "led"])

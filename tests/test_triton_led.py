@@ -83,6 +83,22 @@ def test_ragged_groups_mix_both_paths(small_tiles, slices, monkeypatch, ahead):
     _check(es, et, y.to(DEVICE))
 
 
+def test_without_gradient_every_path_gives_the_same_losses(small_tiles, slices):
+    """with_grad=False (no_grad): ragged groups from 0 to 36 members, single-program and tiled, whole
+    and split, give the losses of the call with gradient, bitwise, and no gradient tensor; the student
+    embeddings, which stand in for the gradient's pointer, are not written."""
+    from l2d_kernels.ops import triton_led
+
+    B, C = 36, 9
+    y = (torch.arange(B)[:, None] < torch.tensor([0, 1, 2, 3, 15, 16, 17, 33, 36])[None, :]).to(DEVICE)
+    es, et, _ = embeddings(B, C, 20, device=DEVICE, seed=8)
+    losses, grad, total = triton_led.led_forward(es, et, y, 100.0, 1000.0)
+    before = es.clone()
+    only, none, only_total = triton_led.led_forward(es, et, y, 100.0, 1000.0, with_grad=False)
+    assert grad.shape == es.shape and none.numel() == 0 and torch.equal(es, before)
+    assert torch.equal(only, losses) and torch.equal(only_total, total)
+
+
 @pytest.mark.parametrize("ahead,slice_width", [(True, 0), (False, 0), (True, 8)],
                          ids=["whole-ahead", "whole-one-at-a-time", "split-ahead"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -36,6 +36,8 @@ def _launchers():
             zs = torch.zeros(70, 130, dtype=dtype)
             for reduction in ("batchmean", "none"):
                 triton_mld.mld_forward(zs, zs, reduction, 1e-8, 1.0)
+            if dtype == torch.float32:  # a call without gradient: every store of it compiled out
+                triton_mld.mld_forward(zs, zs, "batchmean", 1e-8, 1.0, with_grad=False)
             # 130 members > SMALL_MAX, so the large-group passes launch too; then launches whose groups
             # hold at most 64 and at most 32 members (the main kernel is compiled for the sizes a
             # launch can need: 130 / 3, 64 / 40 and 32 / 20 possible members).
@@ -46,6 +48,9 @@ def _launchers():
                 for width in (40,) if dtype == torch.float16 else (40, 3 * triton_led.SLICE_WIDTH):
                     es = torch.zeros(B, C, width, dtype=dtype)
                     triton_led.led_forward(es, es, torch.zeros(B, C, dtype=torch.bool), 100.0, 1000.0)
+                    if dtype == torch.float32:  # without gradient (ADD = NO_GRAD), float32 alone
+                        triton_led.led_forward(es, es, torch.zeros(B, C, dtype=torch.bool), 100.0, 1000.0,
+                                               with_grad=False)
             # The backward's scaling, with bool and float targets.
             for y in (torch.zeros(4, 3, dtype=torch.bool), torch.zeros(4, 3)):
                 triton_led.led_scale(torch.zeros(4, 3, 40, dtype=dtype), y, torch.ones(()))

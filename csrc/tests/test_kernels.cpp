@@ -71,19 +71,22 @@ int main() {
   }
   auto& dispatcher = c10::Dispatcher::singleton();
   auto mld = dispatcher.findSchemaOrThrow("l2d_kernels::mld_cuda", "")
-                 .typed<Pair(const at::Tensor&, const at::Tensor&, c10::string_view, double, double)>();
+                 .typed<Pair(const at::Tensor&, const at::Tensor&, c10::string_view, double, double, bool)>();
   auto led = dispatcher.findSchemaOrThrow("l2d_kernels::led_cuda", "")
-                 .typed<Triple(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double)>();
+                 .typed<Triple(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double, bool)>();
   at::manual_seed(0);
 
   // MLD, batchmean, against the formula in double.
   const int64_t B = 37, C = 53;
   at::Tensor zs = at::randn({B, C}, at::kDouble) * 4, zt = at::randn({B, C}, at::kDouble) * 4;
-  auto [loss, grad] = mld.call(zs.to(at::kFloat).cuda(), zt.to(at::kFloat).cuda(), "batchmean", 1e-8, 1.0);
+  auto [loss, grad] = mld.call(zs.to(at::kFloat).cuda(), zt.to(at::kFloat).cuda(), "batchmean", 1e-8, 1.0, true);
   at::Tensor ps = at::sigmoid(zs).clamp(1e-8, 1 - 1e-8), pt = at::sigmoid(zt).clamp(1e-8, 1 - 1e-8);
   at::Tensor want = (pt * (pt / ps).log() + (1 - pt) * ((1 - pt) / (1 - ps)).log()).sum() / B;
   check(rel_err(loss, want) < 1e-4, "mld_cuda loss, float32", rel_err(loss, want));
   check(rel_err(grad, (ps - pt) / B) < 1e-4, "mld_cuda gradient, float32", rel_err(grad, (ps - pt) / B));
+  auto [loss_only, no_grad] =
+      mld.call(zs.to(at::kFloat).cuda(), zt.to(at::kFloat).cuda(), "batchmean", 1e-8, 1.0, false);
+  check(at::equal(loss_only, loss) && no_grad.numel() == 0, "mld_cuda without gradient: same loss", 0.0);
 
   // LED on ragged groups (one label positive everywhere, one image positive for every label).
   const int64_t b = 40, c = 6, D = 45;
@@ -91,7 +94,7 @@ int main() {
   at::Tensor y = at::rand({b, c}, at::kDouble) < 0.4;
   y.select(1, 0).fill_(true);
   y.select(0, 3).fill_(true);
-  auto [losses, lgrad, ltotal] = led.call(es.to(at::kFloat).cuda(), et.to(at::kFloat).cuda(), y.cuda(), 3.0, 5.0);
+  auto [losses, lgrad, ltotal] = led.call(es.to(at::kFloat).cuda(), et.to(at::kFloat).cuda(), y.cuda(), 3.0, 5.0, true);
   at::Tensor want_grad = at::zeros({b, c, D}, at::kDouble);
   auto acc_s = es.accessor<double, 3>(), acc_t = et.accessor<double, 3>();
   auto acc_y = y.accessor<bool, 2>();
@@ -125,8 +128,13 @@ int main() {
   check(std::fabs(l[1].item<double>() - cd) < 1e-4 * cd, "led_cuda CD", std::fabs(l[1].item<double>() - cd) / cd);
   check(std::fabs(l[2].item<double>() - id) < 1e-4 * id, "led_cuda ID", std::fabs(l[2].item<double>() - id) / id);
   check(rel_err(lgrad, want_grad) < 1e-4, "led_cuda gradient, float32", rel_err(lgrad, want_grad));
-  auto [again, again_grad, again_total] = led.call(es.to(at::kFloat).cuda(), et.to(at::kFloat).cuda(), y.cuda(), 3.0, 5.0);
+  auto [again, again_grad, again_total] =
+      led.call(es.to(at::kFloat).cuda(), et.to(at::kFloat).cuda(), y.cuda(), 3.0, 5.0, true);
   check(at::equal(again, losses) && at::equal(again_grad, lgrad) && at::equal(again_total, ltotal),
         "led_cuda bitwise reproducible", 0.0);
+  auto [only, none, only_total] =
+      led.call(es.to(at::kFloat).cuda(), et.to(at::kFloat).cuda(), y.cuda(), 3.0, 5.0, false);
+  check(at::equal(only, losses) && at::equal(only_total, ltotal) && none.numel() == 0,
+        "led_cuda without gradient: same losses", 0.0);
   return failures == 0 ? 0 : 1;
 }

@@ -7,9 +7,9 @@ sources older than this package (an operator the Python side calls is missing).
 
 import importlib.util
 
-# Every operator the Python side calls, with the number of its results: an extension that lacks one,
-# or has it with another number of results, was built from other sources.
-OPERATORS = {"mld_cuda": 2, "led_cuda": 3, "led_scale_cuda": 0}
+# Every operator the Python side calls, with the numbers of its arguments and results: an extension
+# that lacks one, or has it with other numbers, was built from other sources.
+OPERATORS = {"mld_cuda": (6, 2), "led_cuda": (6, 3), "led_scale_cuda": (3, 0)}
 
 _C = None
 load_error = None
@@ -24,15 +24,17 @@ else:
 
 
 def missing_operators(expected=OPERATORS) -> list:
-    """The operators of ``expected`` (name: number of results) that no loaded library registered, or
-    registered with another number of results."""
+    """The operators of ``expected`` (name: (number of arguments, number of results)) that no loaded
+    library registered, or registered with other numbers of them."""
     import torch
 
-    def matches(op, n_returns):
-        return hasattr(torch.ops.l2d_kernels, op) and len(
-            getattr(torch.ops.l2d_kernels, op).default._schema.returns) == n_returns
+    def matches(op, counts):
+        if not hasattr(torch.ops.l2d_kernels, op):
+            return False
+        schema = getattr(torch.ops.l2d_kernels, op).default._schema
+        return (len(schema.arguments), len(schema.returns)) == counts
 
-    return [op for op, n_returns in expected.items() if not matches(op, n_returns)]
+    return [op for op, counts in expected.items() if not matches(op, counts)]
 
 
 if _C is not None and missing_operators():

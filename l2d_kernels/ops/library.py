@@ -19,10 +19,15 @@ only the host path is timed (``benchmarks/host_overhead.py``), a forward + ``aut
 and 72-87 us (its total no longer goes through an indexing node, whose backward launched two more
 kernels).
 
-    l2d_kernels::mld_<backend>(zs, zt, reduction, eps, temperature) -> (loss, d loss / d zs)
-    l2d_kernels::led_<backend>(es, et, targets, lambda_cd, lambda_id)
+    l2d_kernels::mld_<backend>(zs, zt, reduction, eps, temperature, with_grad=True) -> (loss, d loss / d zs)
+    l2d_kernels::led_<backend>(es, et, targets, lambda_cd, lambda_id, with_grad=True)
         -> ([lambda_cd * CD + lambda_id * ID, CD, ID] as float32[3], d total / d es, the total as float32[])
     l2d_kernels::led_scale_cuda(Tensor(a!) grad, targets, grad_output) -> ()   (CUDA extension only)
+
+A call that needs no gradient (grad mode off, or a student input without ``requires_grad``: a
+validation loss, say) passes ``with_grad=False``: the kernels compute the same losses, bitwise, and
+neither write nor allocate the gradient (an empty tensor stands in the gradient's place), so the
+call reads its inputs and writes nothing of their size; eagerly it also skips the autograd node.
 """
 
 from __future__ import annotations
@@ -40,17 +45,21 @@ def loss_dtype(t: Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
-def _mld_fake(zs, zt, reduction, eps, temperature):
+def _grad_fake(x, with_grad):
+    return torch.empty_like(x, memory_format=torch.contiguous_format) if with_grad else x.new_empty(0)
+
+
+def _mld_fake(zs, zt, reduction, eps, temperature, with_grad=True):
     shape = zs.shape if reduction == "none" else ()
-    return zs.new_empty(shape, dtype=loss_dtype(zs)), torch.empty_like(zs, memory_format=torch.contiguous_format)
+    return zs.new_empty(shape, dtype=loss_dtype(zs)), _grad_fake(zs, with_grad)
 
 
-def _led_fake(es, et, targets, lambda_cd, lambda_id):
-    return (es.new_empty(3, dtype=torch.float32), torch.empty_like(es, memory_format=torch.contiguous_format),
-            es.new_empty((), dtype=torch.float32))
+def _led_fake(es, et, targets, lambda_cd, lambda_id, with_grad=True):
+    return es.new_empty(3, dtype=torch.float32), _grad_fake(es, with_grad), es.new_empty((), dtype=torch.float32)
 
 
 def _save_grad(ctx, inputs, output):
+    ctx.without_grad = len(inputs) > 5 and not inputs[5]  # with_grad=False: no gradient to hand on
     ctx.save_for_backward(output[1])
     # The outputs after the first (the gradient; LED's total apart, which traced code does not use)
     # are never differentiated through. Autograd would otherwise hand backward a zero-filled tensor
@@ -60,14 +69,22 @@ def _save_grad(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # so the loss output's gradient is the only one, never None here
 
 
+def _refuse_without_grad(ctx):
+    if ctx.without_grad:
+        raise RuntimeError("l2d_kernels: backward through an operator called with with_grad=False, which "
+                           "computed no gradient")
+
+
 def _mld_backward(ctx, grad_loss, _):
+    _refuse_without_grad(ctx)
     (grad,) = ctx.saved_tensors
-    return grad.mul_(grad_loss), None, None, None, None
+    return grad.mul_(grad_loss), None, None, None, None, None
 
 
 def _led_backward(ctx, grad_losses, *_):
+    _refuse_without_grad(ctx)
     (grad,) = ctx.saved_tensors
-    return grad.mul_(grad_losses[0]), None, None, None, None
+    return grad.mul_(grad_losses[0]), None, None, None, None, None
 
 
 def _register(name: str, fake, backward) -> None:
@@ -76,18 +93,19 @@ def _register(name: str, fake, backward) -> None:
 
 
 @torch.library.custom_op("l2d_kernels::mld_triton", mutates_args=())
-def mld_triton(zs: Tensor, zt: Tensor, reduction: str, eps: float, temperature: float) -> tuple[Tensor, Tensor]:
+def mld_triton(zs: Tensor, zt: Tensor, reduction: str, eps: float, temperature: float, with_grad: bool = True
+               ) -> tuple[Tensor, Tensor]:
     from .triton_mld import mld_forward
 
-    return mld_forward(zs, zt, reduction, eps, temperature)
+    return mld_forward(zs, zt, reduction, eps, temperature, with_grad)
 
 
 @torch.library.custom_op("l2d_kernels::led_triton", mutates_args=())
-def led_triton(es: Tensor, et: Tensor, targets: Tensor, lambda_cd: float, lambda_id: float
+def led_triton(es: Tensor, et: Tensor, targets: Tensor, lambda_cd: float, lambda_id: float, with_grad: bool = True
                ) -> tuple[Tensor, Tensor, Tensor]:
     from .triton_led import led_forward
 
-    return led_forward(es, et, targets, lambda_cd, lambda_id)
+    return led_forward(es, et, targets, lambda_cd, lambda_id, with_grad)
 
 
 _register("l2d_kernels::mld_triton", _mld_fake, _mld_backward)
@@ -112,10 +130,10 @@ def led_op(backend: str):
 
 @functools.lru_cache(maxsize=None)
 def _launcher(loss: str, backend: str):
-    """The function that launches a backend's kernels: for "mld" and "led", (student, *rest) -> (loss,
-    d loss / d student), LED's with the total as a third output; for "led_scale", the LED backward's
-    in-place scaling (grad, targets, grad_output). Looked up once per (name, backend): it is on every
-    call's path."""
+    """The function that launches a backend's kernels: for "mld" and "led", (student, *rest[, with_grad])
+    -> (loss, d loss / d student), LED's with the total as a third output; for "led_scale", the LED
+    backward's in-place scaling (grad, targets, grad_output). Looked up once per (name, backend): it is
+    on every call's path."""
     if backend == "triton":
         from . import triton_led, triton_mld
 
@@ -156,17 +174,28 @@ class _Fused(torch.autograd.Function):
         return (None, None, None, None, grad) + (None,) * ctx.n_rest
 
 
+def _needs_grad(x: Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
+
+
 def mld(backend: str, zs: Tensor, zt: Tensor, reduction: str, eps: float, temperature: float) -> Tensor:
     """The MLD loss on a fused backend, differentiable in ``zs``."""
+    with_grad = _needs_grad(zs)
     if torch.compiler.is_compiling():
-        return mld_op(backend)(zs, zt, reduction, eps, temperature)[0]
+        return mld_op(backend)(zs, zt, reduction, eps, temperature, with_grad)[0]
+    if not with_grad:
+        return _launcher("mld", backend)(zs, zt, reduction, eps, temperature, False)[0]
     return _Fused.apply(_launcher("mld", backend), False, None, None, zs, zt, reduction, eps, temperature)
 
 
 def led(backend: str, es: Tensor, et: Tensor, targets: Tensor, lambda_cd: float, lambda_id: float):
     """(total, float32 [total, CD, ID] without gradient) on a fused backend, the total differentiable in ``es``."""
+    with_grad = _needs_grad(es)
     if torch.compiler.is_compiling():
-        losses = led_op(backend)(es, et, targets, lambda_cd, lambda_id)[0]
+        losses = led_op(backend)(es, et, targets, lambda_cd, lambda_id, with_grad)[0]
         return losses[0], losses.detach()
+    if not with_grad:
+        losses, _, total = _launcher("led", backend)(es, et, targets, lambda_cd, lambda_id, False)
+        return total, losses
     return _Fused.apply(_launcher("led", backend), True, _launcher("led_scale", backend), targets, es, et, targets,
                         lambda_cd, lambda_id)

@@ -48,7 +48,10 @@ Launches, all on the device, none waiting for the host:
    (one launch fewer; ``_plan_kernel`` zeroes the counter it takes).
 
 CD runs before ID because both add into the same rows: CD writes, ID adds. Every sum is taken in a
-fixed order and no float atomics are used, so two runs give bitwise equal results.
+fixed order and no float atomics are used, so two runs give bitwise equal results. A call that
+needs no gradient (``with_grad=False``: no grad mode, or a student without ``requires_grad``) makes
+the same launches with every gradient store compiled out (``ADD`` = ``NO_GRAD``) and no gradient
+buffer: the same losses, bitwise, from two reads of the inputs and no write of their size.
 """
 
 from __future__ import annotations
@@ -96,6 +99,9 @@ GRAM_D = 64
 SMALL_WARPS = 4
 # The smallest tile, which bounds the small-group launch's groups (a compile-time constant of the kernels).
 SMALLEST_TILE = tl.constexpr(16)
+# The kernels' ADD argument: 0 (False) writes the gradient, 1 (True) adds into it (ID, after CD),
+# NO_GRAD writes none (a call without gradient).
+NO_GRAD = tl.constexpr(2)
 SCALE_ROWS = 16  # gradient rows per program of the backward's scaling
 SCALE_BLOCK = 256  # widths per step of it
 PLAN_BLOCK = 128  # groups per step of the plan
@@ -255,7 +261,15 @@ def _write_grad(S, s_m, s_d, G, g_m, rows_i, ok_i, rows_j, ok_j, w, rowsum, lo, 
                 ADD: tl.constexpr, BLOCK_D: tl.constexpr, SAME: tl.constexpr, AHEAD: tl.constexpr):
     """grad[rows_i] (+)= scale * (rowsum * S[rows_i] - w @ S[rows_j]) at the widths ``lo <= d < D``, in
     width chunks (``SAME``: j is i; ``AHEAD``: each chunk's rows, and adding the gradient so far,
-    loaded one chunk ahead)."""
+    loaded one chunk ahead); nothing where ``ADD`` is ``NO_GRAD``."""
+    if ADD != NO_GRAD:
+        _write_grad_chunks(S, s_m, s_d, G, g_m, rows_i, ok_i, rows_j, ok_j, w, rowsum, lo, D, scale, ADD, BLOCK_D,
+                           SAME, AHEAD)
+
+
+@triton.jit
+def _write_grad_chunks(S, s_m, s_d, G, g_m, rows_i, ok_i, rows_j, ok_j, w, rowsum, lo, D, scale,
+                       ADD: tl.constexpr, BLOCK_D: tl.constexpr, SAME: tl.constexpr, AHEAD: tl.constexpr):
     if AHEAD:
         si = _load_rows(S, rows_i, ok_i, lo, D, s_m, s_d, BLOCK_D).to(tl.float32)
         if not SAME:
@@ -548,7 +562,8 @@ def _grad_kernel(
     S, T, s_g, s_m, s_d, t_g, t_m, t_d, G, g_g, g_m, idx, cnt, N, D, scale, loss_ptr, norms, part1, part2,
     ADD: tl.constexpr, SMALL_MAX: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, AHEAD: tl.constexpr,
 ):
-    """Large groups, pass 3: the gradient of row tile i (and, from tile 0, the group's loss)."""
+    """Large groups, pass 3: the gradient of row tile i (and, from tile 0, the group's loss; that alone
+    where ``ADD`` is ``NO_GRAD``)."""
     g = tl.program_id(0)
     i = tl.program_id(1)
     S_g, T_g, G_g, members, norms_g, P = _group(S, T, G, s_g, t_g, g_g, idx, cnt, N, norms, g)
@@ -560,16 +575,17 @@ def _grad_kernel(
             tl.store(loss_ptr + g, _div(huber_sum, p_f))
         # grad = 2 sum_b w(a, b) (s_a - s_b), one column tile at a time, each tile's part kept in that
         # difference form (its own row sums) so that a half-precision gradient stays well conditioned.
-        for j in range(0, tl.cdiv(P, TILE)):
-            sq_s, ds, dt, pair, ok_i, rows_i, ok_j, rows_j = _tile_distances(
-                S_g, T_g, s_m, s_d, t_m, t_d, members, norms_g, P, i, j, D, TILE, BLOCK_D, AHEAD)
-            w = _pair_weights(_div(ds, mu_s) - _div(dt, mu_t), ds, sq_s, pair, mu_s, k_sum, p_f, n_pairs)
-            if j == 0:
-                _write_grad(S_g, s_m, s_d, G_g, g_m, rows_i, ok_i, rows_j, ok_j, w, tl.sum(w, axis=1), 0, D, scale,
-                            ADD, BLOCK_D, False, AHEAD)
-            else:
-                _write_grad(S_g, s_m, s_d, G_g, g_m, rows_i, ok_i, rows_j, ok_j, w, tl.sum(w, axis=1), 0, D, scale,
-                            True, BLOCK_D, False, AHEAD)
+        if ADD != NO_GRAD:
+            for j in range(0, tl.cdiv(P, TILE)):
+                sq_s, ds, dt, pair, ok_i, rows_i, ok_j, rows_j = _tile_distances(
+                    S_g, T_g, s_m, s_d, t_m, t_d, members, norms_g, P, i, j, D, TILE, BLOCK_D, AHEAD)
+                w = _pair_weights(_div(ds, mu_s) - _div(dt, mu_t), ds, sq_s, pair, mu_s, k_sum, p_f, n_pairs)
+                if j == 0:
+                    _write_grad(S_g, s_m, s_d, G_g, g_m, rows_i, ok_i, rows_j, ok_j, w, tl.sum(w, axis=1), 0, D,
+                                scale, ADD, BLOCK_D, False, AHEAD)
+                else:
+                    _write_grad(S_g, s_m, s_d, G_g, g_m, rows_i, ok_i, rows_j, ok_j, w, tl.sum(w, axis=1), 0, D,
+                                scale, True, BLOCK_D, False, AHEAD)
 
 
 @triton.jit
@@ -747,7 +763,11 @@ def _split_program(S, T, s_g, s_m, s_d, t_g, t_m, t_d, G, g_g, g_m, Y, y_g, y_m,
             _zero_outside(G_g, g_m, Y + g.to(tl.int64) * y_g, y_m, N, P, m0, lo, hi, TILE, BLOCK_D)
     off = tl.load(offs + g)
     placed = off >= 0
-    if placed | (s == 0):
+    if ADD == NO_GRAD:
+        busy = s == 0  # the loss is slice 0's; the other slices only write gradient
+    else:
+        busy = placed | (s == 0)
+    if busy:
         if P < 2:  # never placed: its slice-0 program
             if SIZES != 2:
                 tl.store(loss_ptr + g, 0.0)
@@ -851,8 +871,9 @@ def _common():
                 num_warps=NUM_WARPS)
 
 
-def _large_passes(launch, es, et, grad, idx, cnt, group_loss, geometry, norms, scale: float, first: bool, common):
-    """The three tiled passes of the groups above SMALL_MAX members (a family whose groups can be large)."""
+def _large_passes(launch, es, et, grad, idx, cnt, group_loss, geometry, norms, scale: float, add, common):
+    """The three tiled passes of the groups above SMALL_MAX members (a family whose groups can be large);
+    ``add``: the gradient's write mode (``ADD``)."""
     n_groups, n_members, width, strides, (g_g, g_m), _ = geometry
     grid = (n_groups, cdiv(n_members, TILE))
     part1 = torch.empty(grid[0] * grid[1] * 2, dtype=torch.float32, device=es.device)
@@ -861,13 +882,15 @@ def _large_passes(launch, es, et, grad, idx, cnt, group_loss, geometry, norms, s
     launch(_stats_kernel, grid, es, et, *strides, grad, g_g, idx, cnt, n_members, width, norms, part1, part2,
            **common)
     launch(_grad_kernel, grid, es, et, *strides, grad, g_g, g_m, idx, cnt, n_members, width, scale, group_loss,
-           norms, part1, part2, ADD=not first, **common)
+           norms, part1, part2, ADD=add, **common)
 
 
 def _run_family(launch, es, et, grad, targets, idx, cnt, group_loss, groups_dim: int, scale: float, first: bool,
-                split=None):
+                split=None, with_grad: bool = True):
     """All groups of one family; ``groups_dim`` is 1 for CD (groups are labels), 0 for ID. ``idx`` and
     ``cnt``: the member lists, needed only when a group can exceed SMALL_MAX members (else None).
+    ``first``: the family that writes the gradient (CD; ID adds into it); without ``with_grad`` none
+    is written, and ``grad`` is any tensor of the embeddings' layout (its pointer is not used).
     ``split``: None (each small group whole in one program, ``_main_kernel``) or the width-split
     path's (plan offsets, group sizes, scratch, slices, slice width, ``_finish``'s arguments, whether
     the family's last launch is the call's last), after ``_gram_kernel`` (``_split_kernel``)."""
@@ -880,7 +903,9 @@ def _run_family(launch, es, et, grad, targets, idx, cnt, group_loss, groups_dim:
     else:  # the pointers the kernels do not read without large groups: any tensor will do
         idx = cnt = norms = group_loss
     args = (es, et, *strides, grad, g_g, g_m, targets, y_g, y_m, idx, cnt, n_members, width, scale, group_loss, norms)
-    family = dict(ZERO_OUTSIDE=first, ADD=not first, MAX_P=_max_p(n_members), LARGE=large, N_PAD=_n_pad(n_members))
+    add = (not first) if with_grad else NO_GRAD
+    family = dict(ZERO_OUTSIDE=first and with_grad, ADD=add, MAX_P=_max_p(n_members), LARGE=large,
+                  N_PAD=_n_pad(n_members))
     if split is None:
         launch(_main_kernel, (n_groups, cdiv(n_members, TILE)), *args, **family, **common)
     else:
@@ -899,16 +924,16 @@ def _run_family(launch, es, et, grad, targets, idx, cnt, group_loss, groups_dim:
             if n_members > smallest:
                 launch(_split_kernel, grid, *split_args, **family, SIZES=2, FINAL=final, **common)
     if large:
-        _large_passes(launch, es, et, grad, idx, cnt, group_loss, geometry, norms, scale, first, common)
+        _large_passes(launch, es, et, grad, idx, cnt, group_loss, geometry, norms, scale, add, common)
 
 
-def _split_scratch(es, grad, n_s: int) -> int:
+def _split_scratch(es, n_s: int) -> int:
     """Floats of partial-Gram scratch for the width-split path: what every group at its family's
     largest tile would need, at most the gradient's bytes / SCRATCH_GRAD_FRACTION, bounded to
     SCRATCH_MIN_BYTES..SCRATCH_MAX_BYTES (groups the plan cannot place are done whole)."""
     B, C, _ = es.shape
     worst = n_s * 2 * (C * _max_p(B) ** 2 + B * _max_p(C) ** 2)
-    fraction = grad.numel() * grad.element_size() // SCRATCH_GRAD_FRACTION
+    fraction = es.numel() * es.element_size() // SCRATCH_GRAD_FRACTION  # the gradient's bytes
     return min(worst, min(max(SCRATCH_MIN_BYTES, fraction), SCRATCH_MAX_BYTES) // 4)
 
 
@@ -981,16 +1006,19 @@ def led_scale(grad: torch.Tensor, targets: torch.Tensor, grad_output: torch.Tens
 
 
 @on_input_device
-def led_forward(es: torch.Tensor, et: torch.Tensor, targets: torch.Tensor, lambda_cd: float, lambda_id: float):
+def led_forward(es: torch.Tensor, et: torch.Tensor, targets: torch.Tensor, lambda_cd: float, lambda_id: float,
+                with_grad: bool = True):
     """Launch the LED kernels: returns (float32 [total, cd, id], d total / d es in es's dtype, the total
-    once more as a float32 0-d tensor of its own: no view of the sums, and no copy kernel to make one)."""
+    once more as a float32 0-d tensor of its own: no view of the sums, and no copy kernel to make one);
+    without ``with_grad``, no gradient is computed or allocated (an empty tensor in its place)."""
     B, C, _ = es.shape
     device = es.device
     # Everything that decides this call's launches and their specializations (see LaunchCache).
     key = (es.shape, es.stride(), et.stride(), targets.stride(), es.dtype, et.dtype, targets.dtype,
-           alignment_key(es, et, targets), _settings())
+           alignment_key(es, et, targets), _settings(), with_grad)
     launch = _FORWARD_LAUNCHES.call(key, device.index)
-    grad = torch.empty(es.shape, dtype=es.dtype, device=device)
+    grad = torch.empty(es.shape if with_grad else (0,), dtype=es.dtype, device=device)
+    grad_at = grad if with_grad else es  # without the gradient, es stands in for its pointer (never written)
     group_loss = torch.empty(C + B, dtype=torch.float32, device=device)
     out = torch.empty(3, dtype=torch.float32, device=device)
     total = torch.empty((), dtype=torch.float32, device=device)
@@ -1011,7 +1039,7 @@ def led_forward(es: torch.Tensor, et: torch.Tensor, targets: torch.Tensor, lambd
         # A family without member lists: any tensor for the list pointers, which it does not read.
         given = (cd_idx, cd_cnt, id_idx, id_cnt)
         cd_idx_, cd_cnt_, id_idx_, id_cnt_ = (t if t is not None else group_loss for t in given)
-        part = torch.empty(_split_scratch(es, grad, n_s), dtype=torch.float32, device=device)
+        part = torch.empty(_split_scratch(es, n_s), dtype=torch.float32, device=device)
         offs, sizes, done = _plan(targets, cd_cnt_, id_cnt_, n_s, part.numel(), launch)
         launch(
             _gram_kernel, (C + B, n_s), es, et, *es.stride(), *et.stride(), targets, *targets.stride(), B, C,
@@ -1024,8 +1052,10 @@ def led_forward(es: torch.Tensor, et: torch.Tensor, targets: torch.Tensor, lambd
         finished = not id_lists
         split_cd = (offs[:C], sizes[:C], part, n_s, slice_width, finish, False)
         split_id = (offs[C:], sizes[C:], part, n_s, slice_width, finish, finished)
-    _run_family(launch, es, et, grad, targets, cd_idx, cd_cnt, group_loss[:C], 1, 2.0 * lambda_cd, True, split_cd)
-    _run_family(launch, es, et, grad, targets, id_idx, id_cnt, group_loss[C:], 0, 2.0 * lambda_id, False, split_id)
+    _run_family(launch, es, et, grad_at, targets, cd_idx, cd_cnt, group_loss[:C], 1, 2.0 * lambda_cd, True, split_cd,
+                with_grad)
+    _run_family(launch, es, et, grad_at, targets, id_idx, id_cnt, group_loss[C:], 0, 2.0 * lambda_id, False,
+                split_id, with_grad)
     if not finished:
         launch(_finalize_kernel, (1,), group_loss, C, B, out, total, float(lambda_cd), float(lambda_id),
                BLOCK=SUM_BLOCK)

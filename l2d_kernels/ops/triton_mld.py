@@ -8,9 +8,9 @@ that keep their digits when student and teacher nearly agree (see ``reference.ml
           = T^2 [pt phi(log pt - log ps) + qt phi(log qt - log qs)],  phi(u) = u + exp(-u) - 1 >= 0
     dl/dz = T [qt sigmoid(zs) [qs unclamped] - pt sigmoid(-zs) [ps unclamped]]   (= T (ps - pt) unclamped)
 
-Each program writes its block's gradient and its partial sum; a one-program kernel adds the partial
-sums in a fixed order (skipped when one program covers the whole input), so the result is bitwise
-reproducible.
+Each program writes its block's gradient (unless the call needs none) and its partial sum; a
+one-program kernel adds the partial sums in a fixed order (skipped when one program covers the whole
+input), so the result is bitwise reproducible.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def _mld_kernel(
     zs_ptr, zt_ptr, grad_ptr, out_ptr,
     B, C, zs_sb, zs_sc, zt_sb, zt_sc,
     inv_t, loss_scale, partial_scale, grad_scale, LOG_LO, LOG_HI,
-    PER_LABEL: tl.constexpr, ROWS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+    PER_LABEL: tl.constexpr, ROWS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, GRAD: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -124,9 +124,10 @@ def _mld_kernel(
         loss = pt * _kl_excess(log_pt - log_ps) + qt * _kl_excess(log_qt - log_qs)
         ps_free = (log_sig_s >= LOG_LO) & (log_sig_s <= LOG_HI)
         qs_free = (log_sig_neg_s >= LOG_LO) & (log_sig_neg_s <= LOG_HI)
-        grad = tl.where(qs_free, qt * _exp(log_sig_s), 0.0) - tl.where(ps_free, pt * _exp(log_sig_neg_s), 0.0)
         flat = rb[:, None] * C + rc[None, :]
-        tl.store(grad_ptr + flat, (grad * grad_scale).to(grad_ptr.dtype.element_ty), mask=mask)
+        if GRAD:
+            grad = tl.where(qs_free, qt * _exp(log_sig_s), 0.0) - tl.where(ps_free, pt * _exp(log_sig_neg_s), 0.0)
+            tl.store(grad_ptr + flat, (grad * grad_scale).to(grad_ptr.dtype.element_ty), mask=mask)
         if PER_LABEL:
             tl.store(out_ptr + flat, loss * loss_scale, mask=mask)
         else:
@@ -137,13 +138,15 @@ def _mld_kernel(
 
 
 @on_input_device
-def mld_forward(zs: torch.Tensor, zt: torch.Tensor, reduction: str, eps: float, temperature: float):
-    """Launch the MLD kernel: returns (loss in float32, d loss / d zs in zs's dtype)."""
+def mld_forward(zs: torch.Tensor, zt: torch.Tensor, reduction: str, eps: float, temperature: float,
+                with_grad: bool = True):
+    """Launch the MLD kernel: returns (loss in float32, d loss / d zs in zs's dtype); without
+    ``with_grad``, the gradient is neither computed nor allocated (an empty tensor in its place)."""
     B, C = zs.shape
     rows = ROWS_SMALL if B <= ROWS_SMALL else ROWS_LARGE
     grid = (cdiv(B, rows), cdiv(C, BLOCK_C))
     scale = {"sum": 1.0, "batchmean": 1.0 / B, "mean": 1.0 / (B * C), "none": 1.0}[reduction]
-    grad = torch.empty((B, C), dtype=zs.dtype, device=zs.device)
+    grad = torch.empty((B, C) if with_grad else (0,), dtype=zs.dtype, device=zs.device)
     per_label = reduction == "none"
     n_partials = grid[0] * grid[1]
     loss_scale = scale * temperature**2
@@ -153,13 +156,14 @@ def mld_forward(zs: torch.Tensor, zt: torch.Tensor, reduction: str, eps: float, 
     out = torch.empty(out_shape, dtype=torch.float32, device=zs.device)
     # Everything that decides this call's launches and their specializations (see LaunchCache).
     key = (zs.shape, zs.stride(), zt.stride(), zs.dtype, zt.dtype, alignment_key(zs, zt), per_label, ROWS_SMALL,
-           ROWS_LARGE, BLOCK_B, BLOCK_C, MAX_REGISTERS)
+           ROWS_LARGE, BLOCK_B, BLOCK_C, MAX_REGISTERS, with_grad)
     launch = _LAUNCHES.call(key, zs.device.index)
+    # Without the gradient, zs stands in for its pointer: the kernel compiled with GRAD false never uses it.
     launch(
-        _mld_kernel, grid, zs, zt, grad, out, B, C, zs.stride(0), zs.stride(1), zt.stride(0), zt.stride(1),
-        1.0 / temperature, loss_scale, loss_scale if n_partials == 1 else 1.0, scale * temperature,
+        _mld_kernel, grid, zs, zt, grad if with_grad else zs, out, B, C, zs.stride(0), zs.stride(1), zt.stride(0),
+        zt.stride(1), 1.0 / temperature, loss_scale, loss_scale if n_partials == 1 else 1.0, scale * temperature,
         math.log(eps), math.log1p(-eps),
-        PER_LABEL=per_label, ROWS=rows, BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_C, maxnreg=MAX_REGISTERS,
+        PER_LABEL=per_label, ROWS=rows, BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_C, GRAD=with_grad, maxnreg=MAX_REGISTERS,
     )
     if not per_label and n_partials > 1:
         out = finalize_sum(out, loss_scale, launch)
