@@ -34,8 +34,9 @@
 #   L2D_PROFILE_ARGS="--triton-led-warps 4,16 --triton-led-no-ahead --triton-led-slices 0,32" ...
 #                                  (extra rows in the kernel profile: Triton LED at other warp counts,
 #                                   with each width chunk loaded when used, at other slice widths;
-#                                   default, at COCO: the partial-Gram kernel at 16 widths a step, the
-#                                   split kernel's small-group launch at 2 warps, for the comparison)
+#                                   default, at COCO: each backend's LED call without gradient, the
+#                                   partial-Gram kernel at 16 widths a step, the split kernel's
+#                                   small-group launch at 2 warps, for the comparison)
 #   DEADLINE=300 ...               (seconds: steps are cut short so that the phase ends by then; the
 #                                   report alone may run 30 s past it)
 #   L2D_TRITON_TEST_LIMIT=300 ...  (seconds for the Triton suite in PHASE=all; default 240)
@@ -172,12 +173,13 @@ assert all(math.isfinite(r[k]) for k in ('teacher_map', 'vanilla_map', 'l2d_map'
 }
 
 bench_all() {
-    # Default extra rows, at COCO only (each variant compiles its own kernels): Triton LED with the
+    # Default extra rows, at COCO only (each variant compiles its own kernels): each backend's LED call
+    # without gradient (the forward under no_grad, no gradient written); Triton LED with the
     # partial-Gram kernel stepping 16 widths at a time (80 registers, three programs per SM, against
     # 64 widths: 128 registers, two), and with the split kernel's small-group launch at 2 warps
     # (four to six programs per SM, against three at 4), beside the default's, in the same run.
     step profile "${L2D_PROFILE_LIMIT:-120}" $PY benchmarks/kernel_profile.py \
-        ${L2D_PROFILE_ARGS:---triton-led-set GRAM_D=16 --triton-led-set SMALL_WARPS=2 --variant-shapes 64x80x768} \
+        ${L2D_PROFILE_ARGS:---no-grad --triton-led-set GRAM_D=16 --triton-led-set SMALL_WARPS=2 --variant-shapes 64x80x768} \
         --out "$OUT/profile-$card.md"
     # Nsight Compute's view of the Triton partial-Gram and split kernels at COCO, before the
     # benchmarks: the fourth run's Gram kernel took 5 us per 64-wide chunk per program for reasons

@@ -27,6 +27,8 @@ shapes on a machine without a GPU: the benchmark suite's), it runs ``--calls`` c
 assignments in one argument, space-separated (``"GRAM_D=16 GRAM_WARPS=4"``), make one variant with
 all of them. ``--variant-shapes`` limits every variant's rows to the shapes named (each variant
 compiles its own kernels: at every shape, a short run would end before the variants).
+``--no-grad`` adds LED rows of each backend's call without gradient (backend ``NAME/no-grad``: the
+forward under ``torch.no_grad()``, no gradient written), at the variant shapes.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ CASES = [("led", shape[1:]) for shape in LED_SHAPES if shape[0] not in ("voc", "
 def _case(loss: str, shape, backend: str):
     if loss == "led":
         es, et, y = led_inputs(*shape)
+        if not torch.is_grad_enabled():  # the --no-grad rows: the forward alone, without gradient
+            return lambda: fused_led(es, et, y, backend=backend)
         return lambda: torch.autograd.grad(fused_led(es, et, y, backend=backend), es)
     zs, zt = mld_inputs(*shape)
     # As in the benchmarks, the gradient is returned, not accumulated into .grad (no extra add kernel).
@@ -220,6 +224,8 @@ def main(argv=None) -> int:
                         help="extra Triton LED rows with the integer setting triton_led.NAME at each value")
     parser.add_argument("--variant-shapes", default="",
                         help="comma-separated shapes (BxCxD) for the variant rows only (default: as --shapes)")
+    parser.add_argument("--no-grad", action="store_true",
+                        help="extra LED rows of each backend's call without gradient (under torch.no_grad)")
     parser.add_argument("--losses", default="led,mld", help="comma-separated: which losses' cases to profile")
     parser.add_argument("--shapes", default="",
                         help="comma-separated shapes to keep, as BxC or BxCxD (default: every case)")
@@ -239,6 +245,8 @@ def main(argv=None) -> int:
     runs = []
     for backend in backends:  # each backend's variants right after it: a run cut short keeps the pairs
         runs.append((backend, backend, cases, contextlib.nullcontext))
+        if args.no_grad:
+            runs.append((f"{backend}/no-grad", backend, led_cases, torch.no_grad))
         if backend == "triton" and args.triton_led_no_ahead:
             runs.append(("triton/no-ahead", "triton", led_cases, lambda: _triton_led_setting("LOAD_AHEAD", False)))
         if backend == "triton":
