@@ -51,7 +51,7 @@ CD runs before ID because both add into the same rows: CD writes, ID adds. Every
 fixed order and no float atomics are used, so two runs give bitwise equal results. A call that
 needs no gradient (``with_grad=False``: no grad mode, or a student without ``requires_grad``) makes
 the same launches with every gradient store compiled out (``ADD`` = ``NO_GRAD``) and no gradient
-buffer: the same losses, bitwise, from two reads of the inputs and no write of their size.
+buffer: the same losses, bitwise, with no write of the inputs' size.
 """
 
 from __future__ import annotations
