@@ -5,9 +5,9 @@
 Runs on the CPU: the Triton backend is selected through its interpreter switch, and its launchers
 (``mld_forward``, ``led_forward``) are replaced by stubs that only allocate the outputs, so what is
 timed is everything else a call does: input checks, backend choice, autograd and dispatch, the
-backward. On a GPU the same path runs before every launch; where kernels take a few microseconds
-(MLD at 64 x 80) it is the call's cost. Prints microseconds per forward + ``autograd.grad``, the
-fastest of five batches of calls.
+backward (the calls without gradient, under ``torch.no_grad()``, have neither of the last two). On
+a GPU the same path runs before every launch; where kernels take a few microseconds (MLD at 64 x
+80) it is the call's cost. Prints microseconds per call, the fastest of five batches of calls.
 
 With ``--launchers`` it times the Triton launchers themselves at COCO's 64 x 80 (a narrow width: the
 host path does not depend on it; the LED width-split path, which realistic widths take, with
@@ -34,11 +34,15 @@ from l2d_kernels import fused_led, fused_mld  # noqa: E402
 from l2d_kernels.ops import triton_common, triton_led, triton_mld  # noqa: E402
 
 
+def _grad_stub(x, with_grad):
+    return torch.empty_like(x) if with_grad else x.new_empty(0)
+
+
 def _stub_launchers() -> None:
-    triton_mld.mld_forward = lambda zs, zt, reduction, eps, t: (
-        zs.new_zeros((), dtype=torch.float32), torch.empty_like(zs))
-    triton_led.led_forward = lambda es, et, y, lambda_cd, lambda_id: (
-        es.new_zeros(3, dtype=torch.float32), torch.empty_like(es), es.new_zeros((), dtype=torch.float32))
+    triton_mld.mld_forward = lambda zs, zt, reduction, eps, t, with_grad=True: (
+        zs.new_zeros((), dtype=torch.float32), _grad_stub(zs, with_grad))
+    triton_led.led_forward = lambda es, et, y, lambda_cd, lambda_id, with_grad=True: (
+        es.new_zeros(3, dtype=torch.float32), _grad_stub(es, with_grad), es.new_zeros((), dtype=torch.float32))
     triton_led.led_scale = lambda grad, targets, grad_output: None  # the backward's launcher
 
 
@@ -96,11 +100,18 @@ def main(argv=None) -> int:
         "fused_mld forward + autograd.grad": lambda: torch.autograd.grad(fused_mld(zs, zt, backend="triton"), zs),
         "fused_mld forward": lambda: fused_mld(zs, zt, backend="triton"),
         "fused_led forward + autograd.grad": lambda: torch.autograd.grad(fused_led(es, et, y, backend="triton"), es),
+        "fused_mld forward under no_grad": lambda: _no_grad(fused_mld, zs, zt, backend="triton"),
+        "fused_led forward under no_grad": lambda: _no_grad(fused_led, es, et, y, backend="triton"),
     }
     lines = [f"{name}: {_us_per_call(fn, args.calls):.1f} us" for name, fn in cases.items()]
     text = f"host path per call, launchers stubbed (torch {torch.__version__}, one CPU thread)\n" + "\n".join(lines) + "\n"
     emit(text, args.out)
     return 0
+
+
+def _no_grad(fn, *args, **kwargs):
+    with torch.no_grad():
+        return fn(*args, **kwargs)
 
 
 def _split(led_forward, es, et, y):
