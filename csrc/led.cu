@@ -8,11 +8,13 @@
 // "the width-split path" below); group_kernel runs once per family (three times for a striped
 // family, below; CD writes its groups' rows, ID adds into them), and the last block of the last
 // launch adds the group losses. Every sum runs in a fixed order and no float atomics are used:
-// results are bitwise reproducible. A call without gradient (with_grad false: a null gradient
-// pointer, FamilyArgs::write_grad false) makes the same launches and writes no gradient: no zero
-// rows, no gradient pass of a tile, no third sweep of a large group, no slice past a group's first;
-// its losses are those of the call with gradient, bitwise. Squared norms are the Gram's own diagonal (or the same fmaf
+// results are bitwise reproducible. Squared norms are the Gram's own diagonal (or the same fmaf
 // chain), so identical rows are exactly 0 apart.
+//
+// A call without gradient (with_grad false: a null gradient pointer, FamilyArgs::write_grad false)
+// makes the same launches and writes no gradient: no zero rows, no gradient pass of a tile, no third
+// sweep of a large group, no slice item past a group's first; its losses are those of the call with
+// gradient, bitwise.
 //
 // A group of at most 64 members is one tile (one_tile_group, T = 16, 32 or 64 rows by its size):
 // one pass over the width builds both Gram matrices in registers, the distances, means, Huber and K
