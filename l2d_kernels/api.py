@@ -86,7 +86,11 @@ def fused_led(
         dtype = _compute_dtype(student_emb, teacher_emb)
         # Contiguous copies, so that a strided input gives bitwise the same result as a packed one.
         es, et = (t.to(dtype).contiguous() for t in (student_emb, teacher_emb))
-        total, cd, id_ = reference.led_vectorized(es, et, targets.contiguous(), lambda_cd, lambda_id, return_components=True)
+        # On the CPU the grouped form (it reads group sizes on the host, which costs nothing there);
+        # on a GPU and under torch.compile the vectorized one, which needs no host sync.
+        grouped = es.device.type == "cpu" and not torch.compiler.is_compiling()
+        form = reference.led_grouped if grouped else reference.led_vectorized
+        total, cd, id_ = form(es, et, targets.contiguous(), lambda_cd, lambda_id, return_components=True)
     else:
         total, losses = library.led(name, student_emb, teacher_emb, targets, float(lambda_cd), float(lambda_id))
         cd, id_ = losses[1], losses[2]

@@ -287,3 +287,27 @@ def test_led_is_bitwise_reproducible(backend):
     first = run_led(es, et, y, backend=backend)
     second = run_led(es, et, y, backend=backend)
     assert torch.equal(first[0], second[0]) and torch.equal(first[3], second[3])
+
+
+def test_torch_backend_on_the_cpu_computes_led_grouped(monkeypatch):
+    """The eager "torch" backend takes LED's grouped form on CPU tensors (memory that follows the
+    groups), never the vectorized one."""
+    es, et, y = embeddings(12, 80, 24)
+    want = reference.led_grouped(es, et, y, 3.0, 5.0, return_components=True)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("led_vectorized called")
+
+    monkeypatch.setattr(reference, "led_vectorized", refuse)
+    got = fused_led(es, et, y, backend="torch", lambda_cd=3.0, lambda_id=5.0, return_components=True)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_torch_backend_compiles_without_graph_break_on_the_cpu():
+    """Under torch.compile the "torch" backend traces led_vectorized (the grouped form reads group
+    sizes on the host, which fullgraph refuses)."""
+    es, et, y = embeddings(12, 80, 24)
+    compiled = torch.compile(lambda s, t, m: fused_led(s, t, m, backend="torch"), fullgraph=True, backend="eager")
+    got = compiled(es, et, y)
+    assert rel_err(got, reference.led_vectorized(es, et, y).item()) < 1e-6
+    assert rel_err(got, fused_led(es, et, y, backend="torch").item()) < 1e-6

@@ -99,7 +99,7 @@ def test_bce_finite_for_huge_logits():
 
 # ---------------------------------------------------------------- LED
 
-LED_FORMS = [reference.led_loops, reference.led_vectorized]
+LED_FORMS = [reference.led_loops, reference.led_vectorized, reference.led_grouped]
 
 
 @pytest.mark.parametrize("form", LED_FORMS)
@@ -143,6 +143,70 @@ def test_loops_equal_vectorized_on_coco_targets():
     lb.backward()
     assert rel_err(la, lb.item()) < 1e-12
     assert rel_err(a.grad, b.grad) < 1e-10
+
+
+def _grad_pair(form_a, form_b, es, et, y):
+    a, b = es.clone().requires_grad_(), es.clone().requires_grad_()
+    la = form_a(a, et, y, 3.0, 7.0, return_components=True)
+    lb = form_b(b, et, y, 3.0, 7.0, return_components=True)
+    la[0].backward()
+    lb[0].backward()
+    return la, lb, a.grad, b.grad
+
+
+@pytest.mark.parametrize("case", ["coco-rows", "every-size-class", "whole-batch-groups"])
+def test_grouped_equals_vectorized(case):
+    """led_grouped pads each group to its size class; every class boundary is crossed here."""
+    if case == "coco-rows":
+        es, et, y = embeddings(32, 80, 16, dtype=F64, seed=5)
+    elif case == "every-size-class":
+        # Label c has c + 2 positive images (sizes 2 to 41: classes 2-8, 10, 12, ..., 40, 48), and
+        # image b is positive for its b % 7 + 2 first labels and for some of the rest.
+        B, C = 41, 40
+        y = torch.arange(B)[:, None] < torch.arange(C)[None, :] + 2
+        y |= torch.arange(C)[None, :] < (torch.arange(B)[:, None] % 7 + 2)
+        es, et, _ = embeddings(B, C, 6, dtype=F64, seed=3)
+    else:
+        # Groups as large as the batch (a padded size past N is cut to N) and as the label set.
+        es, et, y = embeddings(9, 10, 5, dtype=F64, density=0.95, seed=4)
+        y[:, 0] = True
+        y[0, :] = True
+    la, lb, ga, gb = _grad_pair(reference.led_vectorized, reference.led_grouped, es, et, y)
+    for a, b in zip(la, lb):
+        assert rel_err(b, a.item()) < 1e-12
+    assert rel_err(gb, ga) < 1e-10
+
+
+def test_grouped_memory_follows_the_groups_not_the_label_space():
+    """At 4 images x 3,000 labels (5 positives each) led_vectorized forms a 4 x 3000 x 3000 relation
+    tensor; led_grouped's largest tensor, forward and backward, is the size of the inputs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self.numel = max(self.numel, t.numel())
+            return out
+
+    B, C, D = 4, 3000, 8
+    es, et, _ = embeddings(B, C, D, seed=1)
+    y = torch.zeros(B, C, dtype=torch.bool)
+    y[:, :5] = True  # five labels shared by every image: CD groups of 4, ID groups of 5
+    y[torch.arange(B), 100 + torch.arange(B)] = True
+    sizes = {}
+    for form in (reference.led_grouped, reference.led_vectorized):
+        x = es.clone().requires_grad_()
+        with Largest() as seen:
+            form(x, et, y).backward()
+        sizes[form.__name__] = seen.numel
+    assert sizes["led_grouped"] <= B * C * D
+    assert sizes["led_vectorized"] >= B * C * C  # what the test tells apart
 
 
 def _one_group(P, D, family, seed=0):
