@@ -5,6 +5,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import oracle
 from helpers import embeddings, logits, rel_err
@@ -175,6 +177,20 @@ def test_grouped_equals_vectorized(case):
     for a, b in zip(la, lb):
         assert rel_err(b, a.item()) < 1e-12
     assert rel_err(gb, ga) < 1e-10
+
+
+@settings(max_examples=40, deadline=None)
+@given(B=st.integers(1, 40), C=st.integers(1, 40), D=st.integers(1, 9),
+       density=st.sampled_from([0.0, 0.1, 0.3, 0.6, 0.9, 1.0]), seed=st.integers(0, 2**16))
+def test_grouped_matches_the_formula_on_random_shapes_and_targets(B, C, D, density, seed):
+    es, et, y = embeddings(B, C, D, dtype=F64, density=density, seed=seed)
+    x = es.clone().requires_grad_()
+    total, cd, id_ = reference.led_grouped(x, et, y, 3.0, 7.0, return_components=True)
+    total.backward()
+    want_total, want_cd, want_id, want_grad = oracle.led(es.numpy(), et.numpy(), y.numpy(), 3.0, 7.0)
+    for got, want in ((total, want_total), (cd, want_cd), (id_, want_id)):
+        assert got.item() == want == 0 or rel_err(got, want) < 1e-11
+    assert rel_err(x.grad, want_grad) < 1e-9 or not want_grad.any() and not x.grad.any()
 
 
 def test_grouped_memory_follows_the_groups_not_the_label_space():
