@@ -2,10 +2,11 @@
 
 With data parallelism each process holds a slice of the batch, but a CD group is one label's
 positive images across the *whole* batch. ``global_fused_led`` gathers the embeddings and targets
-of every process, so its CD groups are those of the concatenated batch; ID groups (one image's
-labels) are local already. The returned value is the LED of the concatenated batch (the same on
-every process), and its gradient with respect to this process's ``student_emb`` is this process's
-slice of the single-process gradient on the concatenated batch.
+of every process and computes LED once on the concatenated batch, so that its CD groups are the
+global ones (an image's ID group is the same in either batch). The returned value is the LED of the
+concatenated batch (the same on every process), and its gradient with respect to this process's
+``student_emb`` is this process's slice of the single-process gradient on the concatenated batch:
+only that slice of the gathered embeddings carries gradient.
 
 Under DistributedDataParallel, which averages gradients over processes, multiply the loss by the
 world size before ``backward()`` to get the single-process gradient of the global batch. All
@@ -51,14 +52,8 @@ def global_fused_led(
     et_all = torch.cat(_gather(teacher_emb.detach(), group))
     y_all = torch.cat(_gather(targets, group))
 
-    cd_term, cd, _ = fused_led(es_all, et_all, y_all, lambda_cd=lambda_cd, lambda_id=0.0, backend=backend,
-                               return_components=True)
-    id_term, _, local_id = fused_led(student_emb, teacher_emb, targets, lambda_cd=0.0, lambda_id=lambda_id,
-                                     backend=backend, return_components=True)
-    id_sum = local_id.clone()
-    dist.all_reduce(id_sum, group=group)
-    # Value: the global ID sum; gradient: only this process's ID groups (the others' belong to them).
-    total = cd_term + id_term + lambda_id * (id_sum - local_id)
-    if return_components:
-        return total, cd, id_sum
-    return total
+    # One call on the concatenated batch. Its CD groups are the global ones; its ID groups are the
+    # images' own, so their gradient on this slice is the one of this process's ID groups, and their
+    # sum is every process's ID (the same value on every process: the inputs are the same).
+    return fused_led(es_all, et_all, y_all, lambda_cd=lambda_cd, lambda_id=lambda_id, backend=backend,
+                     return_components=return_components)

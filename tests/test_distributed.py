@@ -2,6 +2,7 @@
 
 import os
 import socket
+from unittest import mock
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch.multiprocessing as mp
 
 from helpers import embeddings
 from l2d_kernels import fused_led
-from l2d_kernels.distributed import global_fused_led
+from l2d_kernels import distributed
 
 WORLD = 2
 
@@ -27,10 +28,17 @@ def _worker(rank, port, es, et, y, results):
     try:
         rows = slice(rank * es.shape[0] // WORLD, (rank + 1) * es.shape[0] // WORLD)
         x = es[rows].clone().requires_grad_()
-        total, cd, id_ = global_fused_led(x, et[rows], y[rows], lambda_cd=3.0, lambda_id=5.0, backend="torch",
-                                          return_components=True)
+        calls = []
+
+        def counted(*args, **kwargs):
+            calls.append(args[0].shape[0])
+            return fused_led(*args, **kwargs)
+
+        with mock.patch.object(distributed, "fused_led", counted):
+            total, cd, id_ = distributed.global_fused_led(x, et[rows], y[rows], lambda_cd=3.0, lambda_id=5.0,
+                                                          backend="torch", return_components=True)
         total.backward()
-        results[rank] = (total.detach(), cd, id_, x.grad)
+        results[rank] = (total.detach(), cd, id_, x.grad, calls)
     finally:
         dist.destroy_process_group()
 
@@ -45,7 +53,8 @@ def test_two_processes_match_one_on_the_concatenated_batch():
     total, cd, id_ = fused_led(x, et, y, lambda_cd=3.0, lambda_id=5.0, backend="torch", return_components=True)
     total.backward()
     for rank in range(WORLD):
-        got_total, got_cd, got_id, got_grad = results[rank]
+        got_total, got_cd, got_id, got_grad, calls = results[rank]
+        assert calls == [es.shape[0]]  # one LED call, on the concatenated batch
         assert got_total.item() == pytest.approx(total.item(), rel=1e-12)
         assert got_cd.item() == pytest.approx(cd.item(), rel=1e-12)
         assert got_id.item() == pytest.approx(id_.item(), rel=1e-12)
