@@ -3,13 +3,13 @@
     python benchmarks/cpu_led.py [--shapes 64x80x768,...] [--forms grouped,vectorized] [--repeats 5] [--out FILE]
 
 Times forward + backward (``torch.autograd.grad``) of ``reference.led_grouped`` (the "torch"
-backend's form on CPU tensors) and ``reference.led_vectorized`` (its form on GPUs, and the
+backend's form on CPU tensors) and ``reference.led_vectorized`` (its form on GPUs where it fits, and the
 benchmarks' eager baseline) at the benchmark shapes, float32, with the benchmarks' inputs
 (``harness.led_inputs``: COCO label rows). Each form and shape runs in a process of its own, so that
 its peak resident memory is its own: "peak extra" is that peak less the resident memory once the
-inputs exist. A form whose relation tensors would not fit in the machine's available memory (an
-estimate: 48 bytes per element of its ``C x B x B`` and ``B x C x C`` tensors, from the measured
-peaks) is reported as skipped, with the estimate. Prints a Markdown table: the median of
+inputs exist. A form whose relation tensors would not fit in the machine's available memory
+(``reference.led_vectorized_bytes``: 56 bytes per element of its ``C x B x B`` and ``B x C x C``
+tensors in float32) is reported as skipped, with the estimate. Prints a Markdown table: the median of
 ``--repeats`` calls after one warm-up call, and the loss (the forms agree to float32 rounding).
 """
 
@@ -26,7 +26,6 @@ import time
 
 DEFAULT_SHAPES = "64x20x768,64x80x768,256x80x768,1024x80x768,32x1000x768,16x9605x256"
 FORMS = ("grouped", "vectorized")
-BYTES_PER_RELATION_ELEMENT = 48  # measured: 4.2 GiB at 1024 x 80 x 768, 1.7 GiB at 32 x 1000 x 768
 
 
 def _available_bytes() -> int:
@@ -35,10 +34,6 @@ def _available_bytes() -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
-def vectorized_estimate(B: int, C: int) -> int:
-    return BYTES_PER_RELATION_ELEMENT * (C * B * B + B * C * C)
 
 
 def _rss_kib() -> int:
@@ -87,6 +82,7 @@ def main(argv=None) -> int:
     import torch
 
     from harness import emit
+    from l2d_kernels import reference
 
     rows, threads = [], None
     here = os.path.dirname(os.path.abspath(__file__))
@@ -97,7 +93,7 @@ def main(argv=None) -> int:
         for form in args.forms.split(","):
             if form not in FORMS:
                 parser.error(f"--forms: unknown form {form!r} (known: {', '.join(FORMS)})")
-            need = vectorized_estimate(B, C) if form == "vectorized" else 0
+            need = reference.led_vectorized_bytes(B, C) if form == "vectorized" else 0
             if need > 0.8 * _available_bytes():
                 rows.append(f"| {shape} | {form} | skipped: about {need / 2**30:.0f} GiB of relation tensors, "
                             f"{_available_bytes() / 2**30:.0f} GiB available | | |")

@@ -25,6 +25,31 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
+def _free_cuda_bytes(device: torch.device) -> int:
+    """Free device memory plus what PyTorch's caching allocator holds unused."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def _eager_led_form(es: torch.Tensor):
+    """The "torch" backend's LED form for these inputs.
+
+    The grouped form reads group sizes on the host: free on a CPU, a synchronization on a GPU. So
+    on a GPU (and under torch.compile, which cannot trace that read) the vectorized form, which
+    needs none, unless its relation tensors would not fit in the device's free memory: then one
+    synchronization per call rather than running out of memory.
+    """
+    if torch.compiler.is_compiling():
+        return reference.led_vectorized
+    if es.device.type == "cpu":
+        return reference.led_grouped
+    if es.device.type == "cuda":
+        B, C = es.shape[:2]
+        if reference.led_vectorized_bytes(B, C, es.dtype) > _free_cuda_bytes(es.device):
+            return reference.led_grouped
+    return reference.led_vectorized
+
+
 def fused_mld(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -86,10 +111,7 @@ def fused_led(
         dtype = _compute_dtype(student_emb, teacher_emb)
         # Contiguous copies, so that a strided input gives bitwise the same result as a packed one.
         es, et = (t.to(dtype).contiguous() for t in (student_emb, teacher_emb))
-        # On the CPU the grouped form (it reads group sizes on the host, which costs nothing there);
-        # on a GPU and under torch.compile the vectorized one, which needs no host sync.
-        grouped = es.device.type == "cpu" and not torch.compiler.is_compiling()
-        form = reference.led_grouped if grouped else reference.led_vectorized
+        form = _eager_led_form(es)
         total, cd, id_ = form(es, et, targets.contiguous(), lambda_cd, lambda_id, return_components=True)
     else:
         total, losses = library.led(name, student_emb, teacher_emb, targets, float(lambda_cd), float(lambda_id))

@@ -2,7 +2,7 @@
 
 Every function here computes in the dtype it is given, with PyTorch autograd supplying the
 gradient. They serve three roles: the ``"torch"`` backend of the public API (on float32 or float64
-inputs; LED by ``led_grouped`` on the CPU, ``led_vectorized`` elsewhere), the eager baselines of the
+inputs; LED by ``led_grouped`` on the CPU, ``led_vectorized`` where it fits elsewhere), the eager baselines of the
 benchmarks, and the forms the tests check the kernels against.
 
 MLD, per label (Bernoulli KL of teacher and student sigmoid probabilities)::
@@ -219,6 +219,13 @@ def led_vectorized(
     return _led_result(cd, id_, lambda_cd, lambda_id, return_components)
 
 
+def led_vectorized_bytes(B: int, C: int, dtype: torch.dtype = torch.float32) -> int:
+    """An upper estimate of the memory :func:`led_vectorized` takes for forward and backward:
+    14 values per element of its ``C x B x B`` and ``B x C x C`` relation tensors (peaks measured
+    in float32: 30-45 bytes per element on an H100, 46-51 on a CPU)."""
+    return 14 * torch.empty((), dtype=dtype).element_size() * (C * B * B + B * C * C)
+
+
 def _padded_size(size: int) -> int:
     """Rows a group of ``size`` members is padded to in :func:`led_grouped`: the size itself up to
     8, then the next of four steps per octave (10, 12, 14, 16, 20, 24, ...), at most 25% more rows,
@@ -264,7 +271,7 @@ def led_grouped(
     computes a family. Where :func:`led_vectorized` forms ``C x B x B`` and ``B x C x C`` relation
     tensors, this form's tensors hold at most 1.25 times each group's rows and 1.57 times its pairs.
     It reads the group sizes on the host (a synchronization on a GPU): the ``"torch"`` backend uses
-    it for CPU tensors, and :func:`led_vectorized` on GPUs and under ``torch.compile``.
+    it for CPU tensors, and on a GPU only where :func:`led_vectorized` would not fit in free memory.
     """
     pos = _positive(targets)
     B, C, D = student_emb.shape

@@ -311,3 +311,20 @@ def test_torch_backend_compiles_without_graph_break_on_the_cpu():
     got = compiled(es, et, y)
     assert rel_err(got, reference.led_vectorized(es, et, y).item()) < 1e-6
     assert rel_err(got, fused_led(es, et, y, backend="torch").item()) < 1e-6
+
+
+@pytest.mark.parametrize("free_gib,want", [(80.0, "led_vectorized"), (1.0, "led_grouped")])
+def test_torch_backend_on_a_gpu_keeps_the_vectorized_form_where_it_fits(monkeypatch, free_gib, want):
+    """On a GPU the "torch" backend's LED needs no host sync (the vectorized form) unless that form's
+    relation tensors would not fit in free memory: at 16 x 9605 labels they need about 77 GiB."""
+    from types import SimpleNamespace
+
+    from l2d_kernels import api
+
+    monkeypatch.setattr(api, "_free_cuda_bytes", lambda device: free_gib * 2**30)
+    assert reference.led_vectorized_bytes(16, 9605) / 2**30 == pytest.approx(77.0, abs=0.5)
+    for shape, expected in (((16, 9605, 256), want), ((64, 80, 768), "led_vectorized")):
+        es = SimpleNamespace(device=torch.device("cuda", 0), shape=shape, dtype=torch.float32)
+        assert api._eager_led_form(es).__name__ == expected
+    other = SimpleNamespace(device=torch.device("mps"), shape=(16, 9605, 256), dtype=torch.float32)
+    assert api._eager_led_form(other) is reference.led_vectorized
