@@ -226,34 +226,46 @@ def led_vectorized_bytes(B: int, C: int, dtype: torch.dtype = torch.float32) -> 
     return 14 * torch.empty((), dtype=dtype).element_size() * (C * B * B + B * C * C)
 
 
-def _padded_size(size: int) -> int:
-    """Rows a group of ``size`` members is padded to in :func:`led_grouped`: the size itself up to
-    8, then the next of four steps per octave (10, 12, 14, 16, 20, 24, ...), at most 25% more rows,
-    so that a few batched calls cover every group size."""
-    step = 1 << max(0, (size - 1).bit_length() - 3)
-    return -(-size // step) * step
+def _padded_sizes(sizes: torch.Tensor, limit: int) -> torch.Tensor:
+    """Rows a group of each size is padded to in :func:`led_grouped`: the size itself up to 8, then
+    the next of four steps per octave (10, 12, 14, 16, 20, 24, ...), at most 25% more rows, and at
+    most ``limit``; 0 for groups of fewer than two members. A few batched calls then cover every
+    group size."""
+    # step = 2 ** max(0, bit_length(size - 1) - 3), with integer comparisons only
+    powers = 1 << torch.arange(max(limit, 1).bit_length(), device=sizes.device)
+    bits = ((sizes - 1).clamp(min=0)[:, None] >= powers).sum(1)
+    step = 1 << (bits - 3).clamp(min=0)
+    padded = ((sizes + step - 1) // step * step).clamp(max=limit)
+    return torch.where(sizes > 1, padded, 0)
 
 
-def _size_classes(members: torch.Tensor, group_stride: int, member_stride: int) -> list:
-    """A family's groups of two or more members, in classes of one padded size.
+def _size_classes(members: torch.Tensor, group_stride: int, member_stride: int):
+    """Sorts a family's groups into classes of one padded size, on the device.
 
     ``members`` is ``[G, N]``; member ``k`` of group ``g`` is row ``g * group_stride + k * member_stride``
-    of the flattened ``[B * C, D]`` embeddings. Returns ``(rows, mask)`` per class, each ``[G_k, P_k]``:
-    a group's member rows in order, then rows of non-members as padding (``mask`` false).
-    Reads the group sizes on the host.
+    of the flattened ``[B * C, D]`` embeddings. Returns a function that, given the number of groups
+    of each padded size (``counts``, ``N + 1`` values read on the host), gives ``(rows, mask)`` per
+    class, each ``[G_k, P_k]``: a group's member rows in order, then rows of non-members as padding
+    (``mask`` false).
     """
-    sizes = members.sum(1)
-    present = torch.bincount(sizes).nonzero().squeeze(1).tolist()
-    caps = sorted({min(_padded_size(s), members.shape[1]) for s in present if s > 1})
-    classes, below = [], 1
-    for cap in caps:
-        groups = ((sizes > below) & (sizes <= cap)).nonzero().squeeze(1)
-        below = cap
-        chosen = members[groups]
-        # A stable sort puts a group's members first, in their order, then its non-members.
-        order = torch.sort(chosen.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :cap]
-        classes.append((groups[:, None] * group_stride + order * member_stride, chosen.gather(1, order)))
-    return classes
+    N = members.shape[1]
+    padded = _padded_sizes(members.sum(1), N)
+    order = torch.sort(padded, stable=True).indices
+    counts = torch.bincount(padded, minlength=N + 1)
+
+    def classes(counts_host: list) -> list:
+        out, start = [], counts_host[0]  # groups of fewer than two members come first
+        for cap in range(2, N + 1):
+            if counts_host[cap]:
+                groups = order[start:start + counts_host[cap]]
+                start += counts_host[cap]
+                chosen = members[groups]
+                # A stable sort puts a group's members first, in their order, then its non-members.
+                rank = torch.sort(chosen.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :cap]
+                out.append((groups[:, None] * group_stride + rank * member_stride, chosen.gather(1, rank)))
+        return out
+
+    return counts, classes
 
 
 def led_grouped(
@@ -266,16 +278,18 @@ def led_grouped(
 ):
     """LED with each group's member rows gathered: memory and work follow the groups' pairs.
 
-    The groups of both families are sorted into classes of one padded size (:func:`_padded_size`),
+    The groups of both families are sorted into classes of one padded size (:func:`_padded_sizes`),
     their rows gathered in one indexing call, and each class computed as :func:`led_vectorized`
     computes a family. Where :func:`led_vectorized` forms ``C x B x B`` and ``B x C x C`` relation
     tensors, this form's tensors hold at most 1.25 times each group's rows and 1.57 times its pairs.
-    It reads the group sizes on the host (a synchronization on a GPU): the ``"torch"`` backend uses
+    It reads the classes' sizes on the host, once (a synchronization on a GPU): the ``"torch"`` backend uses
     it for CPU tensors, and on a GPU only where :func:`led_vectorized` would not fit in free memory.
     """
     pos = _positive(targets)
     B, C, D = student_emb.shape
-    families = (_size_classes(pos.t(), 1, C), _size_classes(pos, C, 1))  # CD: a label's images; ID: an image's labels
+    (cd_counts, cd_classes), (id_counts, id_classes) = _size_classes(pos.t(), 1, C), _size_classes(pos, C, 1)
+    counts = torch.cat([cd_counts, id_counts]).tolist()  # the one read on the host
+    families = (cd_classes(counts[:B + 1]), id_classes(counts[B + 1:]))  # CD: a label's images; ID: an image's labels
     classes = [c for family in families for c in family]
     if classes:
         index = torch.cat([rows.flatten() for rows, _ in classes])

@@ -193,6 +193,40 @@ def test_grouped_matches_the_formula_on_random_shapes_and_targets(B, C, D, densi
     assert rel_err(x.grad, want_grad) < 1e-9 or not want_grad.any() and not x.grad.any()
 
 
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops whose result a GPU could only give by synchronizing with the host: outputs
+    shaped by the data (nonzero, unique, masked_select, boolean-mask indexing) and scalar reads."""
+
+    SYNCING = ("nonzero", "_local_scalar_dense", "unique", "masked_select", "repeat_interleave")
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        masked = name == "index" and any(t.dtype == torch.bool for t in tensors[1:])
+        if masked or any(s in name for s in self.SYNCING):
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_vectorized_needs_no_host_read_and_grouped_reads_once(monkeypatch):
+    """led_vectorized (the "torch" backend's form on GPUs) has no op a GPU would synchronize for,
+    forward or backward; led_grouped's only host read is one ``tolist`` of its classes' sizes."""
+    es, et, y = embeddings(16, 80, 8, seed=2)
+    reads = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.shape) or real_tolist(t))
+    for form, want_reads in ((reference.led_vectorized, 0), (reference.led_grouped, 1)):
+        reads.clear()
+        x = es.clone().requires_grad_()
+        with _HostReads() as seen:
+            form(x, et, y).backward()
+        assert seen.ops == [] and len(reads) == want_reads, (form.__name__, seen.ops, reads)
+
+
 def test_grouped_memory_follows_the_groups_not_the_label_space():
     """At 4 images x 3,000 labels (5 positives each) led_vectorized forms a 4 x 3000 x 3000 relation
     tensor; led_grouped's largest tensor, forward and backward, is the size of the inputs."""
