@@ -6,8 +6,10 @@ named (the GPU check script tests one backend while the other is still being bui
 
 import math
 import os
+from types import SimpleNamespace
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from l2d_kernels import available_backends
 from l2d_kernels.labels import sample_targets
@@ -66,3 +68,31 @@ def embeddings(B, C, D, seed=0, dtype=torch.float32, device="cpu", density=None)
     else:
         y = torch.rand(B, C, generator=g) < density
     return es.to(device=device, dtype=dtype), et.to(device=device, dtype=dtype), y.to(device)
+
+
+class OpLog(TorchDispatchMode):
+    """Every ATen op run inside it, forward and backward (below autograd): its name and the
+    ``(numel, dtype, data_ptr)`` of each input and output tensor, in ``ops``."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+
+        def tensors(tree):
+            leaves = torch.utils._pytree.tree_leaves(tree)
+            return [(t.numel(), t.dtype, t.data_ptr()) for t in leaves if isinstance(t, torch.Tensor)]
+
+        self.ops.append(SimpleNamespace(name=func.overloadpacket.__name__, op=str(func),
+                                        inputs=tensors((args, kwargs)), outputs=tensors(out)))
+        return out
+
+    def new_buffers(self, numel: int) -> list:
+        """The ops whose output is a new buffer (no input's) of ``numel`` elements."""
+        return [o.op for o in self.ops for n, _, ptr in o.outputs
+                if n == numel and ptr not in {p for _, _, p in o.inputs}]
+
+    def largest_output(self) -> int:
+        return max((n for o in self.ops for n, _, _ in o.outputs), default=0)

@@ -3,9 +3,8 @@
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import DEVICE, embeddings, logits
+from helpers import DEVICE, OpLog, embeddings, logits
 from l2d_kernels import fused_led, fused_mld
 from l2d_kernels.ops import library
 
@@ -136,22 +135,6 @@ def test_backward_reuses_the_saved_gradient_and_refuses_a_second_pass(fused_back
         torch.autograd.grad(loss, x)
 
 
-class _NewBuffers(TorchDispatchMode):
-    """Records every op whose output is a new buffer of ``numel`` elements (in-place ops excluded)."""
-
-    def __init__(self, numel):
-        super().__init__()
-        self.numel, self.ops = numel, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {a.data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.numel() == self.numel and t.data_ptr() not in inputs:
-                self.ops.append(str(func))
-        return out
-
-
 def _fused_call(loss, backend, x=None):
     if loss == "mld":
         zs, zt = logits(7, 9, device=DEVICE)
@@ -169,9 +152,9 @@ def test_backward_allocates_no_second_gradient(fused_backend, loss):
     and a leaf's .grad is that very buffer."""
     x, out = _fused_call(loss, fused_backend)
     buffer_ptr = out.grad_fn.saved_tensors[0].data_ptr()
-    with _NewBuffers(x.numel()) as mode:
+    with OpLog() as log:
         (out * 0.5).backward()
-    assert mode.ops == []
+    assert log.new_buffers(x.numel()) == []
     assert x.grad.data_ptr() == buffer_ptr
 
 
@@ -185,12 +168,12 @@ def test_a_call_without_gradient_makes_no_gradient_buffer(fused_backend):
     calls = {zs.numel(): lambda: fused_mld(zs, zt, backend=fused_backend),
              es.numel(): lambda: fused_led(es, et, y, backend=fused_backend)}
     for numel, call in calls.items():
-        with torch.no_grad(), _NewBuffers(numel) as mode:
+        with torch.no_grad(), OpLog() as log:
             call()
-        assert mode.ops == []
-        with _NewBuffers(numel) as mode:
+        assert log.new_buffers(numel) == []
+        with OpLog() as log:
             call()
-        assert mode.ops
+        assert log.new_buffers(numel)
 
 
 @pytest.mark.parametrize("loss", ["mld", "led"])

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import oracle
-from helpers import embeddings, logits, rel_err
+from helpers import OpLog, embeddings, logits, rel_err
 from l2d_kernels import reference
 
 F64 = torch.float64
@@ -193,23 +193,14 @@ def test_grouped_matches_the_formula_on_random_shapes_and_targets(B, C, D, densi
     assert rel_err(x.grad, want_grad) < 1e-9 or not want_grad.any() and not x.grad.any()
 
 
-class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the ops whose result a GPU could only give by synchronizing with the host: outputs
-    shaped by the data (nonzero, unique, masked_select, boolean-mask indexing) and scalar reads."""
+# Ops whose result a GPU could only give by synchronizing with the host: outputs shaped by the data
+# (nonzero, unique, masked_select, boolean-mask indexing) and scalar reads.
+SYNCING = ("nonzero", "_local_scalar_dense", "unique", "masked_select", "repeat_interleave")
 
-    SYNCING = ("nonzero", "_local_scalar_dense", "unique", "masked_select", "repeat_interleave")
 
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
-        masked = name == "index" and any(t.dtype == torch.bool for t in tensors[1:])
-        if masked or any(s in name for s in self.SYNCING):
-            self.ops.append(name)
-        return func(*args, **(kwargs or {}))
+def _host_reads(log: OpLog) -> list:
+    masked = [o.name for o in log.ops if o.name == "index" and any(dt == torch.bool for _, dt, _ in o.inputs[1:])]
+    return masked + [o.name for o in log.ops if any(s in o.name for s in SYNCING)]
 
 
 def test_vectorized_needs_no_host_read_and_grouped_reads_once(monkeypatch):
@@ -222,28 +213,14 @@ def test_vectorized_needs_no_host_read_and_grouped_reads_once(monkeypatch):
     for form, want_reads in ((reference.led_vectorized, 0), (reference.led_grouped, 1)):
         reads.clear()
         x = es.clone().requires_grad_()
-        with _HostReads() as seen:
+        with OpLog() as log:
             form(x, et, y).backward()
-        assert seen.ops == [] and len(reads) == want_reads, (form.__name__, seen.ops, reads)
+        assert _host_reads(log) == [] and len(reads) == want_reads, (form.__name__, _host_reads(log), reads)
 
 
 def test_grouped_memory_follows_the_groups_not_the_label_space():
     """At 4 images x 3,000 labels (5 positives each) led_vectorized forms a 4 x 3000 x 3000 relation
     tensor; led_grouped's largest tensor, forward and backward, is the size of the inputs."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Largest(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.numel = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in torch.utils._pytree.tree_leaves(out):
-                if isinstance(t, torch.Tensor):
-                    self.numel = max(self.numel, t.numel())
-            return out
-
     B, C, D = 4, 3000, 8
     es, et, _ = embeddings(B, C, D, seed=1)
     y = torch.zeros(B, C, dtype=torch.bool)
@@ -252,9 +229,9 @@ def test_grouped_memory_follows_the_groups_not_the_label_space():
     sizes = {}
     for form in (reference.led_grouped, reference.led_vectorized):
         x = es.clone().requires_grad_()
-        with Largest() as seen:
+        with OpLog() as log:
             form(x, et, y).backward()
-        sizes[form.__name__] = seen.numel
+        sizes[form.__name__] = log.largest_output()
     assert sizes["led_grouped"] <= B * C * D
     assert sizes["led_vectorized"] >= B * C * C  # what the test tells apart
 
