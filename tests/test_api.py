@@ -289,6 +289,52 @@ def test_led_is_bitwise_reproducible(backend):
     assert torch.equal(first[0], second[0]) and torch.equal(first[3], second[3])
 
 
+# ---------------------------------------------------------------- second derivatives
+
+def _hvp_oracle(grad_fn, x, v, h):
+    """The Hessian of the loss times ``v`` at ``x``: central differences of the float64 oracle's gradient."""
+    x, v = x.double().cpu().numpy(), v.double().cpu().numpy()
+    return (grad_fn(x + h * v) - grad_fn(x - h * v)) / (2 * h)
+
+
+def _second_order(loss_fn, x0, v):
+    """A backward with create_graph=True (under a learnable weight w on the loss): its gradient, the
+    gradient of the same call without create_graph, d (grad . v) / d x, and d (grad . v) / d w."""
+    x = x0.clone().requires_grad_()
+    (plain,) = torch.autograd.grad(0.7 * loss_fn(x), x)
+    w = torch.tensor(0.7, device=x0.device, requires_grad=True)
+    (grad,) = torch.autograd.grad(w * loss_fn(x), x, create_graph=True)
+    hv, dw = torch.autograd.grad((grad * v).sum(), (x, w))
+    return grad, plain, hv, dw
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_mld_second_derivatives(backend, reduction):
+    """A backward with create_graph=True (a Hessian-vector product, a gradient penalty, a hypergradient)
+    gets the first derivative it would get without, bitwise, and a differentiable one: the Hessian
+    times a vector and the derivative in the loss's weight match the float64 oracle's."""
+    zs, zt = logits(6, 9, device=DEVICE)
+    v = torch.randn(6, 9, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    grad, plain, hv, dw = _second_order(
+        lambda x: fused_mld(x, zt, reduction=reduction, temperature=2.0, backend=backend).sum(), zs, v)
+    assert torch.equal(grad.detach(), plain)
+    oracle_grad = lambda z: oracle.mld(z, zt.double().cpu().numpy(), reduction, temperature=2.0)[1]  # noqa: E731
+    assert rel_err(hv, 0.7 * _hvp_oracle(oracle_grad, zs, v, 1e-5)) < FP32_TOL
+    assert rel_err(dw, (oracle_grad(zs.double().cpu().numpy()) * v.double().cpu().numpy()).sum()) < FP32_TOL
+
+
+@pytest.mark.parametrize("case", ["coco-rows", "random", "one-image"])
+def test_led_second_derivatives(backend, case):
+    es, et, y = embeddings(*LED_CASES[case]["shape"], density=LED_CASES[case]["density"], device=DEVICE)
+    v = torch.randn(es.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    grad, plain, hv, dw = _second_order(lambda x: fused_led(x, et, y, lambda_cd=3.0, lambda_id=5.0, backend=backend),
+                                        es, v)
+    assert torch.equal(grad.detach(), plain)
+    oracle_grad = lambda e: oracle.led(e, et.cpu().numpy(), y.cpu().numpy(), 3.0, 5.0)[3]  # noqa: E731
+    assert rel_err(hv, 0.7 * _hvp_oracle(oracle_grad, es, v, 1e-6)) < FP32_TOL
+    assert rel_err(dw, (oracle_grad(es.double().cpu().numpy()) * v.double().cpu().numpy()).sum()) < FP32_TOL
+
+
 def test_torch_backend_on_the_cpu_computes_led_grouped(monkeypatch):
     """The eager "torch" backend takes LED's grouped form on CPU tensors (memory that follows the
     groups), never the vectorized one."""

@@ -191,6 +191,27 @@ def test_mld_at_scale(gpu_backend, shape, dtype):
     assert rel_err(loss, want.cpu()) < tol and rel_err(x.grad, ref_x.grad.cpu()) < tol
 
 
+def _hvp(loss_fn, x0, v):
+    """The Hessian of ``loss_fn`` at ``x0`` times ``v``: a backward with create_graph=True, then another."""
+    x = x0.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(loss_fn(x), x, create_graph=True)
+    return torch.autograd.grad((grad * v.to(x.dtype)).sum(), x)[0]
+
+
+def test_second_derivatives_at_coco_scale(gpu_backend):
+    """create_graph=True through the fused calls: Hessian-vector products of both losses at 64 x 80 (x 768)
+    against the float64 eager forms."""
+    es, et, y = _embeddings(64, 80, 768)
+    v = torch.randn(es.shape, generator=torch.Generator(device=CUDA).manual_seed(1), device=CUDA)
+    got = _hvp(lambda x: fused_led(x, et, y, backend=gpu_backend), es, v)
+    want = _hvp(lambda x: reference.led_loops(x, et.double(), y), es.double(), v)
+    assert rel_err(got, want.cpu()) < 1e-4
+    zs, zt = es[:, :, 0] * 4, et[:, :, 0] * 4
+    got = _hvp(lambda x: fused_mld(x, zt, backend=gpu_backend), zs, v[:, :, 0])
+    want = _hvp(lambda x: reference.mld(x, zt.double()), zs.double(), v[:, :, 0])
+    assert rel_err(got, want.cpu()) < 1e-4
+
+
 def test_compiled_training_step_has_no_graph_break(gpu_backend):
     es, et, y = _embeddings(64, 80, 768)
     zs = torch.randn(64, 80, device=CUDA)

@@ -24,6 +24,12 @@ kernels).
         -> ([lambda_cd * CD + lambda_id * ID, CD, ID] as float32[3], d total / d es, the total as float32[])
     l2d_kernels::led_scale_cuda(Tensor(a!) grad, targets, grad_output) -> ()   (CUDA extension only)
 
+Eager calls also have second derivatives. A backward with ``create_graph=True`` (a Hessian-vector
+product, a gradient penalty) hands on the kernels' gradient, bitwise the same, made differentiable
+with the derivative of the eager reference's gradient, which such a backward computes from the
+inputs the node keeps (references: where the caller would otherwise free its inputs before backward,
+they live until then). ``torch.compile`` refuses double backward altogether.
+
 A call that needs no gradient (grad mode off, or a student input without ``requires_grad``: a
 validation loss, say) passes ``with_grad=False``: the kernels compute the same losses, bitwise, and
 neither write nor allocate the gradient (an empty tensor stands in the gradient's place), so the
@@ -144,17 +150,22 @@ def _launcher(loss: str, backend: str):
 class _Fused(torch.autograd.Function):
     """One autograd node around a launcher; backward scales the forward's gradient in place (see the
     module docstring: the buffer is handed on, and a second backward is refused). LED scales through
-    its backend's ``led_scale`` with the targets (``scale`` and ``aux``), which skips the rows that are
-    zero whatever the inputs (those whose target is not positive); MLD's gradient is dense."""
+    its backend's ``led_scale`` with the targets, which skips the rows that are zero whatever the
+    inputs (those whose target is not positive); MLD's gradient is dense.
+
+    A backward with ``create_graph=True`` (a Hessian-vector product, a gradient penalty) hands on the
+    same gradient, bitwise, made differentiable: its derivative is that of the eager reference's
+    gradient (``_differentiable_grad``), which only such a backward computes. For it the node keeps
+    its tensor inputs (references, not copies)."""
 
     @staticmethod
-    def forward(ctx, launch, sums, scale, aux, x, *rest):
+    def forward(ctx, loss_name, launch, scale, x, *rest):
         outputs = launch(x, *rest)
         loss, grad = outputs[0], outputs[1]
-        ctx.save_for_backward(grad, aux)
-        ctx.scale = scale
-        ctx.n_rest = len(rest)
-        if not sums:  # MLD: the loss alone
+        n_tensors = 1 if loss_name == "mld" else 2  # (zt) or (et, targets), then the numbers
+        ctx.save_for_backward(grad, x, *rest[:n_tensors])
+        ctx.loss_name, ctx.scale, ctx.numbers = loss_name, scale, rest[n_tensors:]
+        if loss_name == "mld":  # the loss alone
             return loss
         # LED: the total as its own tensor, which the kernels write beside the three sums (not a view
         # of them, so that in-place use of it stays allowed, and no copy kernel to make one); the
@@ -165,13 +176,44 @@ class _Fused(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
-        grad, aux = ctx.saved_tensors
+        grad, x, *tensors = ctx.saved_tensors
         if ctx.scale is None:
             grad.mul_(grad_loss)
         else:
-            ctx.scale(grad, aux, grad_loss)
+            ctx.scale(grad, tensors[1], grad_loss)
             torch.autograd.graph.increment_version(grad)  # a second backward through this node is refused
-        return (None, None, None, None, grad) + (None,) * ctx.n_rest
+        if torch.is_grad_enabled():  # create_graph=True
+            like = _differentiable_grad(ctx.loss_name, x, *tensors, *ctx.numbers) * grad_loss
+            grad = _WithValue.apply(grad, like)
+        return (None, None, None, grad) + (None,) * (len(tensors) + len(ctx.numbers))
+
+
+class _WithValue(torch.autograd.Function):
+    """``value``, differentiated as ``like`` (two tensors of one shape): the fused kernels' gradient,
+    bitwise, with the derivative of the reference's."""
+
+    @staticmethod
+    def forward(ctx, value, like):
+        return value
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, grad
+
+
+def _differentiable_grad(loss_name: str, x: Tensor, *rest) -> Tensor:
+    """d loss / d x by the eager reference (the public API's ``"torch"`` backend), as a differentiable
+    function of ``x`` (``create_graph=True``)."""
+    from .. import api  # the public API imports this module
+
+    if loss_name == "mld":
+        zt, reduction, eps, temperature = rest
+        loss = api.fused_mld(x, zt, reduction=reduction, eps=eps, temperature=temperature, backend="torch")
+    else:
+        et, targets, lambda_cd, lambda_id = rest
+        loss = api.fused_led(x, et, targets, lambda_cd=lambda_cd, lambda_id=lambda_id, backend="torch")
+    (grad,) = torch.autograd.grad(loss, x, torch.ones_like(loss), create_graph=True)
+    return grad
 
 
 def _needs_grad(x: Tensor) -> bool:
@@ -185,7 +227,7 @@ def mld(backend: str, zs: Tensor, zt: Tensor, reduction: str, eps: float, temper
         return mld_op(backend)(zs, zt, reduction, eps, temperature, with_grad)[0]
     if not with_grad:
         return _launcher("mld", backend)(zs, zt, reduction, eps, temperature, False)[0]
-    return _Fused.apply(_launcher("mld", backend), False, None, None, zs, zt, reduction, eps, temperature)
+    return _Fused.apply("mld", _launcher("mld", backend), None, zs, zt, reduction, eps, temperature)
 
 
 def led(backend: str, es: Tensor, et: Tensor, targets: Tensor, lambda_cd: float, lambda_id: float):
@@ -197,5 +239,5 @@ def led(backend: str, es: Tensor, et: Tensor, targets: Tensor, lambda_cd: float,
     if not with_grad:
         losses, _, total = _launcher("led", backend)(es, et, targets, lambda_cd, lambda_id, False)
         return total, losses
-    return _Fused.apply(_launcher("led", backend), True, _launcher("led_scale", backend), targets, es, et, targets,
-                        lambda_cd, lambda_id)
+    return _Fused.apply("led", _launcher("led", backend), _launcher("led_scale", backend), es, et, targets, lambda_cd,
+                        lambda_id)
