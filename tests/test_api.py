@@ -335,6 +335,27 @@ def test_led_second_derivatives(backend, case):
     assert rel_err(dw, (oracle_grad(es.double().cpu().numpy()) * v.double().cpu().numpy()).sum()) < FP32_TOL
 
 
+def test_teacher_and_targets_made_under_inference_mode(backend):
+    """A teacher run under torch.inference_mode(), with targets made there too (pseudo-labels, say),
+    gives the same losses and derivatives, bitwise, first and second order. Autograd refuses to save
+    inference tensors for backward; the fused nodes keep them as references instead."""
+    zs, zt = logits(5, 7, device=DEVICE)
+    es, et, y = embeddings(6, 5, 12, device=DEVICE, density=0.6)
+    g = torch.Generator().manual_seed(1)
+    v_z, v_e = torch.randn(zs.shape, generator=g).to(DEVICE), torch.randn(es.shape, generator=g).to(DEVICE)
+
+    def results(zt, et, y):
+        return (_second_order(lambda x: fused_mld(x, zt, backend=backend), zs, v_z)
+                + _second_order(lambda x: fused_led(x, et, y, backend=backend), es, v_e))
+
+    want = results(zt, et, y)
+    with torch.inference_mode():
+        made_there = zt.clone(), et.clone(), y.clone()
+    assert all(t.is_inference() for t in made_there)
+    for got, expected in zip(results(*made_there), want):
+        assert torch.equal(got, expected)
+
+
 def test_torch_backend_on_the_cpu_computes_led_grouped(monkeypatch):
     """The eager "torch" backend takes LED's grouped form on CPU tensors (memory that follows the
     groups), never the vectorized one."""

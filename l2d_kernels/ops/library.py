@@ -163,7 +163,7 @@ class _Fused(torch.autograd.Function):
         outputs = launch(x, *rest)
         loss, grad = outputs[0], outputs[1]
         n_tensors = 1 if loss_name == "mld" else 2  # (zt) or (et, targets), then the numbers
-        ctx.save_for_backward(grad, x, *rest[:n_tensors])
+        _save(ctx, grad, x, *rest[:n_tensors])
         ctx.loss_name, ctx.scale, ctx.numbers = loss_name, scale, rest[n_tensors:]
         if loss_name == "mld":  # the loss alone
             return loss
@@ -176,7 +176,7 @@ class _Fused(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
-        grad, x, *tensors = ctx.saved_tensors
+        grad, x, *tensors = _saved(ctx)
         if ctx.scale is None:
             grad.mul_(grad_loss)
         else:
@@ -186,6 +186,24 @@ class _Fused(torch.autograd.Function):
             like = _differentiable_grad(ctx.loss_name, x, *tensors, *ctx.numbers) * grad_loss
             grad = _WithValue.apply(grad, like)
         return (None, None, None, grad) + (None,) * (len(tensors) + len(ctx.numbers))
+
+
+def _save(ctx, *tensors: Tensor) -> None:
+    """``ctx.save_for_backward``, except for inference tensors (a teacher run, or targets made, under
+    ``torch.inference_mode()``), which autograd refuses to save: those are kept as plain references.
+    They have no version counter to check, and cannot be modified outside inference mode."""
+    if not any(t.is_inference() for t in tensors):
+        ctx.kept = None
+        ctx.save_for_backward(*tensors)
+        return
+    ctx.kept = [t if t.is_inference() else None for t in tensors]
+    ctx.save_for_backward(*(None if t.is_inference() else t for t in tensors))
+
+
+def _saved(ctx) -> list:
+    if ctx.kept is None:
+        return list(ctx.saved_tensors)
+    return [saved if kept is None else kept for saved, kept in zip(ctx.saved_tensors, ctx.kept)]
 
 
 class _WithValue(torch.autograd.Function):
