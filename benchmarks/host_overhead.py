@@ -31,11 +31,12 @@ import torch  # noqa: E402
 
 from harness import emit  # noqa: E402
 from l2d_kernels import fused_led, fused_mld  # noqa: E402
-from l2d_kernels.ops import triton_common, triton_led, triton_mld  # noqa: E402
+from l2d_kernels.ops import library, triton_common, triton_led, triton_mld  # noqa: E402
 
 
-def _grad_stub(x, with_grad):
-    return torch.empty_like(x) if with_grad else x.new_empty(0)
+def _grad_stub(x, with_grad):  # what the launchers allocate (library.grad_dtype: float32 for float16)
+    dtype = library.grad_dtype(x.dtype)
+    return torch.empty_like(x, dtype=dtype) if with_grad else x.new_empty(0, dtype=dtype)
 
 
 def _stub_launchers() -> None:

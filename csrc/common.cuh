@@ -31,6 +31,25 @@ __device__ __forceinline__ __half from_float<__half>(float v) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+// The gradient's device type for a student input of type T: T, except float16, whose gradient is
+// written in float32 and rounded to float16 only after backward has applied grad_output (a loss
+// scale): float16's exponent range would lose what underflows at a scale of 1 (l2d_kernels.ops.library.grad_dtype).
+template <typename T>
+struct GradOf {
+  using type = T;
+};
+template <>
+struct GradOf<__half> {
+  using type = float;
+};
+template <typename T>
+using grad_t = typename GradOf<T>::type;
+
+// The gradient's dtype for a student input of `type` (as grad_t).
+inline c10::ScalarType grad_scalar_type(c10::ScalarType type) {
+  return type == c10::ScalarType::Half ? c10::ScalarType::Float : type;
+}
+
 // min(max(x, lo), hi), keeping NaN (fminf / fmaxf would return a bound).
 __device__ __forceinline__ float clamp_keep_nan(float x, float lo, float hi) {
   return x != x ? x : fminf(fmaxf(x, lo), hi);

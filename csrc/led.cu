@@ -314,7 +314,7 @@ __device__ __forceinline__ void store_chunk(const float (&v)[OneTile<T>::kLoads]
 
 template <int T, typename TS>
 __device__ void tile_grad(const TS* __restrict__ s, const FamilyArgs& f, GroupShared& sh, int rows_in_group,
-                          int cols, bool same, bool add, TS* __restrict__ grad);
+                          int cols, bool same, bool add, grad_t<TS>* __restrict__ grad);
 
 // Gram pass of a tile (rows sh.rows, set by the caller) over the widths lo .. hi - 1: this thread's
 // entries of the student and teacher Grams (entry_of), the chunk's width slices added in order for
@@ -434,12 +434,12 @@ __device__ void tile_weights(int P, const float (&es_)[OneTile<T>::kEntries], co
 
 template <int T, typename TS>
 __device__ void tile_grad(const TS* __restrict__ s, const FamilyArgs& f, GroupShared& sh, int rows_in_group,
-                          int cols, bool same, bool add, TS* __restrict__ grad, int64_t lo, int64_t hi);
+                          int cols, bool same, bool add, grad_t<TS>* __restrict__ grad, int64_t lo, int64_t hi);
 
 // A group of P <= T members (T = 16, 32 or 64) as one tile: see the file's header.
 template <int T, typename TS, typename TT>
 __device__ void one_tile_group(const TS* __restrict__ s, const TT* __restrict__ t, const int* __restrict__ members,
-                               int P, const FamilyArgs& f, GroupShared& sh, TS* __restrict__ grad,
+                               int P, const FamilyArgs& f, GroupShared& sh, grad_t<TS>* __restrict__ grad,
                                float* __restrict__ loss_out) {
   using C = OneTile<T>;
   if (threadIdx.x < T) sh.rows[threadIdx.x] = static_cast<int>(threadIdx.x) < P ? members[threadIdx.x] : -1;
@@ -457,7 +457,7 @@ __device__ void one_tile_group(const TS* __restrict__ s, const TT* __restrict__ 
 // the sum over b stops at cols (the columns in the group) rounded up to 4, past which w is 0.
 template <int T, typename TS>
 __device__ void tile_grad(const TS* __restrict__ s, const FamilyArgs& f, GroupShared& sh, int rows_in_group,
-                          int cols, bool same, bool add, TS* __restrict__ grad, int64_t lo, int64_t hi) {
+                          int cols, bool same, bool add, grad_t<TS>* __restrict__ grad, int64_t lo, int64_t hi) {
   if (!f.write_grad) return;  // the same for every thread of the block
   using C = OneTile<T>;
   const float* w = sh.buf;
@@ -493,13 +493,13 @@ __device__ void tile_grad(const TS* __restrict__ s, const FamilyArgs& f, GroupSh
         acc[j] = fmaf(w4.w, s4.w, acc[j]);
       }
     }
-    TS* out = grad + sh.rows[a] * f.g_m;
+    grad_t<TS>* out = grad + sh.rows[a] * f.g_m;
     #pragma unroll
     for (int j = 0; j < C::kCols; ++j) {
       const int64_t d = lo + k * C::kWidth + c0 + j;
       if (d >= hi) break;
       const float value = f.scale * (sh.rowsum[a] * ci[(c0 + j) * C::kPad + a] - acc[j]);
-      out[d] = from_float<TS>(add ? to_float(out[d]) + value : value);
+      out[d] = from_float<grad_t<TS>>(add ? to_float(out[d]) + value : value);
     }
   }
 }
@@ -567,7 +567,7 @@ struct SweepIn {
 
 template <int kSweep, typename TS, typename TT>
 __device__ void strip_sweep(const TS* __restrict__ s, const TT* __restrict__ t, const int* __restrict__ members,
-                            int P, const FamilyArgs& f, GroupShared& sh, TS* __restrict__ grad, int i0,
+                            int P, const FamilyArgs& f, GroupShared& sh, grad_t<TS>* __restrict__ grad, int i0,
                             SweepIn in, float (&out)[2]) {
   using C = OneTile<64>;
   const int tr = threadIdx.x / 16, tc = threadIdx.x % 16;
@@ -614,7 +614,7 @@ __device__ void strip_sweep(const TS* __restrict__ s, const TT* __restrict__ t, 
 // over the whole group between them. A sweep costs (P / 64)^2 Gram tiles of 64 x 64.
 template <typename TS, typename TT>
 __device__ void large_group(const TS* __restrict__ s, const TT* __restrict__ t, const int* __restrict__ members,
-                            int P, const FamilyArgs& f, GroupShared& sh, TS* __restrict__ grad,
+                            int P, const FamilyArgs& f, GroupShared& sh, grad_t<TS>* __restrict__ grad,
                             float* __restrict__ loss_out) {
   const float p_f = static_cast<float>(P), n_pairs = p_f * (p_f - 1.f);
   float sums[2] = {0.f, 0.f};
@@ -631,7 +631,7 @@ __device__ void large_group(const TS* __restrict__ s, const TT* __restrict__ t, 
 }
 
 template <int kStage, typename TS, typename TT>
-__device__ void strip_item(const TS* __restrict__ es, const TT* __restrict__ et, TS* __restrict__ grad,
+__device__ void strip_item(const TS* __restrict__ es, const TT* __restrict__ et, grad_t<TS>* __restrict__ grad,
                            const int* __restrict__ idx, const int* __restrict__ cnt, float* __restrict__ group_loss,
                            const FamilyArgs& f, const Strips& st, GroupShared& sh, int item) {
   const int64_t g = item / st.max_strips;
@@ -665,11 +665,11 @@ __device__ void strip_item(const TS* __restrict__ es, const TT* __restrict__ et,
 
 // One group of P >= 2 members: one tile up to 64 members, pairs of 64-row tiles above.
 template <typename TS, typename TT>
-__device__ void group(const TS* __restrict__ es, const TT* __restrict__ et, TS* __restrict__ grad,
+__device__ void group(const TS* __restrict__ es, const TT* __restrict__ et, grad_t<TS>* __restrict__ grad,
                       const int* __restrict__ idx, const int* __restrict__ cnt, float* __restrict__ group_loss,
                       const FamilyArgs& f, GroupShared& sh, int64_t g) {
   const int P = cnt[g];
-  TS* grad_g = grad + g * f.g_g;
+  grad_t<TS>* grad_g = grad + g * f.g_g;
   const TS* s = es + g * f.s_g;
   const TT* t = et + g * f.t_g;
   const int* members = idx + g * f.n_members;
@@ -713,7 +713,7 @@ struct Finalize {
 // whatever the number of labels. The last launch of a call adds the group losses in its last block.
 template <int kStage, typename TS, typename TT>
 __global__ void __launch_bounds__(kThreads, 1)
-    group_kernel(const TS* __restrict__ es, const TT* __restrict__ et, TS* __restrict__ grad,
+    group_kernel(const TS* __restrict__ es, const TT* __restrict__ et, grad_t<TS>* __restrict__ grad,
                  const int* __restrict__ idx, const int* __restrict__ cnt, const int* __restrict__ n_active,
                  const int* __restrict__ active, float* group_loss, FamilyArgs f, Strips st, Finalize fin) {
   __shared__ GroupShared shared;
@@ -787,7 +787,7 @@ __device__ void slice_gram(const TS* __restrict__ s, const TT* __restrict__ t, c
 template <int T, typename TS>
 __device__ void slice_grad(const TS* __restrict__ s, const int* __restrict__ members, int P, const FamilyArgs& f,
                            GroupShared& sh, const float* __restrict__ part_g, int n_s, int q, int64_t lo, int64_t hi,
-                           TS* __restrict__ grad, float* __restrict__ loss_out) {
+                           grad_t<TS>* __restrict__ grad, float* __restrict__ loss_out) {
   using C = OneTile<T>;
   if (threadIdx.x < T) sh.rows[threadIdx.x] = static_cast<int>(threadIdx.x) < P ? members[threadIdx.x] : -1;
   float es_[C::kEntries], et_[C::kEntries];
@@ -811,9 +811,9 @@ __device__ void slice_grad(const TS* __restrict__ s, const int* __restrict__ mem
 // blocks). An item of a group without a place in the scratch is passed over (the same for the whole
 // block).
 template <bool kGrad, typename TS, typename TT>
-__device__ __forceinline__ void slice_item(const TS* __restrict__ es, const TT* __restrict__ et, TS* __restrict__ grad,
-                                           const SliceFamily& fam, const SliceArgs& sa, GroupShared& shared,
-                                           int64_t i) {
+__device__ __forceinline__ void slice_item(const TS* __restrict__ es, const TT* __restrict__ et,
+                                           grad_t<TS>* __restrict__ grad, const SliceFamily& fam,
+                                           const SliceArgs& sa, GroupShared& shared, int64_t i) {
   const FamilyArgs& f = fam.f;
   const int64_t g = i % fam.n_groups;
   const int q = static_cast<int>(i / fam.n_groups);
@@ -826,7 +826,7 @@ __device__ __forceinline__ void slice_item(const TS* __restrict__ es, const TT* 
   const int* members = fam.idx + g * f.n_members;
   float* part_g = sa.part + off;
   if constexpr (kGrad) {
-    TS* grad_g = grad + g * f.g_g;
+    grad_t<TS>* grad_g = grad + g * f.g_g;
     float* loss = fam.loss + g;
     if (P <= 16) slice_grad<16>(s, members, P, f, shared, part_g, sa.n_s, q, lo, hi, grad_g, loss);
     else if (P <= 32) slice_grad<32>(s, members, P, f, shared, part_g, sa.n_s, q, lo, hi, grad_g, loss);
@@ -844,7 +844,7 @@ __device__ __forceinline__ void slice_item(const TS* __restrict__ es, const TT* 
 // gradient launches take one family each (b unused): ID adds into the rows CD wrote.
 template <bool kGrad, typename TS, typename TT>
 __global__ void __launch_bounds__(kThreads, 1)
-    slice_kernel(const TS* __restrict__ es, const TT* __restrict__ et, TS* __restrict__ grad, SliceFamily a,
+    slice_kernel(const TS* __restrict__ es, const TT* __restrict__ et, grad_t<TS>* __restrict__ grad, SliceFamily a,
                  SliceFamily b, SliceArgs sa) {
   __shared__ GroupShared shared;
   const int64_t items_a = a.n_groups * sa.n_s, items = items_a + (kGrad ? 0 : b.n_groups * sa.n_s);
@@ -864,7 +864,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in,
   TORCH_CHECK(targets.dim() == 2 && targets.size(0) == es_in.size(0) && targets.size(1) == es_in.size(1),
               "led_cuda: targets must be [B, C]");
   const c10::cuda::CUDAGuard guard(es_in.device());
-  // Mixed dtypes compute from float32 copies (exact for half inputs); the gradient keeps es's dtype.
+  // Mixed dtypes compute from float32 copies (exact for half inputs); the gradient takes es's dtype
+  // (float32 for float16: grad_t).
   const bool mixed = es_in.scalar_type() != et_in.scalar_type();
   const at::Tensor es = mixed ? es_in.to(at::kFloat) : es_in;
   const at::Tensor et = mixed ? et_in.to(at::kFloat) : et_in;
@@ -875,7 +876,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in,
 
   // Without the gradient: no buffer (an empty tensor returned in its place), a null pointer to the
   // kernels, which then write none of it (the same launches; the same losses, bitwise).
-  at::Tensor grad = with_grad ? at::empty({B, C, D}, es.options()) : at::empty({0}, es_in.options());
+  at::Tensor grad = with_grad ? at::empty({B, C, D}, es.options().dtype(grad_scalar_type(es.scalar_type())))
+                               : at::empty({0}, es_in.options().dtype(grad_scalar_type(es_in.scalar_type())));
   const int64_t g_sb = C * D, g_sc = D;  // its strides, when there is one
   // Striped families (groups of more than 64 members spread over blocks): those whose groups can
   // exceed 128 members; up to 128, a larger group's four tile pairs stay in one block.
@@ -914,7 +916,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in,
   }
   const int64_t tile_b = tile_of(B), tile_c = tile_of(C);  // each family's largest tile
   const int64_t worst = n_s * 2 * (C * tile_b * tile_b + B * tile_c * tile_c);
-  const int64_t grad_bytes = es.numel() * es.element_size();
+  const int64_t grad_bytes = es.numel() * static_cast<int64_t>(c10::elementSize(grad_scalar_type(es.scalar_type())));
   int64_t scratch_bytes = std::min<int64_t>(std::max<int64_t>(4 << 20, grad_bytes / 16), 32 << 20);
   if (const char* env = std::getenv("L2D_CUDA_LED_SCRATCH_BYTES")) scratch_bytes = std::atoll(env);
   const int64_t cap = std::min<int64_t>(worst, scratch_bytes / 4);
@@ -935,10 +937,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in,
     using T = decltype(tag);
     const T* s = reinterpret_cast<const T*>(es.data_ptr());
     const T* t = reinterpret_cast<const T*>(et.data_ptr());
-    T* g = with_grad ? reinterpret_cast<T*>(grad.data_ptr()) : nullptr;
+    using G = grad_t<T>;
+    G* g = with_grad ? reinterpret_cast<G*>(grad.data_ptr()) : nullptr;
     with_targets(pos, [&](const auto* y) {
       using TY = std::remove_cv_t<std::remove_pointer_t<decltype(y)>>;
-      members_kernel<T, TY><<<static_cast<unsigned>(C + B), kThreads, 0, stream>>>(
+      members_kernel<G, TY><<<static_cast<unsigned>(C + B), kThreads, 0, stream>>>(
           y, pos.stride(0), pos.stride(1), B, C, cd_idx, cd_cnt, id_idx, id_cnt, n_active, active, losses, g,
           g_sb, g_sc, D, st_cd, st_id,
           split ? Plan{n_active + 5, static_cast<int>(n_s), cap, offs_ptr} : Plan{});
@@ -986,7 +989,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in,
     family(cd_share, n_active, active, st_cd, false);
     family(id_share, n_active + 1, active + C, st_id, true);
   });
-  if (mixed && with_grad) grad = grad.to(es_in.scalar_type());
+  if (mixed && with_grad) grad = grad.to(grad_scalar_type(es_in.scalar_type()));
   return {out, grad, total};
 }
 

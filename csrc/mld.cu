@@ -81,7 +81,7 @@ __device__ __forceinline__ LogProbs clamped_log_probs(float z, float lo, float h
 // label, which costs as much as the rest of the label's arithmetic). kGrad: write the gradient (a
 // call that needs none passes a null grad).
 template <typename T, bool kPacked, bool kGrad>
-__global__ void mld_kernel(const T* __restrict__ zs, const T* __restrict__ zt, T* __restrict__ grad,
+__global__ void mld_kernel(const T* __restrict__ zs, const T* __restrict__ zt, grad_t<T>* __restrict__ grad,
                            float* __restrict__ out, int64_t B, int64_t C, int64_t zs_sb, int64_t zs_sc,
                            int64_t zt_sb, int64_t zt_sc, float inv_t, float loss_scale, float grad_scale,
                            float lo, float hi, bool per_label, bool single) {
@@ -104,7 +104,7 @@ __global__ void mld_kernel(const T* __restrict__ zs, const T* __restrict__ zt, T
     const bool q_free = s.log_sig_neg >= lo && s.log_sig_neg <= hi;
     if constexpr (kGrad) {
       const float g = (q_free ? qt * fast_exp(s.log_sig) : 0.f) - (p_free ? pt * fast_exp(s.log_sig_neg) : 0.f);
-      grad[k] = from_float<T>(g * grad_scale);
+      grad[k] = from_float<grad_t<T>>(g * grad_scale);
     }
     if (per_label)
       out[k] = loss * loss_scale;
@@ -133,7 +133,8 @@ std::tuple<at::Tensor, at::Tensor> mld_cuda(const at::Tensor& zs_in, const at::T
   TORCH_CHECK(zs_in.is_cuda() && zt_in.is_cuda(), "mld_cuda: inputs must be CUDA tensors");
   TORCH_CHECK(zs_in.dim() == 2 && zs_in.sizes() == zt_in.sizes(), "mld_cuda: logits must be [B, C] of one shape");
   const c10::cuda::CUDAGuard guard(zs_in.device());
-  // Mixed dtypes compute from float32 copies (exact for half inputs); the gradient keeps zs's dtype.
+  // Mixed dtypes compute from float32 copies (exact for half inputs); the gradient takes zs's dtype
+  // (float32 for float16: grad_t).
   const bool mixed = zs_in.scalar_type() != zt_in.scalar_type();
   const at::Tensor zs = mixed ? zs_in.to(at::kFloat) : zs_in;
   const at::Tensor zt = mixed ? zt_in.to(at::kFloat) : zt_in;
@@ -151,7 +152,8 @@ std::tuple<at::Tensor, at::Tensor> mld_cuda(const at::Tensor& zs_in, const at::T
   const bool single = !per_label && n <= kSingleBlock;
   const int blocks = single ? 1 : static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 1024));
 
-  at::Tensor grad = with_grad ? at::empty({B, C}, zs.options()) : at::empty({0}, zs_in.options());
+  at::Tensor grad = with_grad ? at::empty({B, C}, zs.options().dtype(grad_scalar_type(zs.scalar_type())))
+                               : at::empty({0}, zs_in.options().dtype(grad_scalar_type(zs_in.scalar_type())));
   const auto f32 = zs.options().dtype(at::kFloat);
   at::Tensor out = per_label ? at::empty({B, C}, f32) : single ? at::empty({}, f32) : at::empty({blocks}, f32);
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -161,16 +163,16 @@ std::tuple<at::Tensor, at::Tensor> mld_cuda(const at::Tensor& zs_in, const at::T
     const auto launch = [&](auto kernel) {
       kernel<<<blocks, kThreads, 0, stream>>>(
           reinterpret_cast<const T*>(zs.data_ptr()), reinterpret_cast<const T*>(zt.data_ptr()),
-          with_grad ? reinterpret_cast<T*>(grad.data_ptr()) : nullptr, out.data_ptr<float>(), B, C, zs.stride(0),
-          zs.stride(1), zt.stride(0), zt.stride(1), static_cast<float>(1.0 / temperature), loss_scale, grad_scale,
-          lo, hi, per_label, single);
+          with_grad ? reinterpret_cast<grad_t<T>*>(grad.data_ptr()) : nullptr, out.data_ptr<float>(), B, C,
+          zs.stride(0), zs.stride(1), zt.stride(0), zt.stride(1), static_cast<float>(1.0 / temperature), loss_scale,
+          grad_scale, lo, hi, per_label, single);
     };
     const bool packed = zs.is_contiguous() && zt.is_contiguous();
     if (with_grad) launch(packed ? mld_kernel<T, true, true> : mld_kernel<T, false, true>);
     else launch(packed ? mld_kernel<T, true, false> : mld_kernel<T, false, false>);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (mixed && with_grad) grad = grad.to(zs_in.scalar_type());
+  if (mixed && with_grad) grad = grad.to(grad_scalar_type(zs_in.scalar_type()));
   if (per_label || single) return {out, grad};
   at::Tensor loss = at::empty({}, out.options());
   sum_kernel<<<1, kThreads, 0, stream>>>(out.data_ptr<float>(), blocks, loss_scale, loss.data_ptr<float>());

@@ -17,14 +17,15 @@ inline constexpr char kLedArgs[] =
     " -> (Tensor, Tensor, Tensor)";
 inline constexpr char kLedScaleArgs[] = "(Tensor(a!) grad, Tensor targets, Tensor grad_output) -> ()";
 
-// (loss in float32, d loss / d zs in zs's dtype); without with_grad, an empty tensor in place of the
-// gradient, which is neither computed nor allocated.
+// (loss in float32, d loss / d zs in zs's dtype, float32 for float16: grad_t); without with_grad, an
+// empty tensor in place of the gradient, which is neither computed nor allocated.
 std::tuple<at::Tensor, at::Tensor> mld_cuda(const at::Tensor& zs, const at::Tensor& zt, c10::string_view reduction,
                                             double eps, double temperature, bool with_grad);
 
-// (float32 [lambda_cd * CD + lambda_id * ID, CD, ID], d total / d es in es's dtype, the total again as a
-// float32 0-d tensor of its own: what an eager call returns, with no copy kernel to make it); without
-// with_grad, an empty tensor in place of the gradient, which is neither computed nor allocated.
+// (float32 [lambda_cd * CD + lambda_id * ID, CD, ID], d total / d es in es's dtype (float32 for float16:
+// grad_t), the total again as a float32 0-d tensor of its own: what an eager call returns, with no copy
+// kernel to make it); without with_grad, an empty tensor in place of the gradient, which is neither
+// computed nor allocated.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> led_cuda(const at::Tensor& es, const at::Tensor& et, const at::Tensor& targets,
                                             double lambda_cd, double lambda_id, bool with_grad);
 

@@ -77,6 +77,35 @@ def test_mld_half_precision(backend, dtype):
     assert rel_err(grad, want_grad * g_out.item()) <= 2 * rel_err(eager_x.grad, want_grad * g_out.item()) + 1e-6
 
 
+# Float16's smallest normal number: a float16 gradient below it keeps fewer bits, and one below half the
+# smallest subnormal (2^-25) is 0.
+FP16_TINY = torch.finfo(torch.float16).tiny
+
+
+@pytest.mark.parametrize("loss_scale", [2.0**16, 10 * 2.0**16], ids=["2^16", "10x2^16"])
+@pytest.mark.parametrize("mixed", [False, True], ids=["float16-teacher", "float32-teacher"])
+def test_mld_float16_gradient_under_a_loss_scale(backend, loss_scale, mixed):
+    """A float16 student under a loss scale (``torch.amp.GradScaler`` starts at 2^16; times a loss weight
+    of 10): with ``reduction="mean"`` over 96 x 500 labels every element of the gradient is below
+    float16's smallest normal at a scale of 1, so a gradient rounded to float16 before the scale is
+    applied keeps a few bits of each (0.8% error, against 0.02% for the eager reference). The scale
+    must rescue them as it does eagerly: SPEC 5's bound, twice the error of the ``"torch"`` backend
+    (eager PyTorch in float32 on the float16 inputs; the authors' form computed in float16 overflows
+    to NaN here, 1 / p of a clamped probability times the scale)."""
+    zs, zt = logits(96, 500, scale=3.0, dtype=torch.float16, device=DEVICE)
+    if mixed:
+        zt = zt.float()
+    _, want_grad = oracle.mld(zs.double().cpu().numpy(), zt.double().cpu().numpy(), "mean")
+    assert (abs(want_grad) < FP16_TINY).all()  # the premise
+    want_grad = want_grad * loss_scale
+    x = zs.clone().requires_grad_()
+    fused_mld(x, zt, reduction="mean", backend=backend).backward(torch.tensor(loss_scale, device=DEVICE))
+    eager_x = zs.clone().requires_grad_()
+    fused_mld(eager_x, zt, reduction="mean", backend="torch").backward(torch.tensor(loss_scale, device=DEVICE))
+    assert x.grad.dtype == torch.float16
+    assert rel_err(x.grad, want_grad) <= 2 * rel_err(eager_x.grad, want_grad) + 1e-6
+
+
 def test_mld_mixed_dtypes_and_non_contiguous(backend):
     zs, zt = logits(9, 14, device=DEVICE)
     base, base_grad, _ = run_mld(zs, zt, backend=backend)
@@ -154,6 +183,30 @@ def test_led_half_precision(backend, dtype):
     assert grad.dtype == dtype
     assert rel_err(total, w_total) <= half_tol(rel_err(eager, w_total), dtype)
     assert rel_err(grad, w_grad * g_out) <= half_tol(rel_err(eager_x.grad, w_grad * g_out), dtype)
+
+
+@pytest.mark.parametrize("case", ["underflow", "overflow"])
+def test_led_float16_gradient_under_a_loss_scale(backend, case):
+    """A float16 student whose gradient at a scale of 1 float16 cannot hold, and ``grad_output`` can
+    bring back: small loss weights under GradScaler's 2^16 (most elements below float16's smallest
+    normal), or large ones with a small weight on the loss (elements past float16's largest, inf
+    if rounded before the weight is applied; 0 * inf would be NaN). SPEC 5's bound, twice the error of
+    the ``"torch"`` backend."""
+    es, et, y = embeddings(24, 20, 16, dtype=torch.float16, device=DEVICE, density=0.5, seed=3)
+    lambdas, g_out = ((1e-4, 1e-3), 2.0**16) if case == "underflow" else ((1e6, 1e7), 1e-4)
+    _, _, _, want_grad = oracle.led(es.double().cpu().numpy(), et.double().cpu().numpy(), y.cpu().numpy(), *lambdas)
+    big = abs(want_grad[want_grad != 0])
+    if case == "underflow":  # the premises
+        assert (big < FP16_TINY).mean() > 0.5
+    else:
+        assert big.max() > torch.finfo(torch.float16).max and big.max() * g_out < 1e3
+    want_grad = want_grad * g_out
+    x = es.clone().requires_grad_()
+    (fused_led(x, et, y, lambda_cd=lambdas[0], lambda_id=lambdas[1], backend=backend) * g_out).backward()
+    eager_x = es.clone().requires_grad_()
+    (fused_led(eager_x, et, y, lambda_cd=lambdas[0], lambda_id=lambdas[1], backend="torch") * g_out).backward()
+    assert x.grad.dtype == torch.float16 and torch.isfinite(x.grad).all()
+    assert rel_err(x.grad, want_grad) <= 2 * rel_err(eager_x.grad, want_grad) + 1e-6
 
 
 def test_led_mixed_dtypes_and_non_contiguous(backend):

@@ -9,18 +9,25 @@ from l2d_kernels import fused_led, fused_mld
 from l2d_kernels.ops import library
 
 
+# Float16 students get a float32 gradient from the operators (library.grad_dtype): the fake kernels
+# must say so.
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+
+
+@DTYPES
 @pytest.mark.parametrize("with_grad", [True, False])
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
-def test_mld_op_passes_opcheck(fused_backend, reduction, with_grad):
-    zs, zt = logits(5, 7, device=DEVICE)
+def test_mld_op_passes_opcheck(fused_backend, reduction, with_grad, dtype):
+    zs, zt = logits(5, 7, device=DEVICE, dtype=dtype)
     args = (zs.requires_grad_(), zt, reduction, 1e-8, 1.0, with_grad)
     torch.library.opcheck(library.mld_op(fused_backend), args, test_utils=("test_schema", "test_faketensor",
                                                                            "test_autograd_registration"))
 
 
+@DTYPES
 @pytest.mark.parametrize("with_grad", [True, False])
-def test_led_op_passes_opcheck(fused_backend, with_grad):
-    es, et, y = embeddings(6, 5, 8, device=DEVICE, density=0.5)
+def test_led_op_passes_opcheck(fused_backend, with_grad, dtype):
+    es, et, y = embeddings(6, 5, 8, device=DEVICE, density=0.5, dtype=dtype)
     args = (es.requires_grad_(), et, y, 100.0, 1000.0, with_grad)
     torch.library.opcheck(library.led_op(fused_backend), args, test_utils=("test_schema", "test_faketensor",
                                                                            "test_autograd_registration"))
@@ -54,9 +61,13 @@ def test_backward_through_an_operator_called_without_gradient_is_refused(fused_b
         out.backward()
 
 
-def test_compiles_without_graph_breaks(fused_backend):
-    zs, zt = logits(5, 7, device=DEVICE)
-    es, et, y = embeddings(6, 7, 8, device=DEVICE, density=0.5)
+@pytest.mark.parametrize("dtype,loss_scale", [(torch.float32, 1.0), (torch.float16, 1000.0)],
+                         ids=["float32", "float16-loss-scale"])
+def test_compiles_without_graph_breaks(fused_backend, dtype, loss_scale):
+    """The compiled step's loss and gradients are the eager call's, bitwise; for a float16 student
+    under a loss scale too (the compiled backward scales the float32 gradient, then rounds it)."""
+    zs, zt = logits(5, 7, device=DEVICE, dtype=dtype)
+    es, et, y = embeddings(6, 7, 8, device=DEVICE, density=0.5, dtype=dtype)
     y = y[:5]
     es, et = es[:5], et[:5]
 
@@ -66,9 +77,11 @@ def test_compiles_without_graph_breaks(fused_backend):
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     eager_z, eager_e = zs.clone().requires_grad_(), es.clone().requires_grad_()
     comp_z, comp_e = zs.clone().requires_grad_(), es.clone().requires_grad_()
-    step(eager_z, eager_e).backward()
+    (step(eager_z, eager_e) * loss_scale).backward()
     out = compiled(comp_z, comp_e)
-    out.backward()
+    (out * loss_scale).backward()
+    assert comp_z.grad.dtype == comp_e.grad.dtype == dtype
+    assert torch.isfinite(comp_z.grad).all() and torch.isfinite(comp_e.grad).all()
     assert torch.equal(out.detach(), step(zs, es).detach())
     assert torch.equal(comp_z.grad, eager_z.grad) and torch.equal(comp_e.grad, eager_e.grad)
 

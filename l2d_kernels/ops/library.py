@@ -3,7 +3,10 @@
 Every fused operator returns ``(loss, grad)``: the forward kernel computes the gradient of the loss
 with respect to the student input in the same pass, so backward only scales it by ``grad_output``
 (on the device, never reading its value). It scales the saved buffer in place and hands it on, so
-the gradient is never held twice (the peak memory of a step stays at one gradient); a second
+the gradient is never held twice (the peak memory of a step stays at one gradient). The buffer has
+the student's dtype, except for a float16 student: float32 (``grad_dtype``), rounded to float16
+after the scaling, so that a loss scale rescues what float16 cannot hold at a scale of 1; there
+backward holds the float32 buffer and its float16 copy at once. A second
 backward through the same loss (``retain_graph=True``) is refused by autograd's check of saved
 tensors, rather than silently reusing a scaled buffer. The fake kernels let ``torch.compile`` trace
 the calls without a graph break.
@@ -51,8 +54,20 @@ def loss_dtype(t: Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
+def grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the gradient the kernels write for a student input of ``dtype``: its own, except
+    float16, whose gradient is kept in float32 until backward has applied ``grad_output`` and is then
+    rounded once. Float16's exponent range is narrow: a gradient rounded to it before a loss scale
+    (``torch.amp.GradScaler``) is applied would lose what underflows (MLD with ``reduction="mean"`` at
+    256 x 1000: every element below float16's smallest normal) and turn an overflow into inf, which a
+    ``grad_output`` of 0 makes NaN. Bfloat16 has float32's exponent range."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 def _grad_fake(x, with_grad):
-    return torch.empty_like(x, memory_format=torch.contiguous_format) if with_grad else x.new_empty(0)
+    if not with_grad:
+        return x.new_empty(0, dtype=grad_dtype(x.dtype))
+    return torch.empty_like(x, dtype=grad_dtype(x.dtype), memory_format=torch.contiguous_format)
 
 
 def _mld_fake(zs, zt, reduction, eps, temperature, with_grad=True):
@@ -66,6 +81,7 @@ def _led_fake(es, et, targets, lambda_cd, lambda_id, with_grad=True):
 
 def _save_grad(ctx, inputs, output):
     ctx.without_grad = len(inputs) > 5 and not inputs[5]  # with_grad=False: no gradient to hand on
+    ctx.student_dtype = inputs[0].dtype
     ctx.save_for_backward(output[1])
     # The outputs after the first (the gradient; LED's total apart, which traced code does not use)
     # are never differentiated through. Autograd would otherwise hand backward a zero-filled tensor
@@ -84,13 +100,13 @@ def _refuse_without_grad(ctx):
 def _mld_backward(ctx, grad_loss, _):
     _refuse_without_grad(ctx)
     (grad,) = ctx.saved_tensors
-    return grad.mul_(grad_loss), None, None, None, None, None
+    return grad.mul_(grad_loss).to(ctx.student_dtype), None, None, None, None, None
 
 
 def _led_backward(ctx, grad_losses, *_):
     _refuse_without_grad(ctx)
     (grad,) = ctx.saved_tensors
-    return grad.mul_(grad_losses[0]), None, None, None, None, None
+    return grad.mul_(grad_losses[0]).to(ctx.student_dtype), None, None, None, None, None
 
 
 def _register(name: str, fake, backward) -> None:
@@ -182,6 +198,7 @@ class _Fused(torch.autograd.Function):
         else:
             ctx.scale(grad, tensors[1], grad_loss)
             torch.autograd.graph.increment_version(grad)  # a second backward through this node is refused
+        grad = grad.to(x.dtype)  # a float16 student's float32 gradient, rounded once (grad_dtype)
         if torch.is_grad_enabled():  # create_graph=True
             like = _differentiable_grad(ctx.loss_name, x, *tensors, *ctx.numbers) * grad_loss
             grad = _WithValue.apply(grad, like)

@@ -61,6 +61,7 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpreted
+from .library import grad_dtype
 from .triton_common import (JIT_LAUNCH, SUM_BLOCK, LaunchCache, alignment_key, at_least, cdiv, clamp, next_power_of_2,
                             on_input_device, settle_cache_keys, sum_vector)
 
@@ -933,7 +934,7 @@ def _split_scratch(es, n_s: int) -> int:
     SCRATCH_MIN_BYTES..SCRATCH_MAX_BYTES (groups the plan cannot place are done whole)."""
     B, C, _ = es.shape
     worst = n_s * 2 * (C * _max_p(B) ** 2 + B * _max_p(C) ** 2)
-    fraction = es.numel() * es.element_size() // SCRATCH_GRAD_FRACTION  # the gradient's bytes
+    fraction = es.numel() * grad_dtype(es.dtype).itemsize // SCRATCH_GRAD_FRACTION  # the gradient's bytes
     return min(worst, min(max(SCRATCH_MIN_BYTES, fraction), SCRATCH_MAX_BYTES) // 4)
 
 
@@ -1008,16 +1009,17 @@ def led_scale(grad: torch.Tensor, targets: torch.Tensor, grad_output: torch.Tens
 @on_input_device
 def led_forward(es: torch.Tensor, et: torch.Tensor, targets: torch.Tensor, lambda_cd: float, lambda_id: float,
                 with_grad: bool = True):
-    """Launch the LED kernels: returns (float32 [total, cd, id], d total / d es in es's dtype, the total
-    once more as a float32 0-d tensor of its own: no view of the sums, and no copy kernel to make one);
-    without ``with_grad``, no gradient is computed or allocated (an empty tensor in its place)."""
+    """Launch the LED kernels: returns (float32 [total, cd, id], d total / d es in
+    ``grad_dtype(es.dtype)``, the total once more as a float32 0-d tensor of its own: no view of the
+    sums, and no copy kernel to make one); without ``with_grad``, no gradient is computed or allocated
+    (an empty tensor in its place)."""
     B, C, _ = es.shape
     device = es.device
     # Everything that decides this call's launches and their specializations (see LaunchCache).
     key = (es.shape, es.stride(), et.stride(), targets.stride(), es.dtype, et.dtype, targets.dtype,
            alignment_key(es, et, targets), _settings(), with_grad)
     launch = _FORWARD_LAUNCHES.call(key, device.index)
-    grad = torch.empty(es.shape if with_grad else (0,), dtype=es.dtype, device=device)
+    grad = torch.empty(es.shape if with_grad else (0,), dtype=grad_dtype(es.dtype), device=device)
     grad_at = grad if with_grad else es  # without the gradient, es stands in for its pointer (never written)
     group_loss = torch.empty(C + B, dtype=torch.float32, device=device)
     out = torch.empty(3, dtype=torch.float32, device=device)

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpreted
+from .library import grad_dtype
 from .triton_common import (LaunchCache, alignment_key, cdiv, clamp, finalize_sum, on_input_device,
                             settle_cache_keys)
 
@@ -140,13 +141,13 @@ def _mld_kernel(
 @on_input_device
 def mld_forward(zs: torch.Tensor, zt: torch.Tensor, reduction: str, eps: float, temperature: float,
                 with_grad: bool = True):
-    """Launch the MLD kernel: returns (loss in float32, d loss / d zs in zs's dtype); without
+    """Launch the MLD kernel: returns (loss in float32, d loss / d zs in ``grad_dtype(zs.dtype)``); without
     ``with_grad``, the gradient is neither computed nor allocated (an empty tensor in its place)."""
     B, C = zs.shape
     rows = ROWS_SMALL if B <= ROWS_SMALL else ROWS_LARGE
     grid = (cdiv(B, rows), cdiv(C, BLOCK_C))
     scale = {"sum": 1.0, "batchmean": 1.0 / B, "mean": 1.0 / (B * C), "none": 1.0}[reduction]
-    grad = torch.empty((B, C) if with_grad else (0,), dtype=zs.dtype, device=zs.device)
+    grad = torch.empty((B, C) if with_grad else (0,), dtype=grad_dtype(zs.dtype), device=zs.device)
     per_label = reduction == "none"
     n_partials = grid[0] * grid[1]
     loss_scale = scale * temperature**2
