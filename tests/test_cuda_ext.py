@@ -7,6 +7,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from l2d_kernels.ops import cuda_ext
+from l2d_kernels.ops.library import grad_dtype
 
 pytestmark = pytest.mark.skipif(cuda_ext.load_error is not None, reason=f"extension not built: {cuda_ext.load_error}")
 
@@ -51,10 +52,10 @@ def test_mld_fake_kernel(dtype, reduction):
         zs = torch.empty(5, 7, device="cuda", dtype=dtype)
         loss, grad = torch.ops.l2d_kernels.mld_cuda(zs, zs, reduction, 1e-8, 1.0)
     assert loss.shape == ((5, 7) if reduction == "none" else ()) and loss.dtype == torch.float32
-    assert grad.shape == (5, 7) and grad.dtype == dtype and grad.device.type == "cuda"
+    assert grad.shape == (5, 7) and grad.dtype == grad_dtype(dtype) and grad.device.type == "cuda"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_led_fake_kernel(dtype):
     with FakeTensorMode():
         es = torch.empty(4, 3, 8, device="cuda", dtype=dtype)
@@ -62,7 +63,7 @@ def test_led_fake_kernel(dtype):
         losses, grad, total = torch.ops.l2d_kernels.led_cuda(es, es, y, 100.0, 1000.0)
     assert losses.shape == (3,) and losses.dtype == torch.float32
     assert total.shape == () and total.dtype == torch.float32 and total.device.type == "cuda"
-    assert grad.shape == (4, 3, 8) and grad.dtype == dtype and grad.device.type == "cuda"
+    assert grad.shape == (4, 3, 8) and grad.dtype == grad_dtype(dtype) and grad.device.type == "cuda"
 
 
 def test_an_extension_without_an_operator_the_package_calls_counts_as_another_build():
