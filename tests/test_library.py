@@ -148,6 +148,29 @@ def test_backward_reuses_the_saved_gradient_and_refuses_a_second_pass(fused_back
         torch.autograd.grad(loss, x)
 
 
+@pytest.mark.parametrize("loss", ["mld", "led"])
+def test_float16_backward_leaves_the_float32_gradient_for_a_second_pass(fused_backend, loss):
+    """A float16 student's backward scales and rounds into a new float16 tensor in one op, leaving the
+    saved float32 gradient as it was: a second backward (retain_graph=True) gives its own scaling of
+    it, bitwise what a fresh call gives."""
+    if loss == "mld":
+        a, b = logits(7, 9, device=DEVICE, dtype=torch.float16)
+        call = lambda x: fused_mld(x, b, backend=fused_backend)  # noqa: E731
+    else:
+        a, b, y = embeddings(6, 5, 8, device=DEVICE, density=0.6, dtype=torch.float16)
+        call = lambda x: fused_led(x, b, y, backend=fused_backend)  # noqa: E731
+    x = a.clone().requires_grad_()
+    out = call(x)
+    (first,) = torch.autograd.grad(out * 3.0, x, retain_graph=True)
+    (second,) = torch.autograd.grad(out * 0.5, x)
+    fresh = []
+    for g_out in (3.0, 0.5):
+        x2 = a.clone().requires_grad_()
+        fresh += torch.autograd.grad(call(x2) * g_out, x2)
+    assert first.dtype == second.dtype == torch.float16
+    assert torch.equal(first, fresh[0]) and torch.equal(second, fresh[1])
+
+
 def _fused_call(loss, backend, x=None):
     if loss == "mld":
         zs, zt = logits(7, 9, device=DEVICE)

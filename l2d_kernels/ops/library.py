@@ -6,7 +6,8 @@ with respect to the student input in the same pass, so backward only scales it b
 the gradient is never held twice (the peak memory of a step stays at one gradient). The buffer has
 the student's dtype, except for a float16 student: float32 (``grad_dtype``), rounded to float16
 after the scaling, so that a loss scale rescues what float16 cannot hold at a scale of 1; there
-backward holds the float32 buffer and its float16 copy at once. A second
+backward writes a float16 copy (scaling and rounding in one kernel, LED's zero rows included) and
+holds it beside the float32 buffer, which it leaves as it was. Otherwise a second
 backward through the same loss (``retain_graph=True``) is refused by autograd's check of saved
 tensors, rather than silently reusing a scaled buffer. The fake kernels let ``torch.compile`` trace
 the calls without a graph break.
@@ -193,12 +194,13 @@ class _Fused(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *_):
         grad, x, *tensors = _saved(ctx)
-        if ctx.scale is None:
+        if grad.dtype != x.dtype:  # a float16 student's float32 gradient (grad_dtype): scaled and rounded
+            grad = torch.mul(grad, grad_loss, out=torch.empty_like(grad, dtype=x.dtype))  # in one kernel
+        elif ctx.scale is None:
             grad.mul_(grad_loss)
         else:
             ctx.scale(grad, tensors[1], grad_loss)
             torch.autograd.graph.increment_version(grad)  # a second backward through this node is refused
-        grad = grad.to(x.dtype)  # a float16 student's float32 gradient, rounded once (grad_dtype)
         if torch.is_grad_enabled():  # create_graph=True
             like = _differentiable_grad(ctx.loss_name, x, *tensors, *ctx.numbers) * grad_loss
             grad = _WithValue.apply(grad, like)
