@@ -96,8 +96,13 @@ struct Plan {
 // One block: each group's place in the scratch (floats), CD groups then ID groups, -1 for a group of
 // fewer than two or more than 64 members, or past cap. A group's area, n_s * 2 * T * T floats, is
 // counted in units of n_s * 2 * 16 * 16 (1, 4 or 16 units): the scan runs in 32-bit integers, in
-// the caller's scan storage and counter. The sizes are read at L2 (__ldcg): other blocks of the
-// launch wrote them.
+// the caller's scan storage and counter, kPlanItems consecutive groups a thread per step (one
+// block-wide scan and two barriers a step: with one group a thread, OpenImages' 9,621 groups took
+// 38 steps, about 28 us of one block at the end of members_kernel on an H100; now 10). Four, not
+// more: members_kernel stays at 32 registers (eight blocks per SM for its zero rows) without a spill.
+// The sizes are read at L2 (__ldcg): other blocks of the launch wrote them.
+constexpr int kPlanItems = 4;
+
 template <typename Scan>
 __device__ void plan_groups(const int* cd_cnt, const int* id_cnt, int64_t C, int64_t B, const Plan& plan,
                             typename Scan::TempStorage& scan_storage, int& running) {
@@ -106,18 +111,27 @@ __device__ void plan_groups(const int* cd_cnt, const int* id_cnt, int64_t C, int
   __syncthreads();  // the caller's last use of the storage and counter is over
   if (threadIdx.x == 0) running = 0;
   __syncthreads();
-  for (int64_t start = 0; start < C + B; start += kThreads) {
-    const int64_t g = start + threadIdx.x;
-    int units = 0;
-    if (g < C + B) {
-      const int P = g < C ? __ldcg(cd_cnt + g) : __ldcg(id_cnt + g - C);
-      const int side = tile_of(P) / 16;
-      if (P >= 2 && P <= kOneTile) units = side * side;
+  for (int64_t start = 0; start < C + B; start += kThreads * kPlanItems) {
+    const int64_t first = start + static_cast<int64_t>(threadIdx.x) * kPlanItems;
+    int sizes[kPlanItems], units[kPlanItems], before[kPlanItems];
+    #pragma unroll
+    for (int k = 0; k < kPlanItems; ++k) {  // every load issued before any is used
+      const int64_t g = first + k;
+      sizes[k] = g >= C + B ? 0 : g < C ? __ldcg(cd_cnt + g) : __ldcg(id_cnt + g - C);
     }
-    int before, total;
+    #pragma unroll
+    for (int k = 0; k < kPlanItems; ++k) {
+      const int side = tile_of(sizes[k]) / 16;
+      units[k] = (sizes[k] >= 2 && sizes[k] <= kOneTile) ? side * side : 0;
+    }
+    int total;
     Scan(scan_storage).ExclusiveSum(units, before, total);
-    const int64_t end = static_cast<int64_t>(running) + before + units;
-    if (g < C + B) plan.offs[g] = (units > 0 && end <= cap_units) ? (end - units) * unit : -1;
+    #pragma unroll
+    for (int k = 0; k < kPlanItems; ++k) {
+      const int64_t g = first + k;
+      const int64_t end = static_cast<int64_t>(running) + before[k] + units[k];
+      if (g < C + B) plan.offs[g] = (units[k] > 0 && end <= cap_units) ? (end - units[k]) * unit : -1;
+    }
     __syncthreads();
     if (threadIdx.x == 0) running += total;
     __syncthreads();
@@ -131,12 +145,14 @@ __device__ void plan_groups(const int* cd_cnt, const int* id_cnt, int64_t C, int
 // than two has loss 0 here. CD blocks also write zero into the gradient rows of their label outside
 // the group (all of them when it has fewer than two members), so that every row is written once
 // before ID adds into it. With a plan (the width split), the last block to finish places the groups.
+// 32 registers (the bound): a full SM of blocks for the zero rows.
 template <typename TG, typename TY>
-__global__ void members_kernel(const TY* __restrict__ pos, int64_t y_sb, int64_t y_sc, int64_t B, int64_t C,
-                               int* __restrict__ cd_idx, int* cd_cnt, int* __restrict__ id_idx,
-                               int* id_cnt, int* __restrict__ n_active, int* __restrict__ active,
-                               float* __restrict__ group_loss, TG* __restrict__ grad, int64_t g_sb, int64_t g_sc,
-                               int64_t D, Strips cd_strips, Strips id_strips, Plan plan) {
+__global__ void __launch_bounds__(kThreads, 8)
+    members_kernel(const TY* __restrict__ pos, int64_t y_sb, int64_t y_sc, int64_t B, int64_t C,
+                   int* __restrict__ cd_idx, int* cd_cnt, int* __restrict__ id_idx, int* id_cnt,
+                   int* __restrict__ n_active, int* __restrict__ active, float* __restrict__ group_loss,
+                   TG* __restrict__ grad, int64_t g_sb, int64_t g_sc, int64_t D, Strips cd_strips, Strips id_strips,
+                   Plan plan) {
   using Scan = cub::BlockScan<int, kThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
   __shared__ int running;
@@ -759,10 +775,12 @@ struct SliceArgs {
 // One family's share of a slice launch (and of the host's launches of the family).
 struct SliceFamily {
   FamilyArgs f;
-  const int* idx;    // member lists
-  const int* cnt;    // group sizes
-  float* loss;       // group losses
-  int64_t n_groups;  // 0: no share in the launch
+  const int* idx;       // member lists
+  const int* cnt;       // group sizes
+  float* loss;          // group losses
+  int64_t n_groups;     // 0: no share in the launch
+  const int* n_active;  // the family's groups of two members or more (members_kernel's list)
+  const int* active;
 };
 
 template <int T, typename TS, typename TT>
@@ -807,16 +825,20 @@ __device__ void slice_grad(const TS* __restrict__ s, const int* __restrict__ mem
   tile_grad<T>(s, f, sh, P, P, true, f.add, grad, lo, hi);
 }
 
-// Work item i = q * n_groups + g of a family: slice q of group g (a group's slices fall on different
-// blocks). An item of a group without a place in the scratch is passed over (the same for the whole
-// block).
+// Work item i = q * n + k of a family with n active groups: slice q of its k-th active group g (a
+// group's slices fall on different blocks). Only the active groups (two members or more) have items:
+// at OpenImages' 9,605 labels, two of them in a batch of 16, where items over every group cost
+// 145 items of a block's serial loop, each a load or two of latency, in each of the three launches.
+// The list's order varies from run to run (members_kernel's atomics); an item's arithmetic does not
+// depend on it. An item of a group without a place in the scratch is passed over (the same for the
+// whole block).
 template <bool kGrad, typename TS, typename TT>
 __device__ __forceinline__ void slice_item(const TS* __restrict__ es, const TT* __restrict__ et,
                                            grad_t<TS>* __restrict__ grad, const SliceFamily& fam,
-                                           const SliceArgs& sa, GroupShared& shared, int64_t i) {
+                                           const SliceArgs& sa, GroupShared& shared, int64_t i, int n) {
   const FamilyArgs& f = fam.f;
-  const int64_t g = i % fam.n_groups;
-  const int q = static_cast<int>(i / fam.n_groups);
+  const int64_t g = fam.active[i % n];
+  const int q = static_cast<int>(i / n);
   const int64_t off = f.offs[g];
   if (off < 0 || (kGrad && !f.write_grad && q > 0)) return;  // without gradient, slice 0 takes the loss alone
   const int P = fam.cnt[g];
@@ -847,10 +869,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     slice_kernel(const TS* __restrict__ es, const TT* __restrict__ et, grad_t<TS>* __restrict__ grad, SliceFamily a,
                  SliceFamily b, SliceArgs sa) {
   __shared__ GroupShared shared;
-  const int64_t items_a = a.n_groups * sa.n_s, items = items_a + (kGrad ? 0 : b.n_groups * sa.n_s);
+  const int n_a = a.n_groups > 0 ? *a.n_active : 0, n_b = !kGrad && b.n_groups > 0 ? *b.n_active : 0;
+  const int64_t items_a = static_cast<int64_t>(n_a) * sa.n_s, items = items_a + static_cast<int64_t>(n_b) * sa.n_s;
   for (int64_t i = blockIdx.x; i < items; i += gridDim.x) {
-    if (kGrad || i < items_a) slice_item<kGrad>(es, et, grad, a, sa, shared, i);
-    else slice_item<kGrad>(es, et, grad, b, sa, shared, i - items_a);
+    if (i < items_a) slice_item<kGrad>(es, et, grad, a, sa, shared, i, n_a);
+    else slice_item<kGrad>(es, et, grad, b, sa, shared, i - items_a, n_b);
   }
 }
 
@@ -958,7 +981,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in,
                         split ? offs_ptr + C : nullptr};
     const Finalize fin{out.data_ptr<float>(), total.data_ptr<float>(), losses, n_active + 2, C, B,
                        static_cast<float>(lambda_cd), static_cast<float>(lambda_id)};
-    const SliceFamily cd_share{cd, cd_idx, cd_cnt, losses, C}, id_share{id, id_idx, id_cnt, losses + C, B};
+    const SliceFamily cd_share{cd, cd_idx, cd_cnt, losses, C, n_active, active},
+        id_share{id, id_idx, id_cnt, losses + C, B, n_active + 1, active + C};
     const SliceArgs sa{split ? part.data_ptr<float>() : nullptr, static_cast<int>(n_s), slice};
     if (split) {
       slice_kernel<false, T, T><<<blocks((C + B) * n_s), kThreads, 0, stream>>>(s, t, g, cd_share, id_share, sa);

@@ -251,6 +251,28 @@ def test_led_width_split_past_the_scratch(ops, monkeypatch):
     assert not differs[(sizes > 16) | (sizes < 2)].any()
 
 
+def test_led_width_split_plan_over_several_steps(ops, monkeypatch):
+    """The plan takes 1,024 groups a step (4 a thread): at 2,500 labels and 4 images its scan runs
+    over three steps, and the scratch ends inside the third. The 26 labels of 4 members (every 97th)
+    are each one unit; the scratch holds 23 of them, so labels 0 .. 2134 are split, the three after
+    them and the 26-member ID groups run whole; each split label's rows differ from an all-whole
+    call's and no other row does. The slice launches take the active groups' items only (26 + 4 of
+    2,504 groups)."""
+    B, C = 4, 2500
+    y = torch.zeros(B, C, dtype=torch.bool)
+    y[:, ::97] = True
+    es, et, _ = embeddings(B, C, 300, seed=35)
+    es, et = es.float(), et.float()
+    monkeypatch.setenv("L2D_CUDA_LED_SCRATCH_BYTES", str(4 * 23 * 3 * 2 * 256 + 4 * 100))
+    losses, grad = _checked_in_two_orders(ops, es, et, y, (1, 0))
+    monkeypatch.setenv("L2D_CUDA_LED_SCRATCH_BYTES", "0")
+    whole = _led(ops, es, et, y)
+    differs = (grad != whole[1]).any(dim=0).any(dim=-1)
+    labels = torch.arange(C)
+    split = (labels % 97 == 0) & (labels <= 2134)
+    assert differs[split].all() and not differs[~split].any()
+
+
 def test_led_width_split_wider_slices(ops):
     """Past 16 slices of 128 the slices widen (2,100 widths: 9 slices of 256, the last partial)."""
     y = _ragged_targets(40, False)[:, :6]
