@@ -88,9 +88,12 @@ SCRATCH_GRAD_FRACTION = 16
 # ``_gram_kernel`` takes every group in blocks of GRAM_ROWS member rows, block pair by block pair, so
 # that it compiles one small tile whatever the group sizes (with a tile per size class, as
 # ``_split_kernel`` has, the 128-row tile gave it 255 registers, one program per SM), GRAM_D widths
-# a step.
+# a step, in programs of GRAM_WARPS warps. GRAM_D 16: 80 registers at 8 warps (three programs per
+# SM), four steps a 64-wide slice; on an H100 it took COCO's launch from 75.8 to 46.4 us against
+# 64-wide steps (128 registers, two per SM): programs per SM count more than the steps of one.
 GRAM_ROWS = 16
-GRAM_D = 64
+GRAM_D = 16
+GRAM_WARPS = 8
 # ``_split_kernel`` runs as two launches per family where groups can have more than 16 members: one
 # of SMALL_WARPS warps for the groups of at most 16 (the zero rows and the groups of fewer than two
 # too), compiled for the 16-row tile only, and one of NUM_WARPS warps for the rest, which compiles
@@ -105,8 +108,13 @@ SMALLEST_TILE = tl.constexpr(16)
 NO_GRAD = tl.constexpr(2)
 SCALE_ROWS = 16  # gradient rows per program of the backward's scaling
 SCALE_BLOCK = 256  # widths per step of it
-PLAN_BLOCK = 128  # groups per step of the plan
+PLAN_BLOCK = 128  # groups per step of the plan, at least
 PLAN_MEMBERS = 32  # members per step of a group count (a 128 x 32 block of flags: no spills at sm_90)
+# At most this many flags (or group sizes) a step of the plan: a family of many groups takes up to
+# PLAN_FLAGS / members-per-step groups a step. The plan is one program, so its registers cost nothing
+# but the step count costs latency: OpenImages' 9,605 labels in steps of 128 took 64 us on an H100
+# (run e), 75 steps; in steps of 1,024, 10 (110 registers, no spill, Triton 3.6 sm_90).
+PLAN_FLAGS = 16384
 # Groups of up to 64 members, and the tiles of large groups, load each width chunk one chunk ahead, so
 # that the loads' latency passes during the previous chunk's products; groups of 17-32 and of 33-64
 # members then take tiles of 32 and 64 rows, and every 64-row tile 16-wide chunks (32-wide ones and a
@@ -119,8 +127,10 @@ LOAD_AHEAD = True
 _GRAM_IN_FP32 = tl.constexpr(triton_interpreted())
 # The settings above that a call reads: part of the key under which its launches are kept (LaunchCache).
 _SETTINGS = ("SMALL_MAX", "TILE", "TILE_BLOCK_D", "NUM_WARPS", "MEMBERS_BLOCK", "SLICE_WIDTH", "MAX_SLICES",
-             "SCRATCH_MIN_BYTES", "SCRATCH_MAX_BYTES", "SCRATCH_GRAD_FRACTION", "GRAM_ROWS", "GRAM_D", "SMALL_WARPS",
-             "SMALLEST_TILE", "SCALE_ROWS", "SCALE_BLOCK", "PLAN_BLOCK", "PLAN_MEMBERS", "LOAD_AHEAD", "SUM_BLOCK")
+             "SCRATCH_MIN_BYTES", "SCRATCH_MAX_BYTES", "SCRATCH_GRAD_FRACTION", "GRAM_ROWS", "GRAM_D", "GRAM_WARPS",
+             "SMALL_WARPS",
+             "SMALLEST_TILE", "SCALE_ROWS", "SCALE_BLOCK", "PLAN_BLOCK", "PLAN_MEMBERS", "PLAN_FLAGS", "LOAD_AHEAD",
+             "SUM_BLOCK")
 _FORWARD_LAUNCHES = LaunchCache()
 _SCALE_LAUNCHES = LaunchCache()
 
@@ -625,16 +635,17 @@ def _plan_family(Y, y_g, y_m, n_groups, N, cnt, offs, sizes, running, cap,
 @triton.jit
 def _plan_kernel(Y, y_b, y_c, B, C, cd_cnt, id_cnt, offs, sizes, cap, done,
                  CD_LISTS: tl.constexpr, ID_LISTS: tl.constexpr, N_S: tl.constexpr, SMALL_MAX: tl.constexpr,
-                 BG: tl.constexpr, CD_BM: tl.constexpr, ID_BM: tl.constexpr):
+                 CD_BG: tl.constexpr, ID_BG: tl.constexpr, CD_BM: tl.constexpr, ID_BM: tl.constexpr):
     """One program: for every group of 2 to SMALL_MAX members (CD groups 0..C-1, then ID groups), where
     its N_S partial Gram pairs start in the scratch (floats), in group order while they fit in ``cap``;
     -1 for every other group (fewer than 2 members, a large group, or past the scratch); every
     group's size; and zero in ``done``, the counter of the call's last launch (see ``_finish``)."""
     tl.store(done, tl.zeros((), dtype=tl.int64))
     running = tl.zeros((), dtype=tl.int64)
-    running = _plan_family(Y, y_c, y_b, C, B, cd_cnt, offs, sizes, running, cap, CD_LISTS, N_S, SMALL_MAX, BG,
+    running = _plan_family(Y, y_c, y_b, C, B, cd_cnt, offs, sizes, running, cap, CD_LISTS, N_S, SMALL_MAX, CD_BG,
                            CD_BM)
-    _plan_family(Y, y_b, y_c, B, C, id_cnt, offs + C, sizes + C, running, cap, ID_LISTS, N_S, SMALL_MAX, BG, ID_BM)
+    _plan_family(Y, y_b, y_c, B, C, id_cnt, offs + C, sizes + C, running, cap, ID_LISTS, N_S, SMALL_MAX, ID_BG,
+                 ID_BM)
 
 
 @triton.jit
@@ -944,6 +955,17 @@ def _gram_d(slice_width: int) -> int:
     return min(GRAM_D, max(16, next_power_of_2(slice_width)))
 
 
+def _plan_members(n_members: int) -> int:
+    """Members a step of a group count in ``_plan_kernel`` (a family without member lists)."""
+    return min(_n_pad(n_members), PLAN_MEMBERS)
+
+
+def _plan_block(n_groups: int, n_members: int) -> int:
+    """Groups a step of ``_plan_kernel`` for a family: PLAN_BLOCK, or more for a family of more groups,
+    up to PLAN_FLAGS flags a step (or PLAN_FLAGS / 16 sizes, with member lists)."""
+    return max(PLAN_BLOCK, min(next_power_of_2(n_groups), PLAN_FLAGS // _plan_members(n_members)))
+
+
 def _plan(targets, cd_cnt, id_cnt, n_s: int, cap: int, launch=JIT_LAUNCH):
     """``_plan_kernel``'s offsets and group sizes (int64 ``[C + B]`` each, CD groups then ID groups) for
     ``n_s`` slices and ``cap`` floats, and the zeroed counter of the call's last launch (int64 ``[1]``):
@@ -953,8 +975,9 @@ def _plan(targets, cd_cnt, id_cnt, n_s: int, cap: int, launch=JIT_LAUNCH):
     offs, sizes, done = plan[: C + B], plan[C + B : 2 * (C + B)], plan[2 * (C + B) :]
     launch(
         _plan_kernel, (1,), targets, targets.stride(0), targets.stride(1), B, C, cd_cnt, id_cnt, offs, sizes, cap,
-        done, CD_LISTS=B > SMALL_MAX, ID_LISTS=C > SMALL_MAX, N_S=n_s, SMALL_MAX=SMALL_MAX, BG=PLAN_BLOCK,
-        CD_BM=min(_n_pad(B), PLAN_MEMBERS), ID_BM=min(_n_pad(C), PLAN_MEMBERS), num_warps=NUM_WARPS)
+        done, CD_LISTS=B > SMALL_MAX, ID_LISTS=C > SMALL_MAX, N_S=n_s, SMALL_MAX=SMALL_MAX,
+        CD_BG=_plan_block(C, B), ID_BG=_plan_block(B, C), CD_BM=_plan_members(B), ID_BM=_plan_members(C),
+        num_warps=NUM_WARPS)
     return offs, sizes, done
 
 
@@ -1047,7 +1070,7 @@ def led_forward(es: torch.Tensor, et: torch.Tensor, targets: torch.Tensor, lambd
             _gram_kernel, (C + B, n_s), es, et, *es.stride(), *et.stride(), targets, *targets.stride(), B, C,
             es.shape[2], offs, part, cd_idx_, cd_cnt_, id_idx_, id_cnt_, CD_LISTS=cd_lists, ID_LISTS=id_lists,
             CD_N_PAD=_n_pad(B), ID_N_PAD=_n_pad(C), AHEAD=LOAD_AHEAD, SLICE=slice_width, GRAM_ROWS=GRAM_ROWS,
-            GRAM_D=_gram_d(slice_width), num_warps=NUM_WARPS)
+            GRAM_D=_gram_d(slice_width), num_warps=GRAM_WARPS)
         # ID's last split launch ends the call unless ID's large groups' passes follow it: then its last
         # program also adds the group losses (_finish), and _finalize_kernel does not run.
         finish = (group_loss, C, B, out, total, float(lambda_cd), float(lambda_id), done)
