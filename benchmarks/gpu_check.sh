@@ -13,7 +13,7 @@
 #                racecheck; the driver's small set where the full one takes too long) and CMake + CTest
 #                and the training loop's --quick run (bf16 autocast) beside it, and the benchmarks'
 #                torch.compile forms compiled ahead (L2D_BENCH_WARM_ONLY=1); then the profile, Nsight
-#                Compute of the Triton LED Gram and split kernels, `pytest benchmarks/`, the report,
+#                Compute of the CUDA LED members and slice kernels, `pytest benchmarks/`, the report,
 #                Nsight Compute of the other kernels and the step profile, with nothing else on the GPU.
 #
 #   PHASE=check  install the project (no downloads); build the CUDA extension wheel for this card in
@@ -22,7 +22,7 @@
 #                the CMake build and its C++ test (CTest); the training loop's --quick run.
 #   PHASE=bench  install (reusing a carried extension when L2D_PREBUILT_C names one, else building
 #                it), then a per-kernel profile of the fused calls (benchmarks/kernel_profile.py) and
-#                Nsight Compute of the Triton LED Gram and split kernels, then
+#                Nsight Compute of the CUDA LED members and slice kernels, then
 #                `pytest benchmarks/` one file at a time and the report (markdown table,
 #                PNG plot, merged JSON), then Nsight Compute over the other kernels furthest from their targets
 #                (benchmarks/ncu_driver.py, into the log) and the step profile. Optional, in this order: L2D_RETEST="pytest args" (tests to
@@ -35,8 +35,8 @@
 #                                  (extra rows in the kernel profile: Triton LED at other warp counts,
 #                                   with each width chunk loaded when used, at other slice widths;
 #                                   default, at COCO: each backend's LED call without gradient, the
-#                                   partial-Gram kernel at 16 widths a step, the split kernel's
-#                                   small-group launch at 2 warps, for the comparison)
+#                                   partial-Gram kernel at 64 widths a step (the default before
+#                                   run e) and in programs of 4 warps, for the comparison)
 #   DEADLINE=300 ...               (seconds: steps are cut short so that the phase ends by then; the
 #                                   report alone may run 30 s past it)
 #   L2D_TRITON_TEST_LIMIT=300 ...  (seconds for the Triton suite in PHASE=all; default 240)
@@ -175,17 +175,19 @@ assert all(math.isfinite(r[k]) for k in ('teacher_map', 'vanilla_map', 'l2d_map'
 bench_all() {
     # Default extra rows, at COCO only (each variant compiles its own kernels): each backend's LED call
     # without gradient (the forward under no_grad, no gradient written); Triton LED with the
-    # partial-Gram kernel stepping 16 widths at a time (80 registers, three programs per SM, against
-    # 64 widths: 128 registers, two), and with the split kernel's small-group launch at 2 warps
-    # (four to six programs per SM, against three at 4), beside the default's, in the same run.
+    # partial-Gram kernel at 64 widths a step (run e's default: 75.8 us against 46.4 at 16), and in
+    # programs of 4 warps (92 registers, five programs per SM, against 108 at 8 warps: two), beside
+    # the default's, in the same run.
     step profile "${L2D_PROFILE_LIMIT:-120}" $PY benchmarks/kernel_profile.py \
-        ${L2D_PROFILE_ARGS:---no-grad --triton-led-set GRAM_D=16 --triton-led-set SMALL_WARPS=2 --variant-shapes 64x80x768} \
+        ${L2D_PROFILE_ARGS:---no-grad --triton-led-set GRAM_D=64 --triton-led-set GRAM_WARPS=4 --variant-shapes 64x80x768} \
         --out "$OUT/profile-$card.md"
-    # Nsight Compute's view of the Triton partial-Gram and split kernels at COCO, before the
-    # benchmarks: the fourth run's Gram kernel took 5 us per 64-wide chunk per program for reasons
-    # only this can tell, and its later ncu step never ran (sections: see below; into the log).
+    # Nsight Compute's view of the CUDA LED members and slice kernels at COCO (one call: members, the
+    # Grams' slices, CD's and ID's weights and gradient), before the benchmarks: 97 us of run e's 118
+    # were the three slice launches, one 8-warp block per SM each, and no run has reached the ncu step
+    # after the benchmarks (sections: see below; into the log). Run e's ncu of the Triton Gram kernel
+    # is in its log.
     local sections="--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis --section SchedulerStats"
-    step ncu-triton 60 bash -c "cd benchmarks && ncu -k 'regex:_gram_kernel|_split_kernel' --launch-skip 5 --launch-count 5 $sections $PY ncu_driver.py led 64 80 768 triton"
+    step ncu-cuda 60 bash -c "cd benchmarks && ncu -k 'regex:members_kernel|slice_kernel' --launch-skip 4 --launch-count 4 $sections $PY ncu_driver.py led 64 80 768 cuda"
     # One pytest run per file, each writing its JSON as it ends, so a deadline cuts one file, not all.
     rm -rf build/bench && mkdir -p build/bench
     jsons=()
@@ -198,9 +200,9 @@ bench_all() {
     DEADLINE=$((DEADLINE + 30)) step report 30 $PY benchmarks/report.py "${jsons[@]}" \
         --merged "$OUT/bench-$card.json" --out "$OUT"
     # Diagnostics, last: each runs only if the phase has time left. Nsight Compute's view of the
-    # other kernels furthest from their targets (COCO's CUDA LED group and slice kernels, MLD at 4096 x 1000),
-    # into the log; then where a training step's time goes.
-    step ncu 100 bash -c "cd benchmarks && ncu -k 'regex:group_kernel|slice_kernel' --launch-skip 6 --launch-count 6 $sections $PY ncu_driver.py led 64 80 768 cuda &&
+    # other kernels furthest from their targets (COCO's Triton LED Gram and split kernels, MLD at
+    # 4096 x 1000), into the log; then where a training step's time goes.
+    step ncu 100 bash -c "cd benchmarks && ncu -k 'regex:_gram_kernel|_split_kernel' --launch-skip 5 --launch-count 5 $sections $PY ncu_driver.py led 64 80 768 triton &&
         ncu -k regex:mld_kernel --launch-skip 1 --launch-count 1 $sections $PY ncu_driver.py mld 4096 1000 cuda"
     step step-profile 60 bash -c "cd benchmarks && $PY step_profile.py --out '$OUT/step-profile-$card.md'"
 }
