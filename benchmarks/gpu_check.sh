@@ -35,9 +35,8 @@
 #                                  (extra rows in the kernel profile: Triton LED at other warp counts,
 #                                   with each width chunk loaded when used, at other slice widths;
 #                                   default, at COCO: each backend's LED call without gradient, the
-#                                   partial-Gram kernel at 64 widths a step (the default before
-#                                   run e) and in programs of 4 warps, and the split kernel in one
-#                                   launch per family, for the comparison)
+#                                   partial-Gram kernel in programs of 8 warps (the default before
+#                                   run f) and 128-wide slices, for the comparison)
 #   DEADLINE=300 ...               (seconds: steps are cut short so that the phase ends by then; the
 #                                   report alone may run 30 s past it)
 #   L2D_TRITON_TEST_LIMIT=300 ...  (seconds for the Triton suite in PHASE=all; default 240)
@@ -176,12 +175,11 @@ assert all(math.isfinite(r[k]) for k in ('teacher_map', 'vanilla_map', 'l2d_map'
 bench_all() {
     # Default extra rows, at COCO only (each variant compiles its own kernels): each backend's LED call
     # without gradient (the forward under no_grad, no gradient written); Triton LED with the
-    # partial-Gram kernel at 64 widths a step (run e's default: 75.8 us against 46.4 at 16), in
-    # programs of 4 warps (92 registers, five programs per SM, against 108 at 8 warps: two), and with
-    # one split launch per family instead of two (SMALL_WARPS=0: two launches' host time less, run e's
-    # small-group launches' device gain unmeasured), beside the default's, in the same run.
+    # partial-Gram kernel at 8 warps (run f's default: 46.5 us against 31.6-32.5 at 4), and with
+    # 128-wide slices (6 programs a group instead of 12: run d's split kernel gained from fewer, its
+    # Gram kernel lost), beside the default's, in the same run.
     step profile "${L2D_PROFILE_LIMIT:-120}" $PY benchmarks/kernel_profile.py \
-        ${L2D_PROFILE_ARGS:---no-grad --triton-led-set GRAM_D=64 --triton-led-set GRAM_WARPS=4 --triton-led-set SMALL_WARPS=0 --variant-shapes 64x80x768} \
+        ${L2D_PROFILE_ARGS:---no-grad --triton-led-set GRAM_WARPS=8 --triton-led-set SLICE_WIDTH=128 --variant-shapes 64x80x768} \
         --out "$OUT/profile-$card.md"
     # Nsight Compute's view of the CUDA LED members and slice kernels at COCO (one call: members, the
     # Grams' slices, CD's and ID's weights and gradient), before the benchmarks: 97 us of run e's 118

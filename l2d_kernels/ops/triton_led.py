@@ -88,12 +88,13 @@ SCRATCH_GRAD_FRACTION = 16
 # ``_gram_kernel`` takes every group in blocks of GRAM_ROWS member rows, block pair by block pair, so
 # that it compiles one small tile whatever the group sizes (with a tile per size class, as
 # ``_split_kernel`` has, the 128-row tile gave it 255 registers, one program per SM), GRAM_D widths
-# a step, in programs of GRAM_WARPS warps. GRAM_D 16: 80 registers at 8 warps (three programs per
-# SM), four steps a 64-wide slice; on an H100 it took COCO's launch from 75.8 to 46.4 us against
-# 64-wide steps (128 registers, two per SM): programs per SM count more than the steps of one.
+# a step, in programs of GRAM_WARPS warps. Programs per SM count more than the steps of one: on an
+# H100 at COCO (Triton 3.6, sm_90), 64 widths a step at 8 warps (128 registers, two programs per SM)
+# took 75.0 us; 16 widths at 8 warps (108 registers, two) 46.5; 16 at 4 warps (92 registers, five)
+# 31.6-32.5; 32 at 4 warps 44.8; 16 at 2 warps (206 registers) 53.8.
 GRAM_ROWS = 16
 GRAM_D = 16
-GRAM_WARPS = 8
+GRAM_WARPS = 4
 # ``_split_kernel`` runs as two launches per family where groups can have more than 16 members: one
 # of SMALL_WARPS warps for the groups of at most 16 (the zero rows and the groups of fewer than two
 # too), compiled for the 16-row tile only, and one of NUM_WARPS warps for the rest, which compiles
