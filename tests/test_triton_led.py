@@ -213,13 +213,15 @@ def _expected_plan(y, n_s, cap, small_max):
 
 @pytest.mark.parametrize("shape,small_max", [((40, 9), 128), ((150, 6), 128), ((7, 140), 128), ((36, 20), 16)])
 @pytest.mark.parametrize("room", ["all", "few"])
-@pytest.mark.parametrize("plan_flags", [256, 1024], ids=["blocks-of-16", "blocks-by-flags"])
-def test_plan_places_groups_in_order_while_they_fit(monkeypatch, shape, small_max, room, plan_flags):
+@pytest.mark.parametrize("plan_flags, column_major", [(256, False), (1024, False), (1024, True)],
+                         ids=["blocks-of-16", "blocks-by-flags", "blocks-by-flags-column-major"])
+def test_plan_places_groups_in_order_while_they_fit(monkeypatch, shape, small_max, room, plan_flags, column_major):
     """Both families, with and without member lists (150 or 140 possible members), several blocks of
     groups and of members: the offsets are those of the definition, with scratch for every group or
     for the first three only (later groups, even smaller ones, get none); the sizes are every group's.
     Steps of 16 groups (PLAN_BLOCK), or of up to PLAN_FLAGS / members a step: 64 for the 140 labels
-    of 7 images and the 150 images of 6 labels, three steps each."""
+    of 7 images and the 150 images of 6 labels, three steps each. Targets row-major (CD's groups are
+    the contiguous axis: read as [members, groups]) or column-major (ID's are)."""
     from l2d_kernels.ops import triton_led
 
     monkeypatch.setattr(triton_led, "SMALL_MAX", small_max)
@@ -229,6 +231,8 @@ def test_plan_places_groups_in_order_while_they_fit(monkeypatch, shape, small_ma
     g = torch.Generator().manual_seed(B * C)
     # Group sizes from 0 to all: each label's density differs.
     y = torch.rand(B, C, generator=g) < torch.linspace(0.0, 1.0, C)[None, :]
+    if column_major:
+        y = y.T.contiguous().T
     n_s = 3
     placed = [o for o in _expected_plan(y, n_s, 2**40, small_max) if o >= 0]
     assert len(placed) > 3

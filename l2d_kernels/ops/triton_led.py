@@ -112,9 +112,12 @@ SCALE_BLOCK = 256  # widths per step of it
 PLAN_BLOCK = 128  # groups per step of the plan, at least
 PLAN_MEMBERS = 32  # members per step of a group count (a 128 x 32 block of flags: no spills at sm_90)
 # At most this many flags (or group sizes) a step of the plan: a family of many groups takes up to
-# PLAN_FLAGS / members-per-step groups a step. The plan is one program, so its registers cost nothing
-# but the step count costs latency: OpenImages' 9,605 labels in steps of 128 took 64 us on an H100
-# (run e), 75 steps; in steps of 1,024, 10 (110 registers, no spill, Triton 3.6 sm_90).
+# PLAN_FLAGS / members-per-step groups a step (the plan is one program: its registers cost nothing,
+# its steps cost latency). On an H100 at OpenImages' 9,605 labels x 16 images, CD's flags read as
+# [groups, members] blocks (lanes along the 9,605-byte member stride, a sector a flag) took 64 us in
+# steps of 128 labels (run e) and 90.5 in steps of 1,024 (run f): bound by the flags' sectors, not
+# by the steps. A family whose groups are the targets' contiguous axis now reads [members, groups]
+# blocks, a warp's 32 flags in one sector (_plan_family).
 PLAN_FLAGS = 16384
 # Groups of up to 64 members, and the tiles of large groups, load each width chunk one chunk ahead, so
 # that the loads' latency passes during the previous chunk's products; groups of 17-32 and of 33-64
@@ -610,8 +613,11 @@ def _tile_of(P):
 @triton.jit
 def _plan_family(Y, y_g, y_m, n_groups, N, cnt, offs, sizes, running, cap,
                  LISTS: tl.constexpr, N_S: tl.constexpr, SMALL_MAX: tl.constexpr, BG: tl.constexpr,
-                 BM: tl.constexpr):
-    """Offsets into the partial-Gram scratch of one family's groups, and their sizes (see ``_plan_kernel``)."""
+                 BM: tl.constexpr, GROUPS_FAST: tl.constexpr):
+    """Offsets into the partial-Gram scratch of one family's groups, and their sizes (see ``_plan_kernel``).
+    ``GROUPS_FAST``: the targets' groups are their contiguous axis (CD of a row-major [B, C]), so the
+    flags are read as a [members, groups] block, whose last axis Triton reads coalesced; else as
+    [groups, members]."""
     for g0 in range(0, n_groups, BG):
         gg = g0 + tl.arange(0, BG)
         inside = gg < n_groups
@@ -621,9 +627,14 @@ def _plan_family(Y, y_g, y_m, n_groups, N, cnt, offs, sizes, running, cap,
             P = tl.zeros((BG,), dtype=tl.int32)
             for m0 in range(0, N, BM):
                 mm = m0 + tl.arange(0, BM)
-                ptrs = Y + gg[:, None].to(tl.int64) * y_g + mm[None, :].to(tl.int64) * y_m
-                flag = tl.load(ptrs, mask=inside[:, None] & (mm < N)[None, :], other=0).to(tl.float32)
-                P += tl.sum((flag > 0.5).to(tl.int32), axis=1)
+                if GROUPS_FAST:
+                    ptrs = Y + mm[:, None].to(tl.int64) * y_m + gg[None, :].to(tl.int64) * y_g
+                    flag = tl.load(ptrs, mask=(mm < N)[:, None] & inside[None, :], other=0).to(tl.float32)
+                    P += tl.sum((flag > 0.5).to(tl.int32), axis=0)
+                else:
+                    ptrs = Y + gg[:, None].to(tl.int64) * y_g + mm[None, :].to(tl.int64) * y_m
+                    flag = tl.load(ptrs, mask=inside[:, None] & (mm < N)[None, :], other=0).to(tl.float32)
+                    P += tl.sum((flag > 0.5).to(tl.int32), axis=1)
         tile = _tile_of(P).to(tl.int64)
         area = tl.where(inside & (P >= 2) & (P <= SMALL_MAX), N_S * 2 * tile * tile, 0)
         end = running + tl.cumsum(area, axis=0)
@@ -636,7 +647,8 @@ def _plan_family(Y, y_g, y_m, n_groups, N, cnt, offs, sizes, running, cap,
 @triton.jit
 def _plan_kernel(Y, y_b, y_c, B, C, cd_cnt, id_cnt, offs, sizes, cap, done,
                  CD_LISTS: tl.constexpr, ID_LISTS: tl.constexpr, N_S: tl.constexpr, SMALL_MAX: tl.constexpr,
-                 CD_BG: tl.constexpr, ID_BG: tl.constexpr, CD_BM: tl.constexpr, ID_BM: tl.constexpr):
+                 CD_BG: tl.constexpr, ID_BG: tl.constexpr, CD_BM: tl.constexpr, ID_BM: tl.constexpr,
+                 CD_FAST: tl.constexpr, ID_FAST: tl.constexpr):
     """One program: for every group of 2 to SMALL_MAX members (CD groups 0..C-1, then ID groups), where
     its N_S partial Gram pairs start in the scratch (floats), in group order while they fit in ``cap``;
     -1 for every other group (fewer than 2 members, a large group, or past the scratch); every
@@ -644,9 +656,9 @@ def _plan_kernel(Y, y_b, y_c, B, C, cd_cnt, id_cnt, offs, sizes, cap, done,
     tl.store(done, tl.zeros((), dtype=tl.int64))
     running = tl.zeros((), dtype=tl.int64)
     running = _plan_family(Y, y_c, y_b, C, B, cd_cnt, offs, sizes, running, cap, CD_LISTS, N_S, SMALL_MAX, CD_BG,
-                           CD_BM)
+                           CD_BM, CD_FAST)
     _plan_family(Y, y_b, y_c, B, C, id_cnt, offs + C, sizes + C, running, cap, ID_LISTS, N_S, SMALL_MAX, ID_BG,
-                 ID_BM)
+                 ID_BM, ID_FAST)
 
 
 @triton.jit
@@ -978,6 +990,7 @@ def _plan(targets, cd_cnt, id_cnt, n_s: int, cap: int, launch=JIT_LAUNCH):
         _plan_kernel, (1,), targets, targets.stride(0), targets.stride(1), B, C, cd_cnt, id_cnt, offs, sizes, cap,
         done, CD_LISTS=B > SMALL_MAX, ID_LISTS=C > SMALL_MAX, N_S=n_s, SMALL_MAX=SMALL_MAX,
         CD_BG=_plan_block(C, B), ID_BG=_plan_block(B, C), CD_BM=_plan_members(B), ID_BM=_plan_members(C),
+        CD_FAST=targets.stride(1) < targets.stride(0), ID_FAST=targets.stride(0) < targets.stride(1),
         num_warps=NUM_WARPS)
     return offs, sizes, done
 
