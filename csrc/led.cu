@@ -247,22 +247,35 @@ __device__ __forceinline__ float huber(float x) {
   return ax < 1.f ? 0.5f * x * x : ax - 0.5f;
 }
 
+// A group's means and its pair weights' two factors, g(a, b) = c1 clamp(x, -1, 1) - c2 (SPEC 3:
+// (1 / P) [h'(x) / mu_s - K / (mu_s^2 N)]), divided once per group rather than in every pair: a
+// pair's weight took six IEEE divisions (about ten instructions each with its slow-path check), now
+// three; the 64-row tile's 16 pairs a thread held CD's slice launch at COCO on an H100 (run f). x
+// itself stays ds / mu_s - dt / mu_t, divisions: a group of two has ds == mu_s, so x is exactly 0
+// (loss and gradient 0, SPEC 3), which ds * (1 / mu_s) would miss by an ulp. NaN and inf go through
+// as before (a NaN mean or K gives NaN factors).
+struct PairScales {
+  float mu_s, mu_t, c1, c2;
+};
+
+__device__ __forceinline__ PairScales pair_scales(float mu_s, float mu_t, float k_sum, float p_f, float n_pairs) {
+  return {mu_s, mu_t, 1.f / (mu_s * p_f), k_sum / (mu_s * mu_s * n_pairs * p_f)};
+}
+
 // One ordered pair's terms of the loss and of the K sum: huber(x) and clamp(x, -1, 1) d, with
-// x = ds / mu_s - dt / mu_t.
-__device__ __forceinline__ void add_pair_terms(float ds, float dt, float mu_s, float mu_t, float& huber_sum,
+// x = ds / mu_s - dt / mu_t (the c's unused).
+__device__ __forceinline__ void add_pair_terms(float ds, float dt, const PairScales& ps, float& huber_sum,
                                                float& k_part) {
-  const float x = ds / mu_s - dt / mu_t;
+  const float x = ds / ps.mu_s - dt / ps.mu_t;
   huber_sum += huber(x);
   k_part += clamp_keep_nan(x, -1.f, 1.f) * ds;
 }
 
-// w(a, b) of one ordered pair (0 for a non-pair or a coincident pair, NaN kept).
-__device__ __forceinline__ float pair_weight(bool pair, float sq, float ds, float dt, float mu_s, float mu_t,
-                                             float k_sum, float p_f, float n_pairs) {
+// w(a, b) = g(a, b) / d(a, b) of one ordered pair (0 for a non-pair or a coincident pair, NaN kept).
+__device__ __forceinline__ float pair_weight(bool pair, float sq, float ds, float dt, const PairScales& ps) {
   if (pair && sq > kDistEps) {
-    const float x = ds / mu_s - dt / mu_t;
-    const float gpair = (clamp_keep_nan(x, -1.f, 1.f) / mu_s - k_sum / (mu_s * mu_s * n_pairs)) / p_f;
-    return gpair / ds;
+    const float x = ds / ps.mu_s - dt / ps.mu_t;
+    return (ps.c1 * clamp_keep_nan(x, -1.f, 1.f) - ps.c2) / ds;
   }
   return (pair && sq != sq) ? sq : 0.f;  // NaN in, NaN out
 }
@@ -426,11 +439,13 @@ __device__ void tile_weights(int P, const float (&es_)[OneTile<T>::kEntries], co
   const float mu_s = block_sum(sum_s, sh.reduce) / n_pairs;
   const float mu_t = block_sum(sum_t, sh.reduce) / n_pairs;
   float huber_sum = 0.f, k_part = 0.f;
+  const PairScales means = pair_scales(mu_s, mu_t, 0.f, p_f, n_pairs);
   #pragma unroll
   for (int k = 0; k < C::kEntries; ++k)
-    if (pair[k]) add_pair_terms(ds[k], dt[k], mu_s, mu_t, huber_sum, k_part);
+    if (pair[k]) add_pair_terms(ds[k], dt[k], means, huber_sum, k_part);
   const float loss = block_sum(huber_sum, sh.reduce) / p_f;
   const float k_sum = block_sum(k_part, sh.reduce);
+  const PairScales ps = pair_scales(mu_s, mu_t, k_sum, p_f, n_pairs);
   if (loss_out != nullptr && threadIdx.x == 0) *loss_out = loss;
 
   float* w = sh.buf;  // every read of sh.buf by the Gram pass is behind the block sums' barriers
@@ -438,7 +453,7 @@ __device__ void tile_weights(int P, const float (&es_)[OneTile<T>::kEntries], co
   for (int k = 0; k < C::kEntries; ++k) {
     int a, b;
     entry_of<T>(k, a, b);
-    w[a * C::kPad + b] = pair_weight(pair[k], sq[k], ds[k], dt[k], mu_s, mu_t, k_sum, p_f, n_pairs);
+    w[a * C::kPad + b] = pair_weight(pair[k], sq[k], ds[k], dt[k], ps);
   }
   __syncthreads();
   if (threadIdx.x < T) {
@@ -606,6 +621,7 @@ __device__ void strip_sweep(const TS* __restrict__ s, const TT* __restrict__ t, 
   using C = OneTile<64>;
   const int tr = threadIdx.x / 16, tc = threadIdx.x % 16;
   const float p_f = static_cast<float>(P), n_pairs = p_f * (p_f - 1.f);
+  const PairScales ps = pair_scales(in.mu_s, in.mu_t, in.k_sum, p_f, n_pairs);
   for (int j0 = 0; j0 < P; j0 += kOneTile) {
     __syncthreads();  // the previous pair's rows, norms and weights are done with
     if (threadIdx.x < kOneTile) {
@@ -625,10 +641,10 @@ __device__ void strip_sweep(const TS* __restrict__ s, const TT* __restrict__ t, 
       if constexpr (kSweep == 0) {
         if (pair) out[0] += ds, out[1] += dt;
       } else if constexpr (kSweep == 1) {
-        if (pair) add_pair_terms(ds, dt, in.mu_s, in.mu_t, out[0], out[1]);
+        if (pair) add_pair_terms(ds, dt, ps, out[0], out[1]);
       } else {
         sh.buf[(4 * tr + u) * C::kPad + 4 * tc + v] =
-            pair_weight(pair, sq, ds, dt, in.mu_s, in.mu_t, in.k_sum, p_f, n_pairs);
+            pair_weight(pair, sq, ds, dt, ps);
       }
     }
     if constexpr (kSweep == 2) {
