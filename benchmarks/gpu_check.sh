@@ -13,7 +13,8 @@
 #                racecheck; the driver's small set where the full one takes too long) and CMake + CTest
 #                and the training loop's --quick run (bf16 autocast) beside it, and the benchmarks'
 #                torch.compile forms compiled ahead (L2D_BENCH_WARM_ONLY=1); then the profile, Nsight
-#                Compute of the CUDA LED members and slice kernels, `pytest benchmarks/`, the report,
+#                Compute of the CUDA LED members and slice kernels, the slice launches' per-item clocks
+#                (benchmarks/item_clocks.py), `pytest benchmarks/`, the report,
 #                Nsight Compute of the other kernels and the step profile, with nothing else on the GPU.
 #
 #   PHASE=check  install the project (no downloads); build the CUDA extension wheel for this card in
@@ -188,6 +189,13 @@ bench_all() {
     # is in its log.
     local sections="--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis --section SchedulerStats"
     step ncu-cuda 60 bash -c "cd benchmarks && ncu -k 'regex:members_kernel|slice_kernel' --launch-skip 4 --launch-count 4 $sections $PY ncu_driver.py led 64 80 768 cuda"
+    # Which items, on which SMs, set the CUDA slice launches' time (benchmarks/item_clocks.py): each
+    # item's SM cycles and group size, at COCO and OpenImages (a debug mode of the extension that
+    # synchronizes; nothing timed runs beside it). Cycles to us at the card's top clock.
+    local clocks="$OUT/item-clocks.txt"
+    rm -f "$clocks"
+    step item-clocks 40 bash -c "cd benchmarks && L2D_CUDA_LED_ITEM_CLOCKS='$clocks' $PY ncu_driver.py led 64 80 768 cuda &&
+        L2D_CUDA_LED_ITEM_CLOCKS='$clocks' $PY ncu_driver.py led 16 9605 256 cuda && $PY item_clocks.py '$clocks' --ghz 1.98"
     # One pytest run per file, each writing its JSON as it ends, so a deadline cuts one file, not all.
     rm -rf build/bench && mkdir -p build/bench
     jsons=()

@@ -31,6 +31,7 @@
 // of its own, on its own SM, and the sweeps are three launches whose sums are kept per row tile and
 // added in row-tile order; otherwise the group's at most four tile pairs stay in one block.
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -40,6 +41,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <fstream>
 #include <type_traits>
 
 #include "common.cuh"
@@ -804,7 +806,41 @@ struct SliceArgs {
   float* part;    // the scratch
   int n_s;        // slices per group
   int64_t slice;  // widths per slice
+  // Profiling only (L2D_CUDA_LED_ITEM_CLOCKS, see led_cuda): per work item i of the launch, [5 i ..
+  // 5 i + 4] = i, the SM, the start (globaltimer, ns), the cycles it took (clock64) and its group's
+  // size (negated for a group without a place in the scratch: passed over); null: off.
+  long long* clocks = nullptr;
+  int64_t clock_items = 0;
 };
+
+// The device's nanosecond clock and this block's SM (0 in the CPU emulator, which has neither).
+__device__ __forceinline__ long long global_ns() {
+#ifdef __CUDA_ARCH__
+  long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+#else
+  return 0;
+#endif
+}
+
+__device__ __forceinline__ long long sm_cycles() {
+#ifdef __CUDA_ARCH__
+  return clock64();
+#else
+  return 0;
+#endif
+}
+
+__device__ __forceinline__ int sm_id() {
+#ifdef __CUDA_ARCH__
+  unsigned r;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(r));
+  return static_cast<int>(r);
+#else
+  return 0;
+#endif
+}
 
 // One family's share of a slice launch (and of the host's launches of the family).
 struct SliceFamily {
@@ -922,9 +958,34 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int n_a = a.n_groups > 0 ? *a.n_active : 0, n_b = !kGrad && b.n_groups > 0 ? *b.n_active : 0;
   const int64_t items_a = static_cast<int64_t>(n_a) * sa.n_s, items = items_a + static_cast<int64_t>(n_b) * sa.n_s;
   for (int64_t i = blockIdx.x; i < items; i += gridDim.x) {
+    const bool timed = sa.clocks != nullptr && threadIdx.x == 0 && i < sa.clock_items;
+    const long long start_ns = timed ? global_ns() : 0, start = timed ? sm_cycles() : 0;
     if (i < items_a) slice_item<kGrad>(es, et, grad, a, sa, shared, i, n_a);
     else slice_item<kGrad>(es, et, grad, b, sa, shared, i - items_a, n_b);
+    if (timed) {  // after the item's closing barrier
+      long long* out = sa.clocks + 5 * i;
+      out[0] = i, out[1] = sm_id(), out[2] = start_ns, out[3] = sm_cycles() - start;
+      const SliceFamily& fam = i < items_a ? a : b;
+      const int64_t g = i < items_a ? fam.active[i % n_a] : fam.active[(i - items_a) % n_b];
+      out[4] = fam.f.offs[g] < 0 ? -fam.cnt[g] : fam.cnt[g];
+    }
   }
+}
+
+// L2D_CUDA_LED_ITEM_CLOCKS=FILE (profiling, never in a timed run: it synchronizes): appends each
+// slice launch's items, one line each, "launch item sm start_ns cycles P" after a "# B C D n_s" line
+// (launch 0: the Grams of both families; 1: CD's weights and gradient; 2: ID's).
+void append_item_clocks(const char* path, const at::Tensor& clocks, int64_t B, int64_t C, int64_t D, int64_t n_s) {
+  const at::Tensor host = clocks.cpu();
+  const long long* v = reinterpret_cast<const long long*>(host.data_ptr<int64_t>());
+  std::ofstream out(path, std::ios::app);
+  out << "# " << B << " " << C << " " << D << " " << n_s << "\n";
+  for (int64_t launch = 0; launch < host.size(0); ++launch)
+    for (int64_t i = 0; i < host.size(1); ++i) {
+      const long long* row = v + (launch * host.size(1) + i) * 5;
+      if (row[0] >= 0)
+        out << launch << " " << row[0] << " " << row[1] << " " << row[2] << " " << row[3] << " " << row[4] << "\n";
+    }
 }
 
 }  // namespace
@@ -1000,6 +1061,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in,
     part = at::empty({cap}, f32);
   }
   int64_t* offs_ptr = split ? offs.data_ptr<int64_t>() : nullptr;
+  // Profiling only: each slice launch's items' clocks (append_item_clocks), -1 where no item ran.
+  const char* clock_path = std::getenv("L2D_CUDA_LED_ITEM_CLOCKS");
+  at::Tensor clocks;
+  if (split && clock_path != nullptr && *clock_path != '\0')
+    clocks = at::full({3, (C + B) * n_s, 5}, -1, es.options().dtype(at::kLong));
   const Strips st_cd{n_active + 3, items, sums, static_cast<int>(strips_cd)};
   const Strips st_id{n_active + 4, items + C * strips_cd, sums + 4 * C * strips_cd, static_cast<int>(strips_id)};
   // Group blocks: at most one per SM (each holds up to 255 registers per thread), looping over items.
@@ -1033,9 +1099,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in,
                        static_cast<float>(lambda_cd), static_cast<float>(lambda_id)};
     const SliceFamily cd_share{cd, cd_idx, cd_cnt, losses, C, n_active, active},
         id_share{id, id_idx, id_cnt, losses + C, B, n_active + 1, active + C};
-    const SliceArgs sa{split ? part.data_ptr<float>() : nullptr, static_cast<int>(n_s), slice};
+    SliceArgs sa{split ? part.data_ptr<float>() : nullptr, static_cast<int>(n_s), slice};
+    const auto timed = [&](int launch) {  // sa with launch's share of the item clocks, if any
+      SliceArgs with = sa;
+      if (clocks.defined()) {
+        with.clocks = reinterpret_cast<long long*>(clocks.data_ptr<int64_t>()) + launch * clocks.size(1) * 5;
+        with.clock_items = clocks.size(1);
+      }
+      return with;
+    };
     if (split) {
-      slice_kernel<false, T, T><<<blocks((C + B) * n_s), kThreads, 0, stream>>>(s, t, g, cd_share, id_share, sa);
+      slice_kernel<false, T, T><<<blocks((C + B) * n_s), kThreads, 0, stream>>>(s, t, g, cd_share, id_share,
+                                                                                timed(0));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     const auto family = [&](const SliceFamily& share, const int* n_act, const int* act, const Strips& st,
@@ -1047,7 +1122,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in,
       const int64_t groups = share.n_groups;
       const unsigned grid0 = blocks(groups + groups * st.max_strips), grid = blocks(groups * st.max_strips);
       if (split) {
-        slice_kernel<true, T, T><<<blocks(groups * n_s), kThreads, 0, stream>>>(s, t, g, share, SliceFamily{}, sa);
+        slice_kernel<true, T, T><<<blocks(groups * n_s), kThreads, 0, stream>>>(s, t, g, share, SliceFamily{},
+                                                                               timed(share.f.add ? 2 : 1));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       group_kernel<0, T, T><<<grid0, kThreads, 0, stream>>>(s, t, g, idx, cnt, n_act, act, loss, f, st,
@@ -1063,6 +1139,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in,
     family(cd_share, n_active, active, st_cd, false);
     family(id_share, n_active + 1, active + C, st_id, true);
   });
+  if (clocks.defined()) append_item_clocks(clock_path, clocks, B, C, D, n_s);
   if (mixed && with_grad) grad = grad.to(grad_scalar_type(es_in.scalar_type()));
   return {out, grad, total};
 }

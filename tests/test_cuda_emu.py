@@ -273,6 +273,31 @@ def test_led_width_split_plan_over_several_steps(ops, monkeypatch):
     assert differs[split].all() and not differs[~split].any()
 
 
+def test_led_item_clocks_list_every_slice_item(ops, monkeypatch, tmp_path):
+    """L2D_CUDA_LED_ITEM_CLOCKS (profiling): one line per work item of each slice launch, items 0 .. n - 1
+    for n = (active groups) x (slices), with its group's size: both families' in the Gram launch, each
+    family's in its own (the emulator has no clocks or SMs: zeros there). Results as without it."""
+    y = _ragged_targets(70, False)
+    es, et, _ = embeddings(*y.shape, 300, seed=36)
+    es, et = es.float(), et.float()
+    plain = _led(ops, es, et, y)
+    path = tmp_path / "clocks.txt"
+    monkeypatch.setenv("L2D_CUDA_LED_ITEM_CLOCKS", str(path))
+    timed = _led(ops, es, et, y)
+    assert torch.equal(plain[0], timed[0]) and torch.equal(plain[1], timed[1])
+    lines = path.read_text().splitlines()
+    assert lines[0] == f"# {y.shape[0]} {y.shape[1]} 300 3"
+    rows = [tuple(map(int, line.split())) for line in lines[1:]]
+    cd, id_ = y.sum(0), y.sum(1)
+    cd, id_ = cd[cd >= 2].tolist(), id_[id_ >= 2].tolist()  # the active groups' sizes
+    for launch, sizes in enumerate((cd + id_, cd, id_)):
+        mine = [r for r in rows if r[0] == launch]
+        assert sorted(r[1] for r in mine) == list(range(3 * len(sizes)))
+        # Each group's size, 3 times (its slices); negative past 64 members (no place in the scratch).
+        assert sorted(r[5] for r in mine) == sorted(3 * [p if p <= 64 else -p for p in sizes])
+    assert all(r[2:5] == (0, 0, 0) for r in rows)
+
+
 def test_led_width_split_wider_slices(ops):
     """Past 16 slices of 128 the slices widen (2,100 widths: 9 slices of 256, the last partial)."""
     y = _ragged_targets(40, False)[:, :6]
