@@ -918,16 +918,35 @@ __device__ void slice_grad(const TS* __restrict__ s, const int* __restrict__ mem
 // The list's order varies from run to run (members_kernel's atomics); an item's arithmetic does not
 // depend on it. An item of a group without a place in the scratch is passed over (the same for the
 // whole block).
+//
+// An item's group, its place in the scratch and its size (ItemGroup) are two dependent loads
+// (the active list, then the group's offset and size), which slice_kernel issues one and two items
+// ahead of the item's turn, so that they arrive while the block works on the items before it.
+struct ItemGroup {
+  int64_t g = -1, off = -1;
+  int P = 0;
+};
+
+__device__ __forceinline__ int64_t item_group(const SliceFamily& fam, int64_t i, int n) {
+  return fam.active[i % n];
+}
+
+__device__ __forceinline__ ItemGroup item_place(const SliceFamily& fam, int64_t g) {
+  ItemGroup m;
+  if (g >= 0) m.g = g, m.off = fam.f.offs[g], m.P = fam.cnt[g];
+  return m;
+}
+
 template <bool kGrad, typename TS, typename TT>
 __device__ __forceinline__ void slice_item(const TS* __restrict__ es, const TT* __restrict__ et,
                                            grad_t<TS>* __restrict__ grad, const SliceFamily& fam,
-                                           const SliceArgs& sa, GroupShared& shared, int64_t i, int n) {
+                                           const SliceArgs& sa, GroupShared& shared, int64_t i, int n,
+                                           const ItemGroup& item) {
   const FamilyArgs& f = fam.f;
-  const int64_t g = fam.active[i % n];
+  const int64_t g = item.g, off = item.off;
   const int q = static_cast<int>(i / n);
-  const int64_t off = f.offs[g];
   if (off < 0 || (kGrad && !f.write_grad && q > 0)) return;  // without gradient, slice 0 takes the loss alone
-  const int P = fam.cnt[g];
+  const int P = item.P;
   const int64_t lo = q * sa.slice, hi = lo + sa.slice < f.width ? lo + sa.slice : f.width;
   const TS* s = es + g * f.s_g;
   const TT* t = et + g * f.t_g;
@@ -957,17 +976,27 @@ __global__ void __launch_bounds__(kThreads, 1)
   __shared__ GroupShared shared;
   const int n_a = a.n_groups > 0 ? *a.n_active : 0, n_b = !kGrad && b.n_groups > 0 ? *b.n_active : 0;
   const int64_t items_a = static_cast<int64_t>(n_a) * sa.n_s, items = items_a + static_cast<int64_t>(n_b) * sa.n_s;
+  // Item i's group (-1 past the last item) and, from it, its place and size: the next item's place
+  // and the one after's group are loaded before each item runs (see ItemGroup).
+  const auto group_of = [&](int64_t i) -> int64_t {
+    if (i >= items) return -1;
+    return i < items_a ? item_group(a, i, n_a) : item_group(b, i - items_a, n_b);
+  };
+  const auto place_of = [&](int64_t i, int64_t g) { return i < items_a ? item_place(a, g) : item_place(b, g); };
+  int64_t after_next = group_of(blockIdx.x + gridDim.x);
+  ItemGroup next = place_of(blockIdx.x, group_of(blockIdx.x));
   for (int64_t i = blockIdx.x; i < items; i += gridDim.x) {
+    const ItemGroup item = next;
+    next = place_of(i + gridDim.x, after_next);
+    after_next = group_of(i + 2 * static_cast<int64_t>(gridDim.x));
     const bool timed = sa.clocks != nullptr && threadIdx.x == 0 && i < sa.clock_items;
     const long long start_ns = timed ? global_ns() : 0, start = timed ? sm_cycles() : 0;
-    if (i < items_a) slice_item<kGrad>(es, et, grad, a, sa, shared, i, n_a);
-    else slice_item<kGrad>(es, et, grad, b, sa, shared, i - items_a, n_b);
+    if (i < items_a) slice_item<kGrad>(es, et, grad, a, sa, shared, i, n_a, item);
+    else slice_item<kGrad>(es, et, grad, b, sa, shared, i - items_a, n_b, item);
     if (timed) {  // after the item's closing barrier
       long long* out = sa.clocks + 5 * i;
       out[0] = i, out[1] = sm_id(), out[2] = start_ns, out[3] = sm_cycles() - start;
-      const SliceFamily& fam = i < items_a ? a : b;
-      const int64_t g = i < items_a ? fam.active[i % n_a] : fam.active[(i - items_a) % n_b];
-      out[4] = fam.f.offs[g] < 0 ? -fam.cnt[g] : fam.cnt[g];
+      out[4] = item.off < 0 ? -item.P : item.P;
     }
   }
 }
