@@ -239,10 +239,15 @@ def test_plan_places_groups_in_order_while_they_fit(monkeypatch, shape, small_ma
     cap = 2**40 if room == "all" else placed[3]  # the fourth group's start: room for three
     cd_cnt = (y > 0.5).sum(0).to(torch.int32).to(DEVICE)
     id_cnt = (y > 0.5).sum(1).to(torch.int32).to(DEVICE)
-    offs, sizes, done = (t.cpu().tolist() for t in triton_led._plan(y.to(DEVICE), cd_cnt, id_cnt, n_s, cap))
+    offs, sizes, done, big, n_big = (t.cpu().tolist()
+                                     for t in triton_led._plan(y.to(DEVICE), cd_cnt, id_cnt, n_s, cap))
     assert done == [0]  # the call's last launch counts its programs from zero
     assert offs == _expected_plan(y, n_s, cap, small_max)
     assert sizes == cd_cnt.cpu().tolist() + id_cnt.cpu().tolist()  # every group's, placed or not
+    # Each family's groups of more than 16 members, in group order (the big-group split launch's work).
+    want = [[g for g, p in enumerate(c.cpu().tolist()) if p > 16] for c in (cd_cnt, id_cnt)]
+    assert n_big == [len(want[0]), len(want[1])]
+    assert big[: n_big[0]] == want[0] and big[C : C + n_big[1]] == want[1]
     assert sum(o >= 0 for o in offs) == (len(placed) if room == "all" else 3)
 
 

@@ -28,7 +28,7 @@ Launches, all on the device, none waiting for the host:
    ``_split_kernel`` over ``(group, slice)`` sums a group's slices in order, takes its loss and pair
    weights, and writes its gradient at that slice's widths, in two launches where the family can
    hold groups of more than 16 members (``SMALL_WARPS``: one for the groups of at most 16, one for
-   the others). A group the scratch had no room for is done whole by its slice-0 program: its
+   the others, whose programs take the plan's list of such groups in turn: ``_big_programs``). A group the scratch had no room for is done whole by its slice-0 program: its
    Grams over the whole width in registers, then the same weights and gradient code as a placed
    group's.
 2'. Where the width is one slice (or ``SLICE_WIDTH`` is 0), per family, ``_main_kernel`` over
@@ -55,6 +55,8 @@ buffer: the same losses, bitwise, with no write of the inputs' size.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -102,6 +104,9 @@ GRAM_WARPS = 4
 # 64- and 128-row tiles (197-255 registers at 8 warps) held every small group's program alone on
 # its SM. The small launch at 4 warps takes 152-168 registers: three programs per SM. 0: one launch.
 SMALL_WARPS = 4
+# That launch's programs: this many an SM in all (see _big_programs), each looping over the plan's list
+# of the family's groups of more than 16 members.
+BIG_PROGRAMS_PER_SM = 2
 # The smallest tile, which bounds the small-group launch's groups (a compile-time constant of the kernels).
 SMALLEST_TILE = tl.constexpr(16)
 # The kernels' ADD argument: 0 (False) writes the gradient, 1 (True) adds into it (ID, after CD),
@@ -134,6 +139,7 @@ _SETTINGS = ("SMALL_MAX", "TILE", "TILE_BLOCK_D", "NUM_WARPS", "MEMBERS_BLOCK", 
              "SCRATCH_MIN_BYTES", "SCRATCH_MAX_BYTES", "SCRATCH_GRAD_FRACTION", "GRAM_ROWS", "GRAM_D", "GRAM_WARPS",
              "SMALL_WARPS",
              "SMALLEST_TILE", "SCALE_ROWS", "SCALE_BLOCK", "PLAN_BLOCK", "PLAN_MEMBERS", "PLAN_FLAGS", "LOAD_AHEAD",
+             "BIG_PROGRAMS_PER_SM",
              "SUM_BLOCK")
 _FORWARD_LAUNCHES = LaunchCache()
 _SCALE_LAUNCHES = LaunchCache()
@@ -611,13 +617,16 @@ def _tile_of(P):
 
 
 @triton.jit
-def _plan_family(Y, y_g, y_m, n_groups, N, cnt, offs, sizes, running, cap,
+def _plan_family(Y, y_g, y_m, n_groups, N, cnt, offs, sizes, running, cap, big, n_big,
                  LISTS: tl.constexpr, N_S: tl.constexpr, SMALL_MAX: tl.constexpr, BG: tl.constexpr,
                  BM: tl.constexpr, GROUPS_FAST: tl.constexpr):
-    """Offsets into the partial-Gram scratch of one family's groups, and their sizes (see ``_plan_kernel``).
+    """Offsets into the partial-Gram scratch of one family's groups, their sizes, and the list of its
+    groups of more than SMALLEST_TILE members in group order (``big``) with their number (``n_big``):
+    the work of ``_split_kernel``'s launch of them (see ``_plan_kernel``).
     ``GROUPS_FAST``: the targets' groups are their contiguous axis (CD of a row-major [B, C]), so the
     flags are read as a [members, groups] block, whose last axis Triton reads coalesced; else as
     [groups, members]."""
+    n_listed = tl.zeros((), dtype=tl.int64)
     for g0 in range(0, n_groups, BG):
         gg = g0 + tl.arange(0, BG)
         inside = gg < n_groups
@@ -641,11 +650,16 @@ def _plan_family(Y, y_g, y_m, n_groups, N, cnt, offs, sizes, running, cap,
         tl.store(offs + gg, tl.where((area > 0) & (end <= cap), end - area, -1), mask=inside)
         tl.store(sizes + gg, P.to(tl.int64), mask=inside)
         running += tl.sum(area, axis=0)
+        is_big = (inside & (P > SMALLEST_TILE)).to(tl.int64)
+        at = n_listed + tl.cumsum(is_big, axis=0) - is_big
+        tl.store(big + at, gg.to(tl.int64), mask=is_big > 0)
+        n_listed += tl.sum(is_big, axis=0)
+    tl.store(n_big, n_listed)
     return running
 
 
 @triton.jit
-def _plan_kernel(Y, y_b, y_c, B, C, cd_cnt, id_cnt, offs, sizes, cap, done,
+def _plan_kernel(Y, y_b, y_c, B, C, cd_cnt, id_cnt, offs, sizes, cap, done, big, n_big,
                  CD_LISTS: tl.constexpr, ID_LISTS: tl.constexpr, N_S: tl.constexpr, SMALL_MAX: tl.constexpr,
                  CD_BG: tl.constexpr, ID_BG: tl.constexpr, CD_BM: tl.constexpr, ID_BM: tl.constexpr,
                  CD_FAST: tl.constexpr, ID_FAST: tl.constexpr):
@@ -655,10 +669,10 @@ def _plan_kernel(Y, y_b, y_c, B, C, cd_cnt, id_cnt, offs, sizes, cap, done,
     group's size; and zero in ``done``, the counter of the call's last launch (see ``_finish``)."""
     tl.store(done, tl.zeros((), dtype=tl.int64))
     running = tl.zeros((), dtype=tl.int64)
-    running = _plan_family(Y, y_c, y_b, C, B, cd_cnt, offs, sizes, running, cap, CD_LISTS, N_S, SMALL_MAX, CD_BG,
-                           CD_BM, CD_FAST)
-    _plan_family(Y, y_b, y_c, B, C, id_cnt, offs + C, sizes + C, running, cap, ID_LISTS, N_S, SMALL_MAX, ID_BG,
-                 ID_BM, ID_FAST)
+    running = _plan_family(Y, y_c, y_b, C, B, cd_cnt, offs, sizes, running, cap, big, n_big, CD_LISTS, N_S,
+                           SMALL_MAX, CD_BG, CD_BM, CD_FAST)
+    _plan_family(Y, y_b, y_c, B, C, id_cnt, offs + C, sizes + C, running, cap, big + C, n_big + 1, ID_LISTS, N_S,
+                 SMALL_MAX, ID_BG, ID_BM, ID_FAST)
 
 
 @triton.jit
@@ -834,7 +848,7 @@ def _finish(group_loss, C, B, out, total, lambda_cd, lambda_id, done, BLOCK: tl.
 @triton.jit
 def _split_kernel(
     S, T, s_g, s_m, s_d, t_g, t_m, t_d, G, g_g, g_m,
-    Y, y_g, y_m, idx, cnt, N, D, scale, loss_ptr, norms, offs, sizes, part,
+    Y, y_g, y_m, idx, cnt, N, D, scale, loss_ptr, norms, offs, big, n_big, part,
     all_loss, n_cd, n_id, out, total, lambda_cd, lambda_id, done,
     ZERO_OUTSIDE: tl.constexpr, ADD: tl.constexpr, AHEAD: tl.constexpr, MAX_P: tl.constexpr, LARGE: tl.constexpr,
     N_PAD: tl.constexpr, N_S: tl.constexpr, SLICE: tl.constexpr, SIZES: tl.constexpr,
@@ -845,17 +859,18 @@ def _split_kernel(
     zero gradient of the rows outside groups, CD); a group the plan left out (past the scratch) is
     done whole by its slice-0 program; a large group's squared norms, row tiles s, s + N_S, ...
     ``SIZES``: 0, every group; 1, groups of at most SMALLEST_TILE members, the zero rows and the
-    losses of groups of fewer than two; 2, the others, a program of a smaller group stopping at its
-    size, read from the plan (see ``SMALL_WARPS``). ``FINAL``: the call's last launch, which also adds
+    losses of groups of fewer than two; 2, the others: the plan's list of them (``big``, ``n_big``),
+    program (j, s) taking slice s of its groups j, j + (programs on axis 0), ... (see ``SMALL_WARPS``
+    and ``_big_programs``). ``FINAL``: the call's last launch, which also adds
     the group losses of both families (``_finish``; else ``_finalize_kernel`` does, and the arguments
     from ``all_loss`` on are not read)."""
     g = tl.program_id(0)  # groups on the first axis: up to 2^31 - 1 of them (the others stop at 65535)
     s = tl.program_id(1)
     if SIZES == 2:
-        if tl.load(sizes + g) > SMALLEST_TILE:
+        for j in range(g, tl.load(n_big).to(tl.int32), tl.num_programs(0)):
             _split_program(S, T, s_g, s_m, s_d, t_g, t_m, t_d, G, g_g, g_m, Y, y_g, y_m, idx, cnt, N, D, scale,
-                           loss_ptr, norms, offs, part, g, s, ZERO_OUTSIDE, ADD, AHEAD, MAX_P, LARGE, N_PAD, N_S,
-                           SLICE, SIZES, SMALL_MAX, TILE, BLOCK_D)
+                           loss_ptr, norms, offs, part, tl.load(big + j).to(tl.int32), s, ZERO_OUTSIDE, ADD, AHEAD,
+                           MAX_P, LARGE, N_PAD, N_S, SLICE, SIZES, SMALL_MAX, TILE, BLOCK_D)
     else:
         _split_program(S, T, s_g, s_m, s_d, t_g, t_m, t_d, G, g_g, g_m, Y, y_g, y_m, idx, cnt, N, D, scale, loss_ptr,
                        norms, offs, part, g, s, ZERO_OUTSIDE, ADD, AHEAD, MAX_P, LARGE, N_PAD, N_S, SLICE, SIZES,
@@ -917,7 +932,8 @@ def _run_family(launch, es, et, grad, targets, idx, cnt, group_loss, groups_dim:
     ``first``: the family that writes the gradient (CD; ID adds into it); without ``with_grad`` none
     is written, and ``grad`` is any tensor of the embeddings' layout (its pointer is not used).
     ``split``: None (each small group whole in one program, ``_main_kernel``) or the width-split
-    path's (plan offsets, group sizes, scratch, slices, slice width, ``_finish``'s arguments, whether
+    path's (plan offsets, list and number of groups of more than 16 members, scratch, slices, slice
+    width, ``_finish``'s arguments, whether
     the family's last launch is the call's last), after ``_gram_kernel`` (``_split_kernel``)."""
     geometry = _family_args(es, et, grad, targets, groups_dim)
     n_groups, n_members, width, strides, (g_g, g_m), (y_g, y_m) = geometry
@@ -934,10 +950,10 @@ def _run_family(launch, es, et, grad, targets, idx, cnt, group_loss, groups_dim:
     if split is None:
         launch(_main_kernel, (n_groups, cdiv(n_members, TILE)), *args, **family, **common)
     else:
-        offs, sizes, part, n_s, slice_width, finish, final = split
+        offs, big, n_big, part, n_s, slice_width, finish, final = split
         assert not (final and large), "the large groups' passes come after the split launches"
         grid = (n_groups, n_s)
-        split_args = (*args, offs, sizes, part, *finish)
+        split_args = (*args, offs, big, n_big, part, *finish)
         family.update(N_S=n_s, SLICE=slice_width, SUM_BLOCK=SUM_BLOCK)
         if SMALL_WARPS <= 0:  # one launch for every group size
             launch(_split_kernel, grid, *split_args, **family, SIZES=0, FINAL=final, **common)
@@ -947,9 +963,25 @@ def _run_family(launch, es, et, grad, targets, idx, cnt, group_loss, groups_dim:
             launch(_split_kernel, grid, *split_args, **small, SIZES=0 if n_members <= smallest else 1,
                    FINAL=final and n_members <= smallest, **{**common, "num_warps": SMALL_WARPS})
             if n_members > smallest:
-                launch(_split_kernel, grid, *split_args, **family, SIZES=2, FINAL=final, **common)
+                launch(_split_kernel, (_big_programs(n_groups, n_s, es.device), n_s), *split_args, **family,
+                       SIZES=2, FINAL=final, **common)
     if large:
         _large_passes(launch, es, et, grad, idx, cnt, group_loss, geometry, norms, scale, add, common)
+
+
+def _big_programs(n_groups: int, n_s: int, device) -> int:
+    """Programs per slice of ``_split_kernel``'s launch of the groups of more than SMALLEST_TILE members,
+    each taking every such group of the plan's list in turn: BIG_PROGRAMS_PER_SM on every SM in all
+    (two on a CPU, where the interpreter runs them), at most one per group. A program per (group,
+    slice) made COCO's CD launch 960 programs and ID's 768, one per SM at a time, for the one group of
+    36 members (CD) or none (ID): 21.3 and 9.5 us on an H100 (run f)."""
+    sms = _sm_count(device.index) if device.type == "cuda" else 2
+    return max(1, min(n_groups, cdiv(BIG_PROGRAMS_PER_SM * sms, n_s)))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _split_scratch(es, n_s: int) -> int:
@@ -981,18 +1013,20 @@ def _plan_block(n_groups: int, n_members: int) -> int:
 
 def _plan(targets, cd_cnt, id_cnt, n_s: int, cap: int, launch=JIT_LAUNCH):
     """``_plan_kernel``'s offsets and group sizes (int64 ``[C + B]`` each, CD groups then ID groups) for
-    ``n_s`` slices and ``cap`` floats, and the zeroed counter of the call's last launch (int64 ``[1]``):
-    views of one buffer."""
+    ``n_s`` slices and ``cap`` floats, the zeroed counter of the call's last launch (int64 ``[1]``), and
+    each family's groups of more than SMALLEST_TILE members (int64 ``[C + B]``: CD's from 0, ID's from
+    C, each in group order, the rest unwritten) with their numbers (int64 ``[2]``): views of one buffer."""
     B, C = targets.shape
-    plan = torch.empty(2 * (C + B) + 1, dtype=torch.int64, device=targets.device)
-    offs, sizes, done = plan[: C + B], plan[C + B : 2 * (C + B)], plan[2 * (C + B) :]
+    plan = torch.empty(3 * (C + B) + 3, dtype=torch.int64, device=targets.device)
+    offs, sizes, done = plan[: C + B], plan[C + B : 2 * (C + B)], plan[2 * (C + B) : 2 * (C + B) + 1]
+    big, n_big = plan[2 * (C + B) + 1 : 3 * (C + B) + 1], plan[3 * (C + B) + 1 :]
     launch(
         _plan_kernel, (1,), targets, targets.stride(0), targets.stride(1), B, C, cd_cnt, id_cnt, offs, sizes, cap,
-        done, CD_LISTS=B > SMALL_MAX, ID_LISTS=C > SMALL_MAX, N_S=n_s, SMALL_MAX=SMALL_MAX,
+        done, big, n_big, CD_LISTS=B > SMALL_MAX, ID_LISTS=C > SMALL_MAX, N_S=n_s, SMALL_MAX=SMALL_MAX,
         CD_BG=_plan_block(C, B), ID_BG=_plan_block(B, C), CD_BM=_plan_members(B), ID_BM=_plan_members(C),
         CD_FAST=targets.stride(1) < targets.stride(0), ID_FAST=targets.stride(0) < targets.stride(1),
         num_warps=NUM_WARPS)
-    return offs, sizes, done
+    return offs, sizes, done, big, n_big
 
 
 def _split_slices(D: int) -> tuple[int, int]:
@@ -1079,7 +1113,7 @@ def led_forward(es: torch.Tensor, et: torch.Tensor, targets: torch.Tensor, lambd
         given = (cd_idx, cd_cnt, id_idx, id_cnt)
         cd_idx_, cd_cnt_, id_idx_, id_cnt_ = (t if t is not None else group_loss for t in given)
         part = torch.empty(_split_scratch(es, n_s), dtype=torch.float32, device=device)
-        offs, sizes, done = _plan(targets, cd_cnt_, id_cnt_, n_s, part.numel(), launch)
+        offs, sizes, done, big, n_big = _plan(targets, cd_cnt_, id_cnt_, n_s, part.numel(), launch)
         launch(
             _gram_kernel, (C + B, n_s), es, et, *es.stride(), *et.stride(), targets, *targets.stride(), B, C,
             es.shape[2], offs, part, cd_idx_, cd_cnt_, id_idx_, id_cnt_, CD_LISTS=cd_lists, ID_LISTS=id_lists,
@@ -1089,8 +1123,8 @@ def led_forward(es: torch.Tensor, et: torch.Tensor, targets: torch.Tensor, lambd
         # program also adds the group losses (_finish), and _finalize_kernel does not run.
         finish = (group_loss, C, B, out, total, float(lambda_cd), float(lambda_id), done)
         finished = not id_lists
-        split_cd = (offs[:C], sizes[:C], part, n_s, slice_width, finish, False)
-        split_id = (offs[C:], sizes[C:], part, n_s, slice_width, finish, finished)
+        split_cd = (offs[:C], big[:C], n_big[:1], part, n_s, slice_width, finish, False)
+        split_id = (offs[C:], big[C:], n_big[1:], part, n_s, slice_width, finish, finished)
     _run_family(launch, es, et, grad_at, targets, cd_idx, cd_cnt, group_loss[:C], 1, 2.0 * lambda_cd, True, split_cd,
                 with_grad)
     _run_family(launch, es, et, grad_at, targets, id_idx, id_cnt, group_loss[C:], 0, 2.0 * lambda_id, False,
