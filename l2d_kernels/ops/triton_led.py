@@ -28,9 +28,9 @@ Launches, all on the device, none waiting for the host:
    ``_split_kernel`` over ``(group, slice)`` sums a group's slices in order, takes its loss and pair
    weights, and writes its gradient at that slice's widths, in two launches where the family can
    hold groups of more than 16 members (``SMALL_WARPS``: one for the groups of at most 16, one for
-   the others, whose programs take the plan's list of such groups in turn: ``_big_programs``). A group the scratch had no room for is done whole by its slice-0 program: its
-   Grams over the whole width in registers, then the same weights and gradient code as a placed
-   group's.
+   the others, whose programs take the plan's list of such groups in turn: ``_big_programs``). A
+   group the scratch had no room for is done whole by its slice-0 program: its Grams over the whole
+   width in registers, then the same weights and gradient code as a placed group's.
 2'. Where the width is one slice (or ``SLICE_WIDTH`` is 0), per family, ``_main_kernel`` over
    ``(group, row tile)``: a group of at most ``SMALL_MAX`` members is done entirely by one program
    (one Gram per side, on chip).
@@ -137,10 +137,8 @@ _GRAM_IN_FP32 = tl.constexpr(triton_interpreted())
 # The settings above that a call reads: part of the key under which its launches are kept (LaunchCache).
 _SETTINGS = ("SMALL_MAX", "TILE", "TILE_BLOCK_D", "NUM_WARPS", "MEMBERS_BLOCK", "SLICE_WIDTH", "MAX_SLICES",
              "SCRATCH_MIN_BYTES", "SCRATCH_MAX_BYTES", "SCRATCH_GRAD_FRACTION", "GRAM_ROWS", "GRAM_D", "GRAM_WARPS",
-             "SMALL_WARPS",
-             "SMALLEST_TILE", "SCALE_ROWS", "SCALE_BLOCK", "PLAN_BLOCK", "PLAN_MEMBERS", "PLAN_FLAGS", "LOAD_AHEAD",
-             "BIG_PROGRAMS_PER_SM",
-             "SUM_BLOCK")
+             "SMALL_WARPS", "BIG_PROGRAMS_PER_SM", "SMALLEST_TILE", "SCALE_ROWS", "SCALE_BLOCK", "PLAN_BLOCK",
+             "PLAN_MEMBERS", "PLAN_FLAGS", "LOAD_AHEAD", "SUM_BLOCK")
 _FORWARD_LAUNCHES = LaunchCache()
 _SCALE_LAUNCHES = LaunchCache()
 
@@ -617,10 +615,10 @@ def _tile_of(P):
 
 
 @triton.jit
-def _plan_family(Y, y_g, y_m, n_groups, N, cnt, offs, sizes, running, cap, big, n_big,
+def _plan_family(Y, y_g, y_m, n_groups, N, cnt, offs, running, cap, big, n_big,
                  LISTS: tl.constexpr, N_S: tl.constexpr, SMALL_MAX: tl.constexpr, BG: tl.constexpr,
                  BM: tl.constexpr, GROUPS_FAST: tl.constexpr):
-    """Offsets into the partial-Gram scratch of one family's groups, their sizes, and the list of its
+    """Offsets into the partial-Gram scratch of one family's groups, and the list of its
     groups of more than SMALLEST_TILE members in group order (``big``) with their number (``n_big``):
     the work of ``_split_kernel``'s launch of them (see ``_plan_kernel``).
     ``GROUPS_FAST``: the targets' groups are their contiguous axis (CD of a row-major [B, C]), so the
@@ -648,7 +646,6 @@ def _plan_family(Y, y_g, y_m, n_groups, N, cnt, offs, sizes, running, cap, big, 
         area = tl.where(inside & (P >= 2) & (P <= SMALL_MAX), N_S * 2 * tile * tile, 0)
         end = running + tl.cumsum(area, axis=0)
         tl.store(offs + gg, tl.where((area > 0) & (end <= cap), end - area, -1), mask=inside)
-        tl.store(sizes + gg, P.to(tl.int64), mask=inside)
         running += tl.sum(area, axis=0)
         is_big = (inside & (P > SMALLEST_TILE)).to(tl.int64)
         at = n_listed + tl.cumsum(is_big, axis=0) - is_big
@@ -659,20 +656,21 @@ def _plan_family(Y, y_g, y_m, n_groups, N, cnt, offs, sizes, running, cap, big, 
 
 
 @triton.jit
-def _plan_kernel(Y, y_b, y_c, B, C, cd_cnt, id_cnt, offs, sizes, cap, done, big, n_big,
+def _plan_kernel(Y, y_b, y_c, B, C, cd_cnt, id_cnt, offs, cap, done, big, n_big,
                  CD_LISTS: tl.constexpr, ID_LISTS: tl.constexpr, N_S: tl.constexpr, SMALL_MAX: tl.constexpr,
                  CD_BG: tl.constexpr, ID_BG: tl.constexpr, CD_BM: tl.constexpr, ID_BM: tl.constexpr,
                  CD_FAST: tl.constexpr, ID_FAST: tl.constexpr):
     """One program: for every group of 2 to SMALL_MAX members (CD groups 0..C-1, then ID groups), where
     its N_S partial Gram pairs start in the scratch (floats), in group order while they fit in ``cap``;
-    -1 for every other group (fewer than 2 members, a large group, or past the scratch); every
-    group's size; and zero in ``done``, the counter of the call's last launch (see ``_finish``)."""
+    -1 for every other group (fewer than 2 members, a large group, or past the scratch); each family's
+    groups of more than SMALLEST_TILE members (``big``, ``n_big``); and zero in ``done``, the counter
+    of the call's last launch (see ``_finish``)."""
     tl.store(done, tl.zeros((), dtype=tl.int64))
     running = tl.zeros((), dtype=tl.int64)
-    running = _plan_family(Y, y_c, y_b, C, B, cd_cnt, offs, sizes, running, cap, big, n_big, CD_LISTS, N_S,
-                           SMALL_MAX, CD_BG, CD_BM, CD_FAST)
-    _plan_family(Y, y_b, y_c, B, C, id_cnt, offs + C, sizes + C, running, cap, big + C, n_big + 1, ID_LISTS, N_S,
-                 SMALL_MAX, ID_BG, ID_BM, ID_FAST)
+    running = _plan_family(Y, y_c, y_b, C, B, cd_cnt, offs, running, cap, big, n_big, CD_LISTS, N_S, SMALL_MAX,
+                           CD_BG, CD_BM, CD_FAST)
+    _plan_family(Y, y_b, y_c, B, C, id_cnt, offs + C, running, cap, big + C, n_big + 1, ID_LISTS, N_S, SMALL_MAX,
+                 ID_BG, ID_BM, ID_FAST)
 
 
 @triton.jit
@@ -1012,21 +1010,20 @@ def _plan_block(n_groups: int, n_members: int) -> int:
 
 
 def _plan(targets, cd_cnt, id_cnt, n_s: int, cap: int, launch=JIT_LAUNCH):
-    """``_plan_kernel``'s offsets and group sizes (int64 ``[C + B]`` each, CD groups then ID groups) for
-    ``n_s`` slices and ``cap`` floats, the zeroed counter of the call's last launch (int64 ``[1]``), and
-    each family's groups of more than SMALLEST_TILE members (int64 ``[C + B]``: CD's from 0, ID's from
-    C, each in group order, the rest unwritten) with their numbers (int64 ``[2]``): views of one buffer."""
+    """``_plan_kernel``'s offsets (int64 ``[C + B]``, CD groups then ID groups) for ``n_s`` slices and
+    ``cap`` floats, the zeroed counter of the call's last launch (int64 ``[1]``), and each family's
+    groups of more than SMALLEST_TILE members (int64 ``[C + B]``: CD's from 0, ID's from C, each in
+    group order, the rest unwritten) with their numbers (int64 ``[2]``): views of one buffer."""
     B, C = targets.shape
-    plan = torch.empty(3 * (C + B) + 3, dtype=torch.int64, device=targets.device)
-    offs, sizes, done = plan[: C + B], plan[C + B : 2 * (C + B)], plan[2 * (C + B) : 2 * (C + B) + 1]
-    big, n_big = plan[2 * (C + B) + 1 : 3 * (C + B) + 1], plan[3 * (C + B) + 1 :]
+    plan = torch.empty(2 * (C + B) + 3, dtype=torch.int64, device=targets.device)
+    offs, done, big, n_big = plan[: C + B], plan[C + B : C + B + 1], plan[C + B + 1 : 2 * (C + B) + 1], plan[-2:]
     launch(
-        _plan_kernel, (1,), targets, targets.stride(0), targets.stride(1), B, C, cd_cnt, id_cnt, offs, sizes, cap,
+        _plan_kernel, (1,), targets, targets.stride(0), targets.stride(1), B, C, cd_cnt, id_cnt, offs, cap,
         done, big, n_big, CD_LISTS=B > SMALL_MAX, ID_LISTS=C > SMALL_MAX, N_S=n_s, SMALL_MAX=SMALL_MAX,
         CD_BG=_plan_block(C, B), ID_BG=_plan_block(B, C), CD_BM=_plan_members(B), ID_BM=_plan_members(C),
         CD_FAST=targets.stride(1) < targets.stride(0), ID_FAST=targets.stride(0) < targets.stride(1),
         num_warps=NUM_WARPS)
-    return offs, sizes, done, big, n_big
+    return offs, done, big, n_big
 
 
 def _split_slices(D: int) -> tuple[int, int]:
@@ -1113,7 +1110,7 @@ def led_forward(es: torch.Tensor, et: torch.Tensor, targets: torch.Tensor, lambd
         given = (cd_idx, cd_cnt, id_idx, id_cnt)
         cd_idx_, cd_cnt_, id_idx_, id_cnt_ = (t if t is not None else group_loss for t in given)
         part = torch.empty(_split_scratch(es, n_s), dtype=torch.float32, device=device)
-        offs, sizes, done, big, n_big = _plan(targets, cd_cnt_, id_cnt_, n_s, part.numel(), launch)
+        offs, done, big, n_big = _plan(targets, cd_cnt_, id_cnt_, n_s, part.numel(), launch)
         launch(
             _gram_kernel, (C + B, n_s), es, et, *es.stride(), *et.stride(), targets, *targets.stride(), B, C,
             es.shape[2], offs, part, cd_idx_, cd_cnt_, id_idx_, id_cnt_, CD_LISTS=cd_lists, ID_LISTS=id_lists,
