@@ -91,9 +91,21 @@ __device__ bool last_block(int* counter) {
 struct Plan {
   int* blocks_done;  // zero before the launch
   int n_s;           // slices per group
-  int64_t cap;       // floats of the scratch
+  int64_t cap;       // floats of the scratch (below 2^31)
   int64_t* offs;     // [C + B]: where each group's partial Grams start; null: no width split
+  // The slice launches' work lists: each family's groups of 2 to 64 members by tile size (kTileClasses,
+  // the 64-row tile first), in the order members_kernel's atomics list them: n_class [2][3] counts
+  // (zero before the launch), pos [C + B] each group's place in its list, info [3 C] (CD) then [3 B]
+  // (ID): per place {group, size, scratch offset (-1: none), 0}, written by the plan.
+  int* n_class;
+  int* pos;
+  int4* info;
 };
+
+// Tile classes of the width-split path, largest first: a slice launch takes its work in this order
+// (see slice_kernel).
+constexpr int kTileClasses = 3;
+__host__ __device__ __forceinline__ int class_of(int P) { return P > 32 ? 0 : P > 16 ? 1 : 2; }
 
 // One block: each group's place in the scratch (floats), CD groups then ID groups, -1 for a group of
 // fewer than two or more than 64 members, or past cap. A group's area, n_s * 2 * T * T floats, is
@@ -102,14 +114,17 @@ struct Plan {
 // block-wide scan and two barriers a step: with one group a thread, OpenImages' 9,621 groups took
 // 38 steps, about 28 us of one block at the end of members_kernel on an H100; now 10). Four, not
 // more: members_kernel stays at 32 registers (eight blocks per SM for its zero rows) without a spill.
-// The sizes are read at L2 (__ldcg): other blocks of the launch wrote them.
+// The sizes are read at L2 (__ldcg): other blocks of the launch wrote them. The plan also writes each
+// listed group's entry of the slice launches' work lists (Plan::info).
 constexpr int kPlanItems = 4;
 
 template <typename Scan>
 __device__ void plan_groups(const int* cd_cnt, const int* id_cnt, int64_t C, int64_t B, const Plan& plan,
                             typename Scan::TempStorage& scan_storage, int& running) {
-  const int64_t unit = static_cast<int64_t>(plan.n_s) * 2 * 16 * 16;
-  const int64_t cap_units = plan.cap / unit;
+  // In 32 bits: an offset is below the scratch's floats (Plan::cap < 2^31), a unit count below 16 (C + B).
+  const int unit = plan.n_s * 2 * 16 * 16;
+  const int cap_units = static_cast<int>(plan.cap / unit);
+  int4* const info_id = plan.info + kTileClasses * C;
   __syncthreads();  // the caller's last use of the storage and counter is over
   if (threadIdx.x == 0) running = 0;
   __syncthreads();
@@ -128,11 +143,23 @@ __device__ void plan_groups(const int* cd_cnt, const int* id_cnt, int64_t C, int
     }
     int total;
     Scan(scan_storage).ExclusiveSum(units, before, total);
+    // Each listed group's place in its work list, loaded after the scan: loaded before it, the four
+    // values held across it spill 24 bytes at members_kernel's 32 registers (nvcc 13.0, sm_90).
+    int pos[kPlanItems];
+    #pragma unroll
+    for (int k = 0; k < kPlanItems; ++k) pos[k] = units[k] > 0 ? __ldcg(plan.pos + first + k) : -1;
     #pragma unroll
     for (int k = 0; k < kPlanItems; ++k) {
       const int64_t g = first + k;
-      const int64_t end = static_cast<int64_t>(running) + before[k] + units[k];
-      if (g < C + B) plan.offs[g] = (units[k] > 0 && end <= cap_units) ? (end - units[k]) * unit : -1;
+      const int end = running + before[k] + units[k];
+      const int off = (units[k] > 0 && end <= cap_units) ? (end - units[k]) * unit : -1;
+      if (g < C + B) plan.offs[g] = off;
+      if (pos[k] >= 0) {
+        const bool cd = g < C;
+        const int c = class_of(sizes[k]);
+        int4* entry = cd ? plan.info + c * C + pos[k] : info_id + c * B + pos[k];
+        *entry = make_int4(static_cast<int>(cd ? g : g - C), sizes[k], off, 0);
+      }
     }
     __syncthreads();
     if (threadIdx.x == 0) running += total;
@@ -142,11 +169,11 @@ __device__ void plan_groups(const int* cd_cnt, const int* id_cnt, int64_t C, int
 
 // One block per group (CD groups first, then ID groups): the group's members in order and its size;
 // a group of two to 64 members (or more, in a family that is not striped) goes on its family's list
-// of active groups, a larger one of a striped family puts its row tiles on the list of work items
-// (integer atomics: the lists' order varies, each group's arithmetic does not); a group of fewer
-// than two has loss 0 here. CD blocks also write zero into the gradient rows of their label outside
-// the group (all of them when it has fewer than two members), so that every row is written once
-// before ID adds into it. With a plan (the width split), the last block to finish places the groups.
+// of active groups (and, with a plan, one of 2 to 64 on its tile class's work list), a larger one of
+// a striped family puts its row tiles on the list of work items (integer atomics: the lists' order
+// varies, each group's arithmetic does not); a group of fewer than two has loss 0 here. CD blocks
+// also write zero into the gradient rows of their label outside the group (all of them when it has
+// fewer than two members), so that every row is written once before ID adds into it. With a plan (the width split), the last block to finish places the groups.
 // 32 registers (the bound): a full SM of blocks for the zero rows.
 template <typename TG, typename TY>
 __global__ void __launch_bounds__(kThreads, 8)
@@ -188,6 +215,8 @@ __global__ void __launch_bounds__(kThreads, 8)
       for (int k = 0; k < n; ++k) items[k] = rank * max_strips + k;
     } else if (P >= 2) {
       active[(cd ? 0 : C) + atomicAdd(n_active + fam, 1)] = rank;
+      if (plan.offs != nullptr && P <= kOneTile)  // on its work list of the width-split path
+        plan.pos[g] = atomicAdd(plan.n_class + kTileClasses * fam + class_of(P), 1);
     } else {
       group_loss[g] = 0.f;
     }
@@ -806,6 +835,7 @@ struct SliceArgs {
   float* part;    // the scratch
   int n_s;        // slices per group
   int64_t slice;  // widths per slice
+  int* queue = nullptr;  // the launch's next work item (zero before it); null: every gridDim.x-th item a block
   // Profiling only (L2D_CUDA_LED_ITEM_CLOCKS, see led_cuda): per work item i of the launch, [5 i ..
   // 5 i + 4] = i, the SM, the start (globaltimer, ns), the cycles it took (clock64) and its group's
   // size (negated for a group without a place in the scratch: passed over); null: off.
@@ -851,6 +881,8 @@ struct SliceFamily {
   int64_t n_groups;     // 0: no share in the launch
   const int* n_active;  // the family's groups of two members or more (members_kernel's list)
   const int* active;
+  const int* n_class;   // its work lists (Plan): [3] counts, [3][n_groups] entries
+  const int4* info;
 };
 
 template <int T, typename TS, typename TT>
@@ -911,47 +943,62 @@ __device__ void slice_grad(const TS* __restrict__ s, const int* __restrict__ mem
   tile_grad<T>(s, f, sh, P, P, true, f.add, grad, lo, hi);
 }
 
-// Work item i = q * n + k of a family with n active groups: slice q of its k-th active group g (a
-// group's slices fall on different blocks). Only the active groups (two members or more) have items:
-// at OpenImages' 9,605 labels, two of them in a batch of 16, where items over every group cost
-// 145 items of a block's serial loop, each a load or two of latency, in each of the three launches.
-// The list's order varies from run to run (members_kernel's atomics); an item's arithmetic does not
-// depend on it. An item of a group without a place in the scratch is passed over (the same for the
-// whole block).
+// A launch's work items, largest tiles first: of class 0 (64-row tiles) CD's groups then ID's (the
+// Gram launch takes both families; a gradient launch one), then class 1, then class 2; within a
+// class and family, the groups in their work list's order (members_kernel's atomics: it varies from
+// run to run, an item's arithmetic does not), each group's n_s slices in turn. A block takes the
+// next item from the launch's queue (an integer atomic) when it starts one: the 64-row tiles' items
+// (a COCO batch's 36-member CD group: six of them, each several times a 16-row tile's) go first, and
+// the small items fill the SMs around them. Run f's Nsight Compute read the slice launches at COCO
+// with the items dealt out in turn, one block per SM: SMs were active 32-67% of the launch (CD's
+// weights and gradient: 24.1k cycles active per SM on average, 74.8k elapsed).
 //
-// An item's group, its place in the scratch and its size (ItemGroup) are two dependent loads
-// (the active list, then the group's offset and size), which slice_kernel issues one and two items
-// ahead of the item's turn, so that they arrive while the block works on the items before it.
-struct ItemGroup {
-  int64_t g = -1, off = -1;
-  int P = 0;
+// The block's thread 0 takes its next item's index when it starts an item (so the atomic's round
+// trip hides behind the item) and loads the item's entry (group, size, scratch offset) after it,
+// passing it to the block in shared memory (two buffers, by the parity of the turn). Only groups
+// of 2 to 64 members have items (at OpenImages' 9,605 labels, two in a batch of 16); an item of a
+// group without a place in the scratch is passed over (the same for the whole block). Without a
+// queue (SliceArgs::queue null), block b takes items b, b + gridDim.x, ... of the same order.
+struct SliceItem {  // (in shared memory: no initializers)
+  int64_t i;  // -1: no more items
+  int fam;    // 0: family a, 1: b
+  int g, P, q, off;
 };
 
-__device__ __forceinline__ int64_t item_group(const SliceFamily& fam, int64_t i, int n) {
-  return fam.active[i % n];
-}
+struct SliceList {
+  int64_t n[2][kTileClasses];  // items of each family and class
+  int64_t items = 0;
+  int n_s = 1;                 // items a group
 
-__device__ __forceinline__ ItemGroup item_place(const SliceFamily& fam, int64_t g) {
-  ItemGroup m;
-  if (g >= 0) m.g = g, m.off = fam.f.offs[g], m.P = fam.cnt[g];
-  return m;
-}
+  // Where item i is: its family, class and place in the class's list (its slice: q).
+  __device__ __forceinline__ bool locate(int64_t i, int& fam, int& c, int64_t& k, int& q) const {
+    #pragma unroll
+    for (c = 0; c < kTileClasses; ++c)
+      #pragma unroll
+      for (fam = 0; fam < 2; ++fam) {
+        if (i < n[fam][c]) {
+          k = i / n_s, q = static_cast<int>(i % n_s);
+          return true;
+        }
+        i -= n[fam][c];
+      }
+    return false;
+  }
+};
 
 template <bool kGrad, typename TS, typename TT>
 __device__ __forceinline__ void slice_item(const TS* __restrict__ es, const TT* __restrict__ et,
                                            grad_t<TS>* __restrict__ grad, const SliceFamily& fam,
-                                           const SliceArgs& sa, GroupShared& shared, int64_t i, int n,
-                                           const ItemGroup& item) {
+                                           const SliceArgs& sa, GroupShared& shared, const SliceItem& item) {
   const FamilyArgs& f = fam.f;
-  const int64_t g = item.g, off = item.off;
-  const int q = static_cast<int>(i / n);
-  if (off < 0 || (kGrad && !f.write_grad && q > 0)) return;  // without gradient, slice 0 takes the loss alone
-  const int P = item.P;
+  if (item.off < 0) return;  // no place in the scratch: the group kernel takes it whole
+  const int64_t g = item.g;
+  const int P = item.P, q = item.q;
   const int64_t lo = q * sa.slice, hi = lo + sa.slice < f.width ? lo + sa.slice : f.width;
   const TS* s = es + g * f.s_g;
   const TT* t = et + g * f.t_g;
   const int* members = fam.idx + g * f.n_members;
-  float* part_g = sa.part + off;
+  float* part_g = sa.part + item.off;
   if constexpr (kGrad) {
     grad_t<TS>* grad_g = grad + g * f.g_g;
     float* loss = fam.loss + g;
@@ -966,38 +1013,59 @@ __device__ __forceinline__ void slice_item(const TS* __restrict__ es, const TT* 
   __syncthreads();  // the next item reuses shared memory
 }
 
-// Every gridDim.x-th work item per block: family a's items, then b's. The Gram launch (kGrad false)
-// takes both families at once, CD then ID: they read the inputs and write apart in the scratch. The
-// gradient launches take one family each (b unused): ID adds into the rows CD wrote.
+// The Gram launch (kGrad false) takes both families at once, CD (a) and ID (b): they read the inputs
+// and write apart in the scratch. The gradient launches take one family each (b unused): ID adds
+// into the rows CD wrote. Without gradient, a gradient launch's items are the groups' slice 0 (the
+// loss) alone.
 template <bool kGrad, typename TS, typename TT>
 __global__ void __launch_bounds__(kThreads, 1)
     slice_kernel(const TS* __restrict__ es, const TT* __restrict__ et, grad_t<TS>* __restrict__ grad, SliceFamily a,
                  SliceFamily b, SliceArgs sa) {
   __shared__ GroupShared shared;
-  const int n_a = a.n_groups > 0 ? *a.n_active : 0, n_b = !kGrad && b.n_groups > 0 ? *b.n_active : 0;
-  const int64_t items_a = static_cast<int64_t>(n_a) * sa.n_s, items = items_a + static_cast<int64_t>(n_b) * sa.n_s;
-  // Item i's group (-1 past the last item) and, from it, its place and size: the next item's place
-  // and the one after's group are loaded before each item runs (see ItemGroup).
-  const auto group_of = [&](int64_t i) -> int64_t {
-    if (i >= items) return -1;
-    return i < items_a ? item_group(a, i, n_a) : item_group(b, i - items_a, n_b);
+  __shared__ SliceItem turn[2];
+  SliceList list;  // thread 0's
+  int64_t next = -1;  // thread 0: the index of the block's next item
+  // Item `i`'s entry, loaded by thread 0.
+  const auto entry = [&](int64_t i) {
+    SliceItem item{-1, 0, 0, 0, 0, -1};
+    int fam, c, q;
+    int64_t k;
+    if (i >= 0 && list.locate(i, fam, c, k, q)) {
+      const SliceFamily& share = fam == 0 ? a : b;
+      const int4 e = share.info[c * share.n_groups + k];
+      item.i = i, item.fam = fam, item.g = e.x, item.P = e.y, item.off = e.z, item.q = q;
+    }
+    return item;
   };
-  const auto place_of = [&](int64_t i, int64_t g) { return i < items_a ? item_place(a, g) : item_place(b, g); };
-  int64_t after_next = group_of(blockIdx.x + gridDim.x);
-  ItemGroup next = place_of(blockIdx.x, group_of(blockIdx.x));
-  for (int64_t i = blockIdx.x; i < items; i += gridDim.x) {
-    const ItemGroup item = next;
-    next = place_of(i + gridDim.x, after_next);
-    after_next = group_of(i + 2 * static_cast<int64_t>(gridDim.x));
-    const bool timed = sa.clocks != nullptr && threadIdx.x == 0 && i < sa.clock_items;
+  const auto take = [&](int64_t after) -> int64_t {
+    return sa.queue != nullptr ? atomicAdd(sa.queue, 1) : after + gridDim.x;
+  };
+  if (threadIdx.x == 0) {
+    list.n_s = kGrad && !a.f.write_grad ? 1 : sa.n_s;
+    #pragma unroll
+    for (int c = 0; c < kTileClasses; ++c) {
+      list.n[0][c] = a.n_groups > 0 ? static_cast<int64_t>(a.n_class[c]) * list.n_s : 0;
+      list.n[1][c] = !kGrad && b.n_groups > 0 ? static_cast<int64_t>(b.n_class[c]) * list.n_s : 0;
+      list.items += list.n[0][c] + list.n[1][c];
+    }
+    const int64_t first = sa.queue != nullptr ? atomicAdd(sa.queue, 1) : blockIdx.x;
+    turn[0] = entry(first < list.items ? first : -1);
+  }
+  __syncthreads();
+  for (int p = 0;; p ^= 1) {
+    const SliceItem item = turn[p];
+    if (item.i < 0) break;
+    if (threadIdx.x == 0) next = take(item.i);  // used after the item: the atomic's latency hides behind it
+    const bool timed = sa.clocks != nullptr && threadIdx.x == 0 && item.i < sa.clock_items;
     const long long start_ns = timed ? global_ns() : 0, start = timed ? sm_cycles() : 0;
-    if (i < items_a) slice_item<kGrad>(es, et, grad, a, sa, shared, i, n_a, item);
-    else slice_item<kGrad>(es, et, grad, b, sa, shared, i - items_a, n_b, item);
+    slice_item<kGrad>(es, et, grad, item.fam == 0 ? a : b, sa, shared, item);
     if (timed) {  // after the item's closing barrier
-      long long* out = sa.clocks + 5 * i;
-      out[0] = i, out[1] = sm_id(), out[2] = start_ns, out[3] = sm_cycles() - start;
+      long long* out = sa.clocks + 5 * item.i;
+      out[0] = item.i, out[1] = sm_id(), out[2] = start_ns, out[3] = sm_cycles() - start;
       out[4] = item.off < 0 ? -item.P : item.P;
     }
+    if (threadIdx.x == 0) turn[p ^ 1] = entry(next < list.items ? next : -1);
+    __syncthreads();  // turn[p ^ 1] written; every thread read turn[p] before it
   }
 }
 
@@ -1048,11 +1116,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in,
   const int64_t strips_cd = strips_of(B), strips_id = strips_of(C);
   const int64_t n_items = C * strips_cd + B * strips_id;
   // One int buffer: counters first (active CD groups, active ID groups, blocks done of the last
-  // launch, CD and ID work items, blocks done of members_kernel), zeroed by a memset on the stream
-  // rather than a fill kernel; then the member lists, the active groups and the striped families'
-  // work items. One float buffer: the group losses, then the striped sweeps' sums.
-  constexpr int kCounters = 6;
-  at::Tensor lists = at::empty({kCounters + 2 * B * C + 2 * (B + C) + n_items}, i32);
+  // launch, CD and ID work items, blocks done of members_kernel, the width-split path's work lists'
+  // counts [2][3] and its three slice launches' queues), zeroed by a memset on the stream rather
+  // than a fill kernel; then the member lists, the active groups, the striped families' work items
+  // and each group's place in its work list. One float buffer: the group losses, then the striped
+  // sweeps' sums.
+  constexpr int kCounters = 6 + 2 * kTileClasses + 3;
+  at::Tensor lists = at::empty({kCounters + 2 * B * C + 3 * (B + C) + n_items}, i32);
   int* n_active = lists.data_ptr<int>();
   C10_CUDA_CHECK(cudaMemsetAsync(n_active, 0, kCounters * sizeof(int), stream));
   int* cd_idx = n_active + kCounters;
@@ -1061,15 +1131,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in,
   int* id_cnt = cd_cnt + C;
   int* active = id_cnt + B;  // [C] active CD groups, then [B] active ID groups
   int* items = active + B + C;
+  int* n_class = n_active + 6;
+  int* queues = n_class + 2 * kTileClasses;
+  int* list_pos = items + n_items;
   at::Tensor group_loss = at::empty({C + B + 4 * n_items}, f32);
   float* losses = group_loss.data_ptr<float>();
   float* sums = losses + C + B;
   at::Tensor out = at::empty({3}, f32), total = at::empty({}, f32);
   // The width-split path (above slice_kernel): slices of kSliceWidth widths, or of a multiple of it
   // past kMaxSlices; a scratch for the partial Grams of what every group at its family's largest
-  // tile would need, at most a sixteenth of the gradient's bytes, within 4-32 MiB. For the tests,
-  // which run at small widths: L2D_CUDA_LED_SLICE_WIDTH sets the slice width,
-  // L2D_CUDA_LED_SCRATCH_BYTES the scratch's bytes (0 keeps every group whole).
+  // tile would need, at most a sixteenth of the gradient's bytes, within 4-32 MiB, after the work
+  // lists' entries (16 bytes for each of 3 (C + B) places). For the tests, which run at small
+  // widths: L2D_CUDA_LED_SLICE_WIDTH sets the slice width, L2D_CUDA_LED_SCRATCH_BYTES the scratch's
+  // bytes (0 keeps every group whole); for the profile's comparison, L2D_CUDA_LED_QUEUE=0 deals
+  // the slice launches' items out in turn instead of from a queue.
   int64_t base = kSliceWidth;
   if (const char* env = std::getenv("L2D_CUDA_LED_SLICE_WIDTH")) base = std::max<int64_t>(1, std::atoll(env));
   int64_t slice = base, n_s = (D + base - 1) / base;
@@ -1082,14 +1157,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in,
   const int64_t grad_bytes = es.numel() * static_cast<int64_t>(c10::elementSize(grad_scalar_type(es.scalar_type())));
   int64_t scratch_bytes = std::min<int64_t>(std::max<int64_t>(4 << 20, grad_bytes / 16), 32 << 20);
   if (const char* env = std::getenv("L2D_CUDA_LED_SCRATCH_BYTES")) scratch_bytes = std::atoll(env);
-  const int64_t cap = std::min<int64_t>(worst, scratch_bytes / 4);
+  const int64_t cap = std::min<int64_t>({worst, scratch_bytes / 4, INT32_MAX});  // offsets in 32 bits
   const bool split = n_s > 1 && cap > 0 && B * C > 0;
+  const char* queue_env = std::getenv("L2D_CUDA_LED_QUEUE");
+  const bool queue = queue_env == nullptr || std::atoi(queue_env) != 0;
+  const int64_t info_floats = 4 * kTileClasses * (C + B);
   at::Tensor offs, part;  // allocated only for the split path
   if (split) {
     offs = at::empty({C + B}, es.options().dtype(at::kLong));
-    part = at::empty({cap}, f32);
+    part = at::empty({info_floats + cap}, f32);
   }
   int64_t* offs_ptr = split ? offs.data_ptr<int64_t>() : nullptr;
+  int4* info = split ? reinterpret_cast<int4*>(part.data_ptr<float>()) : nullptr;
   // Profiling only: each slice launch's items' clocks (append_item_clocks), -1 where no item ran.
   const char* clock_path = std::getenv("L2D_CUDA_LED_ITEM_CLOCKS");
   at::Tensor clocks;
@@ -1112,7 +1191,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in,
       members_kernel<G, TY><<<static_cast<unsigned>(C + B), kThreads, 0, stream>>>(
           y, pos.stride(0), pos.stride(1), B, C, cd_idx, cd_cnt, id_idx, id_cnt, n_active, active, losses, g,
           g_sb, g_sc, D, st_cd, st_id,
-          split ? Plan{n_active + 5, static_cast<int>(n_s), cap, offs_ptr} : Plan{});
+          split ? Plan{n_active + 5, static_cast<int>(n_s), cap, offs_ptr, n_class, list_pos, info} : Plan{});
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     // CD: groups are labels, members are images; then ID: the other way round. When split, one slice
@@ -1126,11 +1205,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in,
                         split ? offs_ptr + C : nullptr};
     const Finalize fin{out.data_ptr<float>(), total.data_ptr<float>(), losses, n_active + 2, C, B,
                        static_cast<float>(lambda_cd), static_cast<float>(lambda_id)};
-    const SliceFamily cd_share{cd, cd_idx, cd_cnt, losses, C, n_active, active},
-        id_share{id, id_idx, id_cnt, losses + C, B, n_active + 1, active + C};
-    SliceArgs sa{split ? part.data_ptr<float>() : nullptr, static_cast<int>(n_s), slice};
-    const auto timed = [&](int launch) {  // sa with launch's share of the item clocks, if any
+    const SliceFamily cd_share{cd, cd_idx, cd_cnt, losses, C, n_active, active, n_class, info},
+        id_share{id, id_idx, id_cnt, losses + C, B, n_active + 1, active + C, n_class + kTileClasses,
+                 info == nullptr ? nullptr : info + kTileClasses * C};
+    SliceArgs sa{split ? part.data_ptr<float>() + info_floats : nullptr, static_cast<int>(n_s), slice};
+    const auto timed = [&](int launch) {  // sa with launch's queue and share of the item clocks, if any
       SliceArgs with = sa;
+      if (queue) with.queue = queues + launch;
       if (clocks.defined()) {
         with.clocks = reinterpret_cast<long long*>(clocks.data_ptr<int64_t>()) + launch * clocks.size(1) * 5;
         with.clock_items = clocks.size(1);

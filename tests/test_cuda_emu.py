@@ -275,8 +275,9 @@ def test_led_width_split_plan_over_several_steps(ops, monkeypatch):
 
 def test_led_item_clocks_list_every_slice_item(ops, monkeypatch, tmp_path):
     """L2D_CUDA_LED_ITEM_CLOCKS (profiling): one line per work item of each slice launch, items 0 .. n - 1
-    for n = (active groups) x (slices), with its group's size: both families' in the Gram launch, each
-    family's in its own (the emulator has no clocks or SMs: zeros there). Results as without it."""
+    for n = (groups of 2 to 64 members) x (slices), with its group's size: both families' in the Gram
+    launch, each family's in its own (the emulator has no clocks or SMs: zeros there). Items come
+    largest tile first (64-row, 32, 16), a group's slices in turn. Results as without it."""
     y = _ragged_targets(70, False)
     es, et, _ = embeddings(*y.shape, 300, seed=36)
     es, et = es.float(), et.float()
@@ -289,13 +290,34 @@ def test_led_item_clocks_list_every_slice_item(ops, monkeypatch, tmp_path):
     assert lines[0] == f"# {y.shape[0]} {y.shape[1]} 300 3"
     rows = [tuple(map(int, line.split())) for line in lines[1:]]
     cd, id_ = y.sum(0), y.sum(1)
-    cd, id_ = cd[cd >= 2].tolist(), id_[id_ >= 2].tolist()  # the active groups' sizes
+    cd, id_ = [p for p in cd.tolist() if 2 <= p <= 64], [p for p in id_.tolist() if 2 <= p <= 64]
+    assert cd and id_ and max(cd) > 32  # every tile class has items
+    tile = [64 if p > 32 else 32 if p > 16 else 16 for p in range(65)]
     for launch, sizes in enumerate((cd + id_, cd, id_)):
-        mine = [r for r in rows if r[0] == launch]
-        assert sorted(r[1] for r in mine) == list(range(3 * len(sizes)))
-        # Each group's size, 3 times (its slices); negative past 64 members (no place in the scratch).
-        assert sorted(r[5] for r in mine) == sorted(3 * [p if p <= 64 else -p for p in sizes])
+        mine = sorted(r for r in rows if r[0] == launch)
+        assert [r[1] for r in mine] == list(range(3 * len(sizes)))
+        assert sorted(r[5] for r in mine) == sorted(3 * sizes)
+        tiles = [tile[r[5]] for r in mine]
+        assert tiles == sorted(tiles, reverse=True)
+        assert all(mine[k][5] == mine[k + 1][5] == mine[k + 2][5] for k in range(0, len(mine), 3))
     assert all(r[2:5] == (0, 0, 0) for r in rows)
+
+
+def test_led_slice_items_from_the_queue_or_in_turn(ops, monkeypatch):
+    """The slice launches' items from the queue (the default: in the emulator, whose blocks run one
+    after another, the first block takes them all) or dealt out in turn (L2D_CUDA_LED_QUEUE=0: every
+    block takes some): bitwise the same losses and gradient, with and without gradient."""
+    y = _ragged_targets(70, True)
+    es, et, _ = embeddings(*y.shape, 300, seed=37)
+    es, et = es.float(), et.float()
+    queued = _led(ops, es, et, y)
+    _check_fp32(*queued, es, et, y)
+    queued_only = ops.led(es, et, y, 100.0, 1000.0, False)
+    monkeypatch.setenv("L2D_CUDA_LED_QUEUE", "0")
+    in_turn = _led(ops, es, et, y)
+    in_turn_only = ops.led(es, et, y, 100.0, 1000.0, False)
+    assert torch.equal(queued[0], in_turn[0]) and torch.equal(queued[1], in_turn[1])
+    assert torch.equal(queued_only[0], in_turn_only[0]) and torch.equal(queued_only[0], queued[0])
 
 
 def test_led_width_split_wider_slices(ops):

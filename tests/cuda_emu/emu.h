@@ -232,12 +232,16 @@ inline void set_order(int order, uint64_t seed) {
 using l2d_emu::dim3;
 using l2d_emu::uint3;
 
-// CUDA's 16-byte vector type: the emulator's build checks the alignment of every access through it
-// (-fsanitize=alignment), as the GPU faults on a misaligned vector load.
+// CUDA's 16-byte vector types: the emulator's build checks the alignment of every access through them
+// (-fsanitize=alignment), as the GPU faults on a misaligned vector access.
 struct alignas(16) float4 {
   float x, y, z, w;
 };
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+struct alignas(16) int4 {
+  int x, y, z, w;
+};
+inline int4 make_int4(int x, int y, int z, int w) { return {x, y, z, w}; }
 
 #define __global__
 #define __device__
