@@ -175,12 +175,13 @@ assert all(math.isfinite(r[k]) for k in ('teacher_map', 'vanilla_map', 'l2d_map'
 
 bench_all() {
     # Default extra rows, at COCO only (each variant compiles its own kernels): each backend's LED call
-    # without gradient (the forward under no_grad, no gradient written); Triton LED with the
-    # partial-Gram kernel at 8 warps (run f's default: 46.5 us against 31.6-32.5 at 4), and with
-    # 128-wide slices (6 programs a group instead of 12: run d's split kernel gained from fewer, its
-    # Gram kernel lost), beside the default's, in the same run.
+    # without gradient (the forward under no_grad, no gradient written); CUDA LED with the slice
+    # launches' items dealt out in turn (QUEUE=0: run f's scheduling, over the new largest-first
+    # order); Triton LED with the partial-Gram kernel at 8 warps (run f's default: 46.5 us against
+    # 31.6-32.5 at 4), and with 128-wide slices (6 programs a group instead of 12: run d's split
+    # kernel gained from fewer, its Gram kernel lost), beside the default's, in the same run.
     step profile "${L2D_PROFILE_LIMIT:-120}" $PY benchmarks/kernel_profile.py \
-        ${L2D_PROFILE_ARGS:---no-grad --triton-led-set GRAM_WARPS=8 --triton-led-set SLICE_WIDTH=128 --variant-shapes 64x80x768} \
+        ${L2D_PROFILE_ARGS:---no-grad --cuda-led-env QUEUE=0 --triton-led-set GRAM_WARPS=8 --triton-led-set SLICE_WIDTH=128 --variant-shapes 64x80x768} \
         --out "$OUT/profile-$card.md"
     # Nsight Compute's view of the CUDA LED members and slice kernels at COCO (one call: members, the
     # Grams' slices, CD's and ID's weights and gradient), before the benchmarks: 97 us of run e's 118
@@ -191,11 +192,14 @@ bench_all() {
     step ncu-cuda 60 bash -c "cd benchmarks && ncu -k 'regex:members_kernel|slice_kernel' --launch-skip 4 --launch-count 4 $sections $PY ncu_driver.py led 64 80 768 cuda"
     # Which items, on which SMs, set the CUDA slice launches' time (benchmarks/item_clocks.py): each
     # item's SM cycles and group size, at COCO and OpenImages (a debug mode of the extension that
-    # synchronizes; nothing timed runs beside it). Cycles to us at the card's top clock.
-    local clocks="$OUT/item-clocks.txt"
-    rm -f "$clocks"
-    step item-clocks 40 bash -c "cd benchmarks && L2D_CUDA_LED_ITEM_CLOCKS='$clocks' $PY ncu_driver.py led 64 80 768 cuda &&
-        L2D_CUDA_LED_ITEM_CLOCKS='$clocks' $PY ncu_driver.py led 16 9605 256 cuda && $PY item_clocks.py '$clocks' --ghz 1.98"
+    # synchronizes; nothing timed runs beside it). Cycles to us at the card's top clock. Then COCO
+    # again with the items dealt out in turn (QUEUE=0), into a file of its own.
+    local clocks="$OUT/item-clocks.txt" clocks_turn="$OUT/item-clocks-in-turn.txt"
+    rm -f "$clocks" "$clocks_turn"
+    step item-clocks 60 bash -c "cd benchmarks && L2D_CUDA_LED_ITEM_CLOCKS='$clocks' $PY ncu_driver.py led 64 80 768 cuda &&
+        L2D_CUDA_LED_ITEM_CLOCKS='$clocks' $PY ncu_driver.py led 16 9605 256 cuda && $PY item_clocks.py '$clocks' --ghz 1.98 &&
+        L2D_CUDA_LED_QUEUE=0 L2D_CUDA_LED_ITEM_CLOCKS='$clocks_turn' $PY ncu_driver.py led 64 80 768 cuda &&
+        $PY item_clocks.py '$clocks_turn' --ghz 1.98"
     # One pytest run per file, each writing its JSON as it ends, so a deadline cuts one file, not all.
     rm -rf build/bench && mkdir -p build/bench
     jsons=()

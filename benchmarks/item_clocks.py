@@ -7,10 +7,12 @@ The CUDA extension, with ``L2D_CUDA_LED_ITEM_CLOCKS`` set, appends one line per 
 width-split slice launch (it synchronizes: profiling only): the launch (0: both families' partial
 Grams; 1: CD's weights and gradient; 2: ID's), the item, its SM, its start (the device's
 nanosecond clock), the SM cycles it took and its group's size (negative: passed over, the group
-has no place in the scratch). Each block takes its launch's items in turn, one block per SM, so a
-launch lasts as long as its busiest SM's queue. For the last call of each shape in the file, per launch: its span
-(first start to last end, ns), the busiest SM's items and cycles against the mean SM's, and the
-cycles of items by tile size (16, 32, 64 rows) and of those passed over.
+has no place in the scratch). A launch runs one block per SM; items come largest tile first, each
+block taking the next from the launch's queue (or, with ``L2D_CUDA_LED_QUEUE=0``, items b,
+b + blocks, ... in turn), so a launch lasts as long as its busiest SM's items. For the last call of
+each shape in the file, per launch: how far apart the items' starts are, the busiest SM's items and
+cycles against the mean SM's, and the cycles of items by tile size (16, 32, 64 rows) and of those
+passed over.
 """
 
 from __future__ import annotations

@@ -29,6 +29,10 @@ all of them. ``--variant-shapes`` limits every variant's rows to the shapes name
 compiles its own kernels: at every shape, a short run would end before the variants).
 ``--no-grad`` adds LED rows of each backend's call without gradient (backend ``NAME/no-grad``: the
 forward under ``torch.no_grad()``, no gradient written), at the variant shapes.
+``--cuda-led-env NAME=V1,V2`` (repeatable) adds CUDA LED rows with the extension's environment
+setting ``L2D_CUDA_LED_NAME`` set to each value (read at every call; backend ``cuda/NAME=V``), e.g.
+``QUEUE=0`` (the slice launches' items dealt out in turn) or ``SLICE_WIDTH=64``; space-separated
+assignments make one variant, as for ``--triton-led-set``. At the variant shapes.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import os
 import sys
 import time
 from unittest import mock
@@ -194,6 +199,12 @@ def _triton_led_settings(assignments):
         yield
 
 
+def _cuda_led_env(assignments):
+    """The CUDA extension's LED settings ``L2D_CUDA_LED_<NAME>`` set in the environment (the operator
+    reads them at every call), restored on exit."""
+    return mock.patch.dict(os.environ, {f"L2D_CUDA_LED_{name}": str(value) for name, value in assignments})
+
+
 def _kernel_cell(name: str, n: float, mean_us: float, slots=()) -> str:
     cell = f"{name[:48]} {n:g}x{mean_us:.1f}"
     return cell + (f" ({' + '.join(f'{t:.1f}' for t in slots)})" if slots else "")
@@ -224,6 +235,8 @@ def main(argv=None) -> int:
                         help="extra Triton LED rows with the integer setting triton_led.NAME at each value")
     parser.add_argument("--variant-shapes", default="",
                         help="comma-separated shapes (BxCxD) for the variant rows only (default: as --shapes)")
+    parser.add_argument("--cuda-led-env", action="append", default=[], metavar="NAME=V1,V2",
+                        help="extra CUDA LED rows with the environment setting L2D_CUDA_LED_NAME at each value")
     parser.add_argument("--no-grad", action="store_true",
                         help="extra LED rows of each backend's call without gradient (under torch.no_grad)")
     parser.add_argument("--losses", default="led,mld", help="comma-separated: which losses' cases to profile")
@@ -247,6 +260,11 @@ def main(argv=None) -> int:
         runs.append((backend, backend, cases, contextlib.nullcontext))
         if args.no_grad:
             runs.append((f"{backend}/no-grad", backend, led_cases, torch.no_grad))
+        if backend == "cuda":
+            for setting in args.cuda_led_env:
+                for assignments in _variants(setting):
+                    label = "cuda/" + " ".join(f"{name}={v}" for name, v in assignments)
+                    runs.append((label, "cuda", led_cases, lambda a=assignments: _cuda_led_env(a)))
         if backend == "triton" and args.triton_led_no_ahead:
             runs.append(("triton/no-ahead", "triton", led_cases, lambda: _triton_led_setting("LOAD_AHEAD", False)))
         if backend == "triton":

@@ -88,6 +88,16 @@ def test_a_setting_that_does_not_exist_is_refused():
             pass
 
 
+def test_cuda_led_env_variant_sets_the_extension_settings_inside_and_restores_them(monkeypatch):
+    import os
+
+    monkeypatch.delenv("L2D_CUDA_LED_QUEUE", raising=False)
+    monkeypatch.setenv("L2D_CUDA_LED_SLICE_WIDTH", "128")
+    with kernel_profile._cuda_led_env(kernel_profile._variants("QUEUE=0 SLICE_WIDTH=64")[0]):
+        assert os.environ["L2D_CUDA_LED_QUEUE"] == "0" and os.environ["L2D_CUDA_LED_SLICE_WIDTH"] == "64"
+    assert "L2D_CUDA_LED_QUEUE" not in os.environ and os.environ["L2D_CUDA_LED_SLICE_WIDTH"] == "128"
+
+
 def test_slices_variant_sets_the_width_inside_and_restores_it():
     from l2d_kernels.ops import triton_led
 
