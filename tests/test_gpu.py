@@ -101,6 +101,23 @@ def test_led_is_bitwise_reproducible_at_scale(gpu_backend):
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+@pytest.mark.parametrize("shape", [(64, 80, 768), (32, 1000, 768)], ids=["coco", "c1000"])
+def test_cuda_led_slice_items_from_the_queue_or_in_turn_bitwise(monkeypatch, shape):
+    """The CUDA slice launches take their items from a queue (which block runs which item varies from
+    run to run) or in turn (L2D_CUDA_LED_QUEUE=0): bitwise the same losses and gradient, and close
+    to the float64 reference."""
+    if "cuda" not in fused_backends():
+        pytest.skip("the CUDA extension is not built")
+    es, et, y = _embeddings(*shape)
+    queued = [_fused(es, et, y, "cuda") for _ in range(3)]
+    monkeypatch.setenv("L2D_CUDA_LED_QUEUE", "0")
+    in_turn = _fused(es, et, y, "cuda")
+    for other in queued[1:] + [in_turn]:
+        assert all(torch.equal(a, b) for a, b in zip(queued[0], other))
+    for g, w in zip(queued[0], _exact(es, et, y)):
+        assert rel_err(g, w.cpu()) < 1e-4
+
+
 def test_led_memory_stays_near_the_gradient(gpu_backend):
     """32 x 1000 x 768: peak extra memory at most 1.25 times the gradient buffer."""
     es, et, y = _embeddings(32, 1000, 768)
