@@ -11,7 +11,8 @@ has no place in the scratch). A launch runs one block per SM; items come largest
 block taking the next from the launch's queue (or, with ``L2D_CUDA_LED_QUEUE=0``, items b,
 b + blocks, ... in turn), so a launch lasts as long as its busiest SM's items. For the last call of
 each shape in the file, per launch: how far apart the items' starts are, the busiest SM's items and
-cycles against the mean SM's, and the cycles of items by tile size (16, 32, 64 rows) and of those
+cycles against the mean SM's, with ``--ghz`` the span from the first start to the last end and how
+busy the SMs were within it, and the cycles of items by tile size (16, 32, 64 rows) and of those
 passed over.
 """
 
@@ -60,6 +61,14 @@ def summarize(call: dict, ns_per_cycle: float | None = None) -> list[str]:
         out.append(f"  launch {launch}, {name}: {len(items)} items on {len(per_sm)} SMs; starts spread over "
                    f"{span / 1000:.1f} us; busiest SM {len(busiest)} items, {sum(r[4] for r in busiest)} cycles "
                    f"(mean SM {mean_sm:.0f})")
+        if ns_per_cycle:  # ends need the clock rate: the span and how busy the SMs were within it
+            end = max(r[3] + r[4] * ns_per_cycle for r in items)
+            whole = end - min(r[3] for r in items)
+            busy = statistics.fmean(sum(r[4] for r in rs) for rs in per_sm.values()) * ns_per_cycle
+            last_ends = sorted(max(r[3] + r[4] * ns_per_cycle for r in rs) for rs in per_sm.values())
+            out.append(f"    first start to last end {whole / 1000:.1f} us; SMs busy {100 * busy / whole:.0f}% of it "
+                       f"on average; the median SM's last item ends {(end - statistics.median(last_ends)) / 1000:.1f}"
+                       f" us before the last")
         slowest = max(items, key=lambda r: r[4])
         out.append(f"    slowest item {slowest[1]} (group of {abs(slowest[5])}): {slowest[4]} cycles"
                    + (f", {slowest[4] * ns_per_cycle / 1000:.1f} us" if ns_per_cycle else ""))

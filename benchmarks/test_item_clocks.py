@@ -24,6 +24,10 @@ def test_summary_names_the_busiest_sm_and_the_tiles():
     assert "launch 0, Grams (both families): 3 items on 2 SMs" in text
     assert "busiest SM 2 items, 700 cycles (mean SM 400)" in text  # SM 1: 400 + 300; SM 2: 100
     assert "slowest item 0 (group of 20): 400 cycles, 0.2 us" in text
+    # Ends at 0.5 ns a cycle: 1200, 2150, 1550; from 1000 to 2150: 1.15 us. SMs busy 200 ns on
+    # average (700 and 100 cycles); last ends 2150 (SM 1) and 1550 (SM 2), median 1850.
+    assert "first start to last end 1.1 us; SMs busy 17% of it on average" in text
+    assert "the median SM's last item ends 0.3 us before the last" in text
     assert "32 rows: 1 items" in text and "16 rows: 1 items" in text and "passed over: 1 items" in text
     assert "launch 1, CD weights and gradient: 1 items on 1 SMs" in text and "64 rows: 1 items" in text
     assert "launch 2" not in text
