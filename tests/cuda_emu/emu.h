@@ -263,6 +263,12 @@ T __ldcg(const T* address) {
   return *address;
 }
 
+// A block that waits for other blocks (polling, with a sleep between polls) waits on blocks that
+// have not run yet, since blocks run in turn: it would wait forever, so the first sleep stops it.
+inline void __nanosleep(unsigned) {
+  ::l2d_emu::fail("a block sleeps waiting for others: the emulator runs blocks in turn, the later ones never would");
+}
+
 // A fiber is only switched at a barrier: atomics are plain read-modify-writes.
 template <typename T>
 T atomicAdd(T* address, T value) {
