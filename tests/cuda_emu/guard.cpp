@@ -2,7 +2,9 @@
 // of its own mapping, between two 64 MiB no-access regions, so that a kernel reading or writing past
 // the end of a buffer (beyond the up-to-63-byte slack that keeps data 64-byte aligned), or before its
 // start, stops the process with a segmentation fault instead of silently touching other memory. The
-// GPU's equivalent is compute-sanitizer's memcheck.
+// GPU's equivalent is compute-sanitizer's memcheck. A new allocation's bytes are all 0xFF (NaN as
+// floats, -1 as integers), not the zeros of a fresh mapping: a gradient row the kernels never write
+// shows as NaN, as the GPU's caching allocator's leftovers would show as garbage.
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/util/Exception.h>
@@ -52,6 +54,7 @@ struct GuardedAllocator final : c10::Allocator {
     char* start = static_cast<char*>(base) + kGuard;
     TORCH_CHECK(mprotect(start, body, PROT_READ | PROT_WRITE) == 0, "mprotect failed");
     void* data = start + body - used;
+    std::memset(data, 0xFF, used);
     {
       std::lock_guard<std::mutex> hold(regions_lock);
       regions[data] = Region{base, total};
