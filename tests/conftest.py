@@ -15,6 +15,20 @@ from cuda_emu import backend as emulated_cuda  # noqa: E402
 from helpers import api_backends, fused_backends  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _poisoned_empty_tensors():
+    """Every ``torch.empty`` of a test is filled (NaN for floats, the largest value for integers), as
+    PyTorch does in its deterministic mode: a kernel that leaves part of an output unwritten (a zero
+    row of a gradient, say) then fails the test instead of passing on a fresh page's zeros."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
 def _stop(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
