@@ -180,9 +180,9 @@ __device__ void plan_groups(const int* cd_cnt, const int* id_cnt, int64_t C, int
 // a striped family puts its row tiles on the list of work items (integer atomics: the lists' order
 // varies, each group's arithmetic does not); a group of fewer than two has loss 0 here. The blocks
 // also write the gradient's zero rows (every row but those of CD groups of two or more members),
-// so that every row is written once before ID adds into it. With a plan
-// (the width split), one more block places the groups (Plan::published). 32 registers (the bound):
-// a full SM of blocks for the zero rows.
+// so that every row is written once before ID adds into it. With a plan (the width split), one
+// more block places the groups (Plan::published). 32 registers (the bound): a full SM of blocks for
+// the zero rows.
 template <typename TG, typename TY>
 __global__ void __launch_bounds__(kThreads, 8)
     members_kernel(const TY* __restrict__ pos, int64_t y_sb, int64_t y_sc, int64_t B, int64_t C,
@@ -1157,9 +1157,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in,
   // One int buffer: counters first (active CD groups, active ID groups, blocks done of the last
   // launch, CD and ID work items, members_kernel's group blocks done, the width-split path's work
   // lists' counts [2][3] and its three slice launches' queues), zeroed by a memset on the stream
-  // rather than a fill kernel; then the member lists, the active groups, the striped families' work items
-  // and each group's place in its work list. One float buffer: the group losses, then the striped
-  // sweeps' sums.
+  // rather than a fill kernel; then the member lists, the active groups, the striped families'
+  // work items and each group's place in its work list. One float buffer: the group losses, then
+  // the striped sweeps' sums.
   constexpr int kCounters = 6 + 2 * kTileClasses + 3;
   at::Tensor lists = at::empty({kCounters + 2 * B * C + 3 * (B + C) + n_items}, i32);
   int* n_active = lists.data_ptr<int>();
