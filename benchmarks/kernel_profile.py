@@ -144,9 +144,36 @@ def launch_costs(device: str = "cuda", calls: int = 2000) -> str:
     torch_op = _per_call_us(lambda: x.mul_(1.0), device, calls)
     w = torch.zeros(64, 80, device=device, requires_grad=True)
     autograd_op = _per_call_us(lambda: torch.autograd.grad(w.mul(2.0).sum(), w), device, calls)
-    return (f"Host cost of one launch: an empty Triton kernel with 19 arguments {empty:.1f} us; "
+    line = (f"Host cost of one launch: an empty Triton kernel with 19 arguments {empty:.1f} us; "
             f"one PyTorch elementwise op {torch_op:.1f} us; an autograd call of one (forward of two ops "
-            f"and autograd.grad) {autograd_op:.1f} us.\n")
+            f"and autograd.grad) {autograd_op:.1f} us.")
+    if device == "cuda":
+        try:  # a measurement run only on a GPU: its failure must not cost the profile
+            line += " " + _launcher_pointer_costs(_empty, x, ints, calls)
+        except Exception as error:  # noqa: BLE001
+            line += f" (The direct launch with integer pointers failed: {error!r}.)"
+    return line + "\n"
+
+
+def _launcher_pointer_costs(kernel, x, ints, calls: int) -> str:
+    """The empty kernel launched directly (``triton_common.LaunchCache``: the kernel's own launcher,
+    no binding) with its six pointers as tensors, then as integers. For each tensor Triton's launcher
+    calls ``data_ptr()`` and the driver's ``cuPointerGetAttribute``; an integer it takes as it is."""
+    from l2d_kernels.ops import triton_common
+
+    cache = triton_common.LaunchCache()
+
+    def launch(*pointers):
+        run = cache.call("empty", x.device.index)
+        run(kernel, (1,), *pointers, *ints, 0.5, A=True, B=False)
+        run.done()
+
+    p = x.data_ptr()
+    launch(x, x, x, x, x, x)  # records the key: the later calls launch directly
+    as_tensors = _per_call_us(lambda: launch(x, x, x, x, x, x), "cuda", calls)
+    as_ints = _per_call_us(lambda: launch(p, p, p, p, p, p), "cuda", calls)
+    return (f"Launched directly, its six pointers as tensors {as_tensors:.1f} us, as integers {as_ints:.1f} us "
+            f"(the launcher's data_ptr() and cuPointerGetAttribute per tensor).")
 
 
 def direct_launch_costs(device: str = "cuda", calls: int = 500, shape=(64, 80, 128)) -> str:
