@@ -178,9 +178,10 @@ def _launcher_pointer_costs(kernel, x, ints, calls: int) -> str:
 
 def direct_launch_costs(device: str = "cuda", calls: int = 500, shape=(64, 80, 128)) -> str:
     """The Triton launchers' host time per call, through Triton's launch and launched directly
-    (``triton_common.LaunchCache``): the LED forward at COCO's batch and labels on a narrow width (the
-    width-split path's six launches, little device time), and MLD at 64 x 80. Back to back with one
-    synchronization, as ``launch_costs``."""
+    (``triton_common.LaunchCache``), and launched directly with the tensors handed to the launchers as
+    integers (``triton_common.INT_POINTERS``): the LED forward at COCO's batch and labels on a narrow
+    width (the width-split path's six launches, little device time), and MLD at 64 x 80. Back to back
+    with one synchronization, as ``launch_costs``."""
     from l2d_kernels.labels import sample_targets
     from l2d_kernels.ops import triton_common, triton_led, triton_mld
 
@@ -193,10 +194,12 @@ def direct_launch_costs(device: str = "cuda", calls: int = 500, shape=(64, 80, 1
     parts = []
     for name, fn in cases.items():
         times = {}
-        for direct in (False, True):
-            with mock.patch.object(triton_common, "DIRECT_LAUNCH", direct):
-                times[direct] = _per_call_us(fn, device, calls)
-        parts.append(f"{name} {times[False]:.1f} us through Triton's launch, {times[True]:.1f} us launched directly")
+        for direct, ints in ((False, False), (True, False), (True, True)):
+            with mock.patch.object(triton_common, "DIRECT_LAUNCH", direct), \
+                    mock.patch.object(triton_common, "INT_POINTERS", ints):
+                times[direct, ints] = _per_call_us(fn, device, calls)
+        parts.append(f"{name} {times[False, False]:.1f} us through Triton's launch, {times[True, False]:.1f} us "
+                     f"launched directly, {times[True, True]:.1f} us with integer pointers")
     return "Triton launchers' host time per call: " + "; ".join(parts) + ".\n"
 
 

@@ -182,6 +182,25 @@ def _check_fallback() -> None:
     print("a key missing a setting: warned, fell back to the just-in-time path")
 
 
+def _same_launches(direct: list, through_triton: list, ints: bool) -> bool:
+    """The logged launches agree; with integer pointers, where Triton handed a tensor the direct launch
+    must hand an integer of the same 16-byte alignment (the two calls allocate their own outputs)."""
+    if not ints:
+        return direct == through_triton
+    if len(direct) != len(through_triton):
+        return False
+    for mine, theirs in zip(direct, through_triton):
+        if len(mine) != len(theirs):
+            return False
+        for a, b in zip(mine, theirs):
+            if b[0] == "tensor":
+                if a[0] != "int" or (a[1] % 16 == 0) != b[4]:
+                    return False
+            elif a != b:
+                return False
+    return True
+
+
 def _check_compiled() -> None:
     """Triton's own ``JITFunction.run`` and compiled kernels (only their loading and launcher stood in):
     what it hands each kernel's launcher, and what the direct launches hand it, must agree."""
@@ -208,21 +227,26 @@ def _check_compiled() -> None:
             def profiler_hook(metadata):
                 pass
 
-            for hooked in (False, True):  # without a launch hook, then with one (as a profiler sets)
+            # Without a launch hook, then with one (as a profiler sets); then with the tensors handed
+            # to the launchers as their data pointers (triton_common.INT_POINTERS).
+            for hooked, ints in ((False, False), (True, False), (False, True)):
                 if hooked:
                     knobs.runtime.launch_enter_hook.add(profiler_hook)
                 for calls in (_mld_calls(64, 80, "batchmean"), _mld_calls(200, 300, "sum")):
                     for i, call in enumerate(calls):
                         through_triton = _one_call(call, False, launches)
-                        direct = _one_call(call, True, launches)
-                        if not through_triton or direct != through_triton:
+                        with mock.patch.object(triton_common, "INT_POINTERS", ints):
+                            direct = _one_call(call, True, launches)
+                        if not through_triton or not _same_launches(direct, through_triton, ints):
                             raise AssertionError(f"compiled kernels, call {i}: the direct launches' arguments "
                                                  f"differ from Triton's:\n{direct}\n{through_triton}")
                         if hooked != (direct[0][-1] != "no hooks"):
                             raise AssertionError(f"hook set {hooked}, launches {direct}")
-                    print(f"compiled mld kernels{', a launch hook set' if hooked else ''}: {len(calls)} calls, "
+                    print(f"compiled mld kernels{', a launch hook set' if hooked else ''}"
+                          f"{', integer pointers' if ints else ''}: {len(calls)} calls, "
                           f"{len(direct)} launches each, arguments as Triton's")
-                knobs.runtime.launch_enter_hook.remove(profiler_hook)
+                if hooked:
+                    knobs.runtime.launch_enter_hook.remove(profiler_hook)
         finally:
             _fresh_binders()
             triton_mld._LAUNCHES.clear()

@@ -44,6 +44,10 @@ def on_input_device(launcher):
 
 # Launch compiled kernels directly on repeated calls of one shape (see LaunchCache). Read at each call.
 DIRECT_LAUNCH = os.environ.get("L2D_TRITON_DIRECT_LAUNCH", "1") != "0"
+# Direct launches hand the kernel's launcher each tensor as its data pointer, an integer: for a tensor
+# Triton's launcher calls data_ptr() and the driver's cuPointerGetAttribute, an integer it takes as
+# it is. Off until a GPU measures it (kernel_profile.py's launch-cost lines). Read at each launch.
+INT_POINTERS = os.environ.get("L2D_TRITON_INT_POINTERS", "0") == "1"
 
 
 class _JitLaunch:
@@ -122,6 +126,8 @@ class _Replay:
             enter = exit_ = metadata = None
         else:
             metadata = None if enter is None else kernel.launch_metadata(grid, self._stream, *full)
+        if INT_POINTERS:
+            full = tuple([a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]) + tail
         n = len(grid)
         kernel.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, self._stream, kernel.function,
                    kernel.packed_metadata, metadata, enter, exit_, *full)
