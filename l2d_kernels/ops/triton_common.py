@@ -85,7 +85,8 @@ class _Recording:
                 params = fn.signature.parameters
                 bound = fn.signature.bind(*args, **{k: v for k, v in kwargs.items() if k in params})
                 bound.apply_defaults()
-                seq.append((fn, kernel, tuple(bound.arguments.values())[len(args):], kwargs))
+                tensors = tuple(k for k, a in enumerate(args) if isinstance(a, torch.Tensor))
+                seq.append((fn, kernel, tuple(bound.arguments.values())[len(args):], kwargs, tensors))
             else:  # the interpreter, a compile still running, a pre-run hook...: this key keeps Triton's path
                 self._seq = None
         return kernel
@@ -118,7 +119,7 @@ class _Replay:
                 self._mismatch(f"launch {i} is {fn.__name__}")
             return fn[grid](*args, **kwargs)
         self._i = i + 1
-        _, kernel, tail, _ = seq[i]
+        _, kernel, tail, _, tensors = seq[i]
         full = args + tail
         enter, exit_ = _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook
         if not getattr(enter, "calls", True) and not getattr(exit_, "calls", True):
@@ -127,7 +128,15 @@ class _Replay:
         else:
             metadata = None if enter is None else kernel.launch_metadata(grid, self._stream, *full)
         if INT_POINTERS:
-            full = tuple([a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]) + tail
+            # The positions that held tensors when the key was recorded (its layout: tensors there
+            # again); anything else there (None has no data_ptr) hands the arguments on as they are.
+            try:
+                pointers = list(args)
+                for k in tensors:
+                    pointers[k] = pointers[k].data_ptr()
+                full = (*pointers, *tail)
+            except AttributeError:
+                pass
         n = len(grid)
         kernel.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, self._stream, kernel.function,
                    kernel.packed_metadata, metadata, enter, exit_, *full)
