@@ -27,7 +27,9 @@ def test_direct_launches_are_the_just_in_time_launches(tmp_path):
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert run.stdout.rstrip().endswith("ok")
     assert "large groups" in run.stdout and "fell back" in run.stdout
-    assert run.stdout.count("arguments as Triton's") == 4  # the real compiled kernels' launches, hooked or not
+    # The real compiled kernels' launches: plain, with a launch hook, with integer pointers (two cases each).
+    assert run.stdout.count("arguments as Triton's") == 6
+    assert run.stdout.count("integer pointers: ") == 2 and run.stdout.count("a launch hook set: ") == 2
 
 
 def test_a_key_without_the_alignment_is_caught(tmp_path):
