@@ -11,9 +11,11 @@
 # Triton wheel and Python minor version as the GPU machine's (defaults: the H100 image's Python 3.12,
 # Triton 3.6.0, sm_90). Makes a virtual environment under build/ with those from PyPI (about 3 GB
 # the first time), then compiles (about 4 minutes on 2 cores) and checks that every launch of the same
-# calls finds its kernel (--verify). Rebuild after any change to a Triton kernel's source: the keys
-# hash it. gpu_check.sh's triton-cache step says how many kernels it found and whether the cache
-# came from the same build.
+# calls finds its kernel (--verify). Rebuild after any change to a Triton module's kernels or to a
+# line above one: a kernel's key hashes its source and its callees', and the line each starts on
+# (Triton's JITFunction; 17 lines added at the top of triton_common.py changed 175 of 228 keys).
+# gpu_check.sh's triton-cache step says how many kernels it found and whether the cache came from the
+# same build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY312=${PY312:-python3.12}
