@@ -918,9 +918,9 @@ struct SliceFamily {
   const int* cnt;       // group sizes
   float* loss;          // group losses
   int64_t n_groups;     // 0: no share in the launch
-  const int* n_active;  // the family's groups of two members or more (members_kernel's list)
-  const int* active;
-  const int* n_class;   // its work lists (Plan): [3] counts, [3][n_groups] entries
+  const int* n_active;  // the family's groups of two members or more (members_kernel's list: the
+  const int* active;    // group launches' work)
+  const int* n_class;   // its slice work lists (Plan): [3] counts, [3][n_groups] entries
   const int4* info;
 };
 
@@ -1262,11 +1262,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in,
                                                                                 timed(0));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    const auto family = [&](const SliceFamily& share, const int* n_act, const int* act, const Strips& st,
-                            bool ends_call) {
+    const auto family = [&](const SliceFamily& share, const Strips& st, bool ends_call) {
       const FamilyArgs& f = share.f;
       const int* idx = share.idx;
       const int* cnt = share.cnt;
+      const int* n_act = share.n_active;
+      const int* act = share.active;
       float* loss = share.loss;
       const int64_t groups = share.n_groups;
       const unsigned grid0 = blocks(groups + groups * st.max_strips), grid = blocks(groups * st.max_strips);
@@ -1285,8 +1286,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in,
                                                            ends_call ? fin : Finalize{});
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    family(cd_share, n_active, active, st_cd, false);
-    family(id_share, n_active + 1, active + C, st_id, true);
+    family(cd_share, st_cd, false);
+    family(id_share, st_id, true);
   });
   if (clocks.defined()) append_item_clocks(clock_path, clocks, B, C, D, n_s);
   if (mixed && with_grad) grad = grad.to(grad_scalar_type(es_in.scalar_type()));
