@@ -157,22 +157,24 @@ def launch_costs(device: str = "cuda", calls: int = 2000) -> str:
 
 def _launcher_pointer_costs(kernel, x, ints, calls: int) -> str:
     """The empty kernel launched directly (``triton_common.LaunchCache``: the kernel's own launcher,
-    no binding) with its six pointers as tensors, then as integers. For each tensor Triton's launcher
-    calls ``data_ptr()`` and the driver's ``cuPointerGetAttribute``; an integer it takes as it is."""
+    no binding) with its six pointers as tensors, then handed on as integers (``INT_POINTERS``). For
+    each tensor Triton's launcher calls ``data_ptr()`` and the driver's ``cuPointerGetAttribute``; an
+    integer it takes as it is."""
     from l2d_kernels.ops import triton_common
 
     cache = triton_common.LaunchCache()
 
-    def launch(*pointers):
+    def launch():
         run = cache.call("empty", x.device.index)
-        run(kernel, (1,), *pointers, *ints, 0.5, A=True, B=False)
+        run(kernel, (1,), x, x, x, x, x, x, *ints, 0.5, A=True, B=False)
         run.done()
 
-    p = x.data_ptr()
-    launch(x, x, x, x, x, x)  # records the key: the later calls launch directly
-    as_tensors = _per_call_us(lambda: launch(x, x, x, x, x, x), "cuda", calls)
-    as_ints = _per_call_us(lambda: launch(p, p, p, p, p, p), "cuda", calls)
-    return (f"Launched directly, its six pointers as tensors {as_tensors:.1f} us, as integers {as_ints:.1f} us "
+    launch()  # records the key: the later calls launch directly
+    times = {}
+    for as_ints in (False, True):
+        with mock.patch.object(triton_common, "INT_POINTERS", as_ints):
+            times[as_ints] = _per_call_us(launch, "cuda", calls)
+    return (f"Launched directly, its six pointers as tensors {times[False]:.1f} us, as integers {times[True]:.1f} us "
             f"(the launcher's data_ptr() and cuPointerGetAttribute per tensor).")
 
 
