@@ -179,29 +179,33 @@ def _launcher_pointer_costs(kernel, x, ints, calls: int) -> str:
 
 
 def direct_launch_costs(device: str = "cuda", calls: int = 500, shape=(64, 80, 128)) -> str:
-    """The Triton launchers' host time per call, through Triton's launch and launched directly
-    (``triton_common.LaunchCache``), and launched directly with the tensors handed to the launchers as
-    integers (``triton_common.INT_POINTERS``): the LED forward at COCO's batch and labels on a narrow
-    width (the width-split path's six launches, little device time), and MLD at 64 x 80. Back to back
-    with one synchronization, as ``launch_costs``."""
+    """The Triton launchers' host time per call: through Triton's launch; launched directly
+    (``triton_common.LaunchCache``) launch by launch, with the tensors handed to the launchers as they
+    are and as integers (``INT_POINTERS``); and the whole call replayed (``CALL_REPLAY``, the
+    default). The LED forward at COCO's batch and labels on a narrow width (the width-split path's six
+    launches, little device time), and MLD at 64 x 80. Back to back with one synchronization, as
+    ``launch_costs``."""
     from l2d_kernels.labels import sample_targets
     from l2d_kernels.ops import triton_common, triton_led, triton_mld
 
     B, C, D = shape
-    es = torch.randn(B, C, D, device=device)
+    es, et = (torch.randn(B, C, D, device=device) for _ in range(2))
     y = sample_targets(B, C, seed=0, device=device)
-    zs = torch.randn(64, 80, device=device)
-    cases = {f"LED forward {B} x {C} x {D}": lambda: triton_led.led_forward(es, es, y, 100.0, 1000.0),
-             "MLD forward 64 x 80": lambda: triton_mld.mld_forward(zs, zs, "batchmean", 1e-8, 1.0)}
+    zs, zt = (torch.randn(64, 80, device=device) for _ in range(2))
+    cases = {f"LED forward {B} x {C} x {D}": lambda: triton_led.led_forward(es, et, y, 100.0, 1000.0),
+             "MLD forward 64 x 80": lambda: triton_mld.mld_forward(zs, zt, "batchmean", 1e-8, 1.0)}
+    ways = {"through Triton's launch": (False, False, False),
+            "launched directly launch by launch": (True, False, False),
+            "with integer pointers": (True, True, False), "the whole call replayed": (True, False, True)}
     parts = []
     for name, fn in cases.items():
-        times = {}
-        for direct, ints in ((False, False), (True, False), (True, True)):
+        times = []
+        for way, (direct, ints, whole) in ways.items():
             with mock.patch.object(triton_common, "DIRECT_LAUNCH", direct), \
-                    mock.patch.object(triton_common, "INT_POINTERS", ints):
-                times[direct, ints] = _per_call_us(fn, device, calls)
-        parts.append(f"{name} {times[False, False]:.1f} us through Triton's launch, {times[True, False]:.1f} us "
-                     f"launched directly, {times[True, True]:.1f} us with integer pointers")
+                    mock.patch.object(triton_common, "INT_POINTERS", ints), \
+                    mock.patch.object(triton_common, "CALL_REPLAY", whole):
+                times.append(f"{_per_call_us(fn, device, calls):.1f} us {way}")
+        parts.append(f"{name} " + ", ".join(times))
     return "Triton launchers' host time per call: " + "; ".join(parts) + ".\n"
 
 

@@ -127,8 +127,8 @@ def test_launch_costs_line():
     assert line.count(" us") == 3 and "an autograd call of one" in line
     line = kernel_profile.direct_launch_costs(kernel_profile.DEVICE.type, calls=2, shape=(4, 6, 96))
     assert line.startswith("Triton launchers' host time per call: LED forward 4 x 6 x 96 ")
-    assert line.count("launched directly") == 2 and line.count("with integer pointers") == 2
-    assert line.count(" us") == 6
+    assert line.count("launched directly launch by launch") == 2 and line.count("with integer pointers") == 2
+    assert line.count("the whole call replayed") == 2 and line.count(" us") == 8
 
 
 def test_ncu_driver_runs_both_cases_and_refuses_an_unknown_one():

@@ -56,27 +56,57 @@ def _grid3(grid):
 
 
 def _arg(value):
-    """An argument as compared between the two paths: a tensor by its layout and alignment (the two
-    calls allocate their own outputs), anything else by value."""
+    """An argument as logged: a tensor by its data pointer (labelled after the call, see ``_labelled``),
+    a launch's metadata for the profiler hooks by its entries, anything else by type and value."""
     if isinstance(value, torch.Tensor):
-        return ("tensor", tuple(value.shape), value.stride(), value.dtype, value.data_ptr() % 16 == 0)
-    if type(value).__name__ == "LazyDict":  # a launch's metadata for the profiler hooks: by its entries
+        return ("tensor", value.data_ptr())
+    if type(value).__name__ == "LazyDict":
         return ("LazyDict", tuple((k, repr(v)) for k, v in value.data.items()), len(value.extras))
     return (type(value).__name__, value)
 
 
+def _where(p: int, inputs, allocs) -> tuple:
+    """What a data pointer points into: one of the call's inputs, or one of the buffers the launcher
+    allocated (``triton_common.ALLOC_LOG``: in the order its code allocates them), and where in it."""
+    for k, t in enumerate(inputs):
+        base = t.untyped_storage().data_ptr()
+        if base <= p < base + t.untyped_storage().nbytes():
+            return ("input", k, p - t.data_ptr())
+    for j, (base, nbytes) in enumerate(allocs):
+        if base <= p < base + nbytes or p == base:
+            return ("buffer", j, p - base, p % 16 == 0)
+    return ("unknown", p)
+
+
+def _labelled(entries, inputs, allocs, pointers) -> list:
+    """Log entries with every tensor, and every integer at a position in ``pointers`` (a set of (launch,
+    position): where the other path handed a tensor), as what it points into."""
+    out = []
+    for i, entry in enumerate(entries):
+        args = []
+        for k, a in enumerate(entry[-1]):
+            if a[0] == "tensor" or (a[0] == "int" and (i, k) in pointers):
+                a = ("pointer",) + _where(a[1], inputs, allocs)
+            args.append(a)
+        out.append(entry[:-1] + (tuple(args),))
+    return out
+
+
+def _tensor_places(entries) -> set:
+    return {(i, k) for i, entry in enumerate(entries) for k, a in enumerate(entry[-1]) if a[0] == "tensor"}
+
+
 def _jit_run(self, *args, grid, warmup, **kwargs):
     """Triton's ``JITFunction.run`` up to its kernel lookup; the kernel is a stand-in per key, which
-    logs each direct launch with the key Triton's binding gives that launch's arguments."""
-    options = {k: v for k, v in kwargs.items() if k not in self.signature.parameters}
+    logs each direct launch with its own key (the specialization Triton's binder gave the arguments
+    of the launch that recorded it)."""
     bound, key = _bind(self, args, kwargs)
     if (self, key) not in _kernels:
         def direct(g0, g1, g2, stream, function, packed, metadata, enter, exit_, *full, fn=self, key=key):
-            _, launched = _bind(fn, full, options)
-            LOG.append(("direct", fn.__name__, (g0, g1, g2), launched == key, tuple(map(_arg, full))))
+            LOG.append(("direct", fn.__name__, (g0, g1, g2), key, tuple(map(_arg, full))))
 
         _kernels[(self, key)] = stand_in_kernel(direct)
-    LOG.append(("jit", self.__name__, _grid3(grid), True, tuple(map(_arg, bound.values()))))
+    LOG.append(("jit", self.__name__, _grid3(grid), key, tuple(map(_arg, bound.values()))))
     return _kernels[(self, key)]
 
 
@@ -87,32 +117,57 @@ def _patched():
 
 
 def _one_call(call, direct: bool, log: list = LOG):
-    """What ``call`` launched (``log``'s entries), directly or through Triton's path."""
+    """What ``call`` launched (``log``'s entries, its tensors labelled by what they point into, with
+    ``pointers``: see ``_labelled``), directly or through Triton's path; and its raw entries."""
     log.clear()
-    with mock.patch.object(triton_common, "DIRECT_LAUNCH", direct):
+    allocs = []
+    with mock.patch.object(triton_common, "DIRECT_LAUNCH", direct), \
+            mock.patch.object(triton_common, "ALLOC_LOG", allocs):
         call()
-    return list(log)
+    return list(log), allocs
 
 
-def check(name: str, calls, recorded: bool = False) -> None:
+def _compare(call, direct_run, jit_run):
+    """Both runs of ``call`` labelled alike: the direct launches may hand an integer where Triton's
+    path hands a tensor, and must then point into the same place."""
+    (direct, direct_allocs), (jit, jit_allocs) = direct_run, jit_run
+    places = _tensor_places(jit)
+    return (_labelled(direct, call.inputs, direct_allocs, places),
+            _labelled(jit, call.inputs, jit_allocs, places))
+
+
+def check(name: str, calls, recorded: bool = False, first: int = 1) -> None:
     """``calls``: functions of one layout. The first call of the key records (unless ``recorded``: an
     earlier case did; its backward's scaling may share an earlier case's key); every later one must
-    launch directly, as the just-in-time path would."""
+    launch directly, as the just-in-time path would: the same kernels (each direct launch's kernel
+    is the one Triton's binder picked for that launch of the just-in-time call), grids and
+    arguments, in the same order, each pointer into the same input or the same buffer of the call
+    (by the order the launcher allocates them) at the same offset and 16-byte alignment. A direct
+    call replays the whole call (``_CallRecipe``): its pointers are integers. ``first``: the calls
+    that are their key's first (keys alternating)."""
     for i, call in enumerate(calls):
-        direct = _one_call(call, True)
-        through_jit = _one_call(call, False)
-        bad = [entry[1] for entry in direct if not entry[3]]
+        direct_run = _one_call(call, True)
+        jit_run = _one_call(call, False)
+        direct, through_jit = _compare(call, direct_run, jit_run)
+        bad = [d[1] for d, j in zip(direct, through_jit) if d[0] == "direct" and d[1] == j[1] and d[3] != j[3]]
         if bad:
             raise AssertionError(f"{name}: call {i} launched {bad} with a kernel of another specialization")
         kinds = {entry[0] for entry in direct}
-        if (i > 0 or recorded) and kinds != {"direct"}:
+        new_key = i < first and not recorded
+        if not new_key and kinds != {"direct"}:
             raise AssertionError(f"{name}: call {i} launched {sorted(kinds)}, not directly")
-        if i == 0 and not recorded and "jit" not in kinds:
+        if new_key and "jit" not in kinds:
             raise AssertionError(f"{name}: a new key's first call launched only directly")
-        strip = [entry[1:3] + entry[4:] for entry in direct]
-        if strip != [entry[1:3] + entry[4:] for entry in through_jit]:
+        pointers = {direct_run[0][j][-1][k][0] for j, k in _tensor_places(jit_run[0])}
+        if not new_key and pointers - {"int"}:
+            raise AssertionError(f"{name}: call {i} handed {sorted(pointers)} as pointers: not the whole-call replay")
+        strip = [entry[1:] for entry in direct]
+        if strip != [entry[1:] for entry in through_jit]:
             raise AssertionError(f"{name}: call {i}'s direct launches differ from the just-in-time path's:\n"
-                                 f"{strip}\n{[entry[1:3] + entry[4:] for entry in through_jit]}")
+                                 f"{strip}\n{[entry[1:] for entry in through_jit]}")
+        unknown = [a for entry in direct for a in entry[-1] if a[:2] == ("pointer", "unknown")]
+        if unknown:
+            raise AssertionError(f"{name}: call {i} handed pointers into nothing the call has: {unknown}")
     print(f"{name}: {len(calls)} calls, {len(direct)} launches each")
 
 
@@ -124,7 +179,7 @@ def _offset(t: torch.Tensor, nbytes: int) -> torch.Tensor:
 
 
 def _led_calls(B, C, D, dtype=torch.float32, teacher=None, targets_dtype=torch.bool, offset=0, transpose=False,
-               with_grad=True):
+               with_grad=True, lambda_cd=100.0):
     """Three calls on fresh inputs and one on inputs 16 bytes further into their storage (the same
     alignment: the same key); ``offset`` (bytes) moves all of them; without ``with_grad``, the forward
     alone, without gradient."""
@@ -140,10 +195,11 @@ def _led_calls(B, C, D, dtype=torch.float32, teacher=None, targets_dtype=torch.b
         grad_output = torch.tensor(2.0)
 
         def call():
-            _, grad, _ = triton_led.led_forward(es, et, y, 100.0, 1000.0, with_grad)
+            _, grad, _ = triton_led.led_forward(es, et, y, lambda_cd, 1000.0, with_grad)
             if with_grad:
                 triton_led.led_scale(grad, y, grad_output)
 
+        call.inputs = (es, et, y, grad_output)
         return call
 
     return [make(0), make(1), make(2), make(3, extra=16)]
@@ -156,49 +212,38 @@ def _mld_calls(B, C, reduction, dtype=torch.float32, teacher=None, offset=0, wit
         zt = torch.randn(B, C, generator=g).to(teacher or dtype)
         if offset:
             zs, zt = (_offset(t, offset) for t in (zs, zt))
-        return lambda: triton_mld.mld_forward(zs, zt, reduction, 1e-8, 2.0, with_grad)
+        def call():
+            triton_mld.mld_forward(zs, zt, reduction, 1e-8, 2.0, with_grad)
+
+        call.inputs = (zs, zt)
+        return call
 
     return [make(0), make(1), make(2)]
 
 
 def _check_fallback() -> None:
-    """A key that misses what decides the launches (here: the settings left out, then one changed):
-    the call is warned about, falls back to the just-in-time path, and launches what it would have."""
+    """A key that misses what decides the launches (here: the settings left out, then one changed),
+    with the whole-call replay off (which, by design, runs none of the launcher's code on a known key,
+    so that no check could run there): the call is warned about, falls back to the just-in-time path,
+    and launches what it would have."""
     import warnings
 
     calls = _led_calls(12, 40, 96)
-    with mock.patch.object(triton_led, "_settings", lambda: ()):
+    with mock.patch.object(triton_led, "_settings", lambda: ()), \
+            mock.patch.object(triton_common, "CALL_REPLAY", False):
         _one_call(calls[0], True)
         with mock.patch.object(triton_led, "SMALL_WARPS", 0), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            direct = _one_call(calls[1], True)
-            through_jit = _one_call(calls[1], False)
+            direct_run = _one_call(calls[1], True)
+            jit_run = _one_call(calls[1], False)
     if triton_common.LaunchCache.mismatches != 1 or not any("do not match" in str(w.message) for w in caught):
         raise AssertionError(f"a changed setting outside the key: {triton_common.LaunchCache.mismatches} "
                              f"mismatches, warnings {[str(w.message) for w in caught]}")
-    if [e[1:3] + e[4:] for e in direct] != [e[1:3] + e[4:] for e in through_jit] or not all(e[3] for e in direct):
+    direct, through_jit = _compare(calls[1], direct_run, jit_run)
+    if [e[1:] for e in direct] != [e[1:] for e in through_jit]:
         raise AssertionError("the call that fell back did not launch what the just-in-time path launches")
     triton_common.LaunchCache.mismatches = 0
-    print("a key missing a setting: warned, fell back to the just-in-time path")
-
-
-def _same_launches(direct: list, through_triton: list, ints: bool) -> bool:
-    """The logged launches agree; with integer pointers, where Triton handed a tensor the direct launch
-    must hand an integer of the same 16-byte alignment (the two calls allocate their own outputs)."""
-    if not ints:
-        return direct == through_triton
-    if len(direct) != len(through_triton):
-        return False
-    for mine, theirs in zip(direct, through_triton):
-        if len(mine) != len(theirs):
-            return False
-        for a, b in zip(mine, theirs):
-            if b[0] == "tensor":
-                if a[0] != "int" or (a[1] % 16 == 0) != b[4]:
-                    return False
-            elif a != b:
-                return False
-    return True
+    print("a key missing a setting (whole-call replay off): warned, fell back to the just-in-time path")
 
 
 def _check_compiled() -> None:
@@ -211,7 +256,7 @@ def _check_compiled() -> None:
         the hooks) where a hook is set, nothing where the chains are empty or None."""
         hooks = tuple(tuple(getattr(h, "calls", ())) if h is not None else () for h in args[7:9])
         called = (_arg(args[6]), hooks) if any(hooks) else "no hooks"
-        launches.append(tuple(map(_arg, args[:6] + args[9:])) + (called,))
+        launches.append((tuple(map(_arg, args[:6])), called, tuple(map(_arg, args[9:]))))
 
     def init_handles(self):  # in place of loading the binary: the launcher logs its arguments
         if self._run is None:
@@ -227,24 +272,35 @@ def _check_compiled() -> None:
             def profiler_hook(metadata):
                 pass
 
-            # Without a launch hook, then with one (as a profiler sets); then with the tensors handed
-            # to the launchers as their data pointers (triton_common.INT_POINTERS).
-            for hooked, ints in ((False, False), (True, False), (False, True)):
+            # The whole-call replay (integer pointers); with a launch hook set (as a profiler sets),
+            # the per-launch replay with tensors; without the whole-call replay, the per-launch replay
+            # with the tensors handed as they are, then as their data pointers (INT_POINTERS).
+            for hooked, ints, whole in ((False, False, True), (True, False, True), (False, False, False),
+                                        (False, True, False)):
                 if hooked:
                     knobs.runtime.launch_enter_hook.add(profiler_hook)
+                as_ints = ints or (whole and not hooked)
                 for calls in (_mld_calls(64, 80, "batchmean"), _mld_calls(200, 300, "sum")):
+                    triton_mld._LAUNCHES.clear()
                     for i, call in enumerate(calls):
-                        through_triton = _one_call(call, False, launches)
-                        with mock.patch.object(triton_common, "INT_POINTERS", ints):
-                            direct = _one_call(call, True, launches)
-                        if not through_triton or not _same_launches(direct, through_triton, ints):
+                        jit_run = _one_call(call, False, launches)
+                        with mock.patch.object(triton_common, "INT_POINTERS", ints), \
+                                mock.patch.object(triton_common, "CALL_REPLAY", whole):
+                            direct_run = _one_call(call, True, launches)
+                        direct, through_triton = _compare(call, direct_run, jit_run)
+                        if not through_triton or direct != through_triton:
                             raise AssertionError(f"compiled kernels, call {i}: the direct launches' arguments "
                                                  f"differ from Triton's:\n{direct}\n{through_triton}")
-                        if hooked != (direct[0][-1] != "no hooks"):
+                        if hooked != (direct[0][1] != "no hooks"):
                             raise AssertionError(f"hook set {hooked}, launches {direct}")
+                        raw = direct_run[0]
+                        kinds = {raw[j][-1][k][0] for j, k in _tensor_places(jit_run[0])}
+                        if i > 0 and kinds != ({"int"} if as_ints else {"tensor"}):
+                            raise AssertionError(f"call {i}: pointers handed as {kinds}, integers expected: {as_ints}")
                     print(f"compiled mld kernels{', a launch hook set' if hooked else ''}"
-                          f"{', integer pointers' if ints else ''}: {len(calls)} calls, "
-                          f"{len(direct)} launches each, arguments as Triton's")
+                          f"{', integer pointers' if ints else ''}"
+                          f"{', whole-call replay' if whole and not hooked else ', per-launch replay'}: "
+                          f"{len(calls)} calls, {len(direct)} launches each, arguments as Triton's")
                 if hooked:
                     knobs.runtime.launch_enter_hook.remove(profiler_hook)
         finally:
@@ -293,6 +349,11 @@ def main() -> int:
         # Alternating layouts of one shape: each call finds its own key's kernels.
         mixed = [c for pair in zip(_led_calls(16, 80, 96), _led_calls(16, 80, 96, offset=4)) for c in pair]
         check("led 16x80x96 aligned and misaligned alternating", mixed, recorded=True)
+        # A launcher's scalar parameters are part of its keys (the whole-call replay runs none of its
+        # code): two lambda_cd values alternating, each call replaying its own.
+        mixed = [c for pair in zip(_led_calls(8, 20, 96, lambda_cd=3.0), _led_calls(8, 20, 96, lambda_cd=5.0))
+                 for c in pair]
+        check("led 8x20x96 lambda_cd 3 and 5 alternating", mixed, first=2)
         if triton_common.LaunchCache.mismatches:
             raise AssertionError(f"{triton_common.LaunchCache.mismatches} keys dropped for a mismatch")
         _check_fallback()

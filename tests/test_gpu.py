@@ -308,8 +308,9 @@ def test_losses_on_a_gpu_that_is_not_the_current_one(gpu_backend):
 def test_triton_direct_launches_equal_triton_launches_bitwise():
     """The Triton launchers' direct launches (``triton_common.LaunchCache``: a shape's later calls)
     give bitwise what launches through Triton's own path give, at COCO (the width-split path, with
-    misaligned inputs too) and for MLD with partial sums, also with the tensors handed to the launchers
-    as integers (``INT_POINTERS``); and they are taken."""
+    misaligned inputs too) and for MLD with partial sums: the whole-call replay (the default), and the
+    per-launch replay with the tensors handed to the launchers as they are and as integers
+    (``INT_POINTERS``); and they are taken."""
     from l2d_kernels.ops import triton_common, triton_led
 
     if "triton" not in fused_backends():
@@ -330,11 +331,15 @@ def test_triton_direct_launches_equal_triton_launches_bitwise():
         mp.setattr(triton_common, "DIRECT_LAUNCH", False)
         through_triton = calls()
     calls()  # each key's first call: recorded
-    direct = calls()
-    with pytest.MonkeyPatch.context() as mp:  # the tensors handed to the launchers as integers
-        mp.setattr(triton_common, "INT_POINTERS", True)
-        int_pointers = calls()
+    whole = calls()
+    per_launch = {}
+    for ints in (False, True):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(triton_common, "CALL_REPLAY", False)
+            mp.setattr(triton_common, "INT_POINTERS", ints)
+            per_launch[ints] = calls()
     assert triton_common.LaunchCache.mismatches == mismatches
-    for a, b, c in zip(direct, through_triton, int_pointers):
-        assert torch.equal(a, b) and torch.equal(c, b)
+    for a, b, c, d in zip(whole, through_triton, per_launch[False], per_launch[True]):
+        assert torch.equal(a, b) and torch.equal(c, b) and torch.equal(d, b)
+    assert triton_led._FORWARD_LAUNCHES._recipes, "no key kept a whole call"
     assert any(seq for seq in triton_led._FORWARD_LAUNCHES._calls.values()), "no key kept its kernels"

@@ -27,9 +27,12 @@ def test_direct_launches_are_the_just_in_time_launches(tmp_path):
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert run.stdout.rstrip().endswith("ok")
     assert "large groups" in run.stdout and "fell back" in run.stdout
-    # The real compiled kernels' launches: plain, with a launch hook, with integer pointers (two cases each).
-    assert run.stdout.count("arguments as Triton's") == 6
-    assert run.stdout.count("integer pointers: ") == 2 and run.stdout.count("a launch hook set: ") == 2
+    assert "lambda_cd 3 and 5 alternating" in run.stdout
+    # The real compiled kernels' launches: the whole call replayed, with a launch hook (launch by launch),
+    # launch by launch with tensors and with integer pointers (two cases each).
+    assert run.stdout.count("arguments as Triton's") == 8
+    assert run.stdout.count("whole-call replay: ") == 2 and run.stdout.count("a launch hook set, ") == 2
+    assert run.stdout.count("integer pointers, ") == 2
 
 
 def test_a_key_without_the_alignment_is_caught(tmp_path):

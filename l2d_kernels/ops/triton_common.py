@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ast
 import functools
+import math
 import os
+import sys
 import warnings
 
 import torch
@@ -44,10 +46,27 @@ def on_input_device(launcher):
 
 # Launch compiled kernels directly on repeated calls of one shape (see LaunchCache). Read at each call.
 DIRECT_LAUNCH = os.environ.get("L2D_TRITON_DIRECT_LAUNCH", "1") != "0"
-# Direct launches hand the kernel's launcher each tensor as its data pointer, an integer: for a tensor
-# Triton's launcher calls data_ptr() and the driver's cuPointerGetAttribute, an integer it takes as
-# it is. Off until a GPU measures it (kernel_profile.py's launch-cost lines). Read at each launch.
+# Direct launches launch by launch (a call not replayed whole, below) hand the kernel's launcher each
+# tensor as its data pointer, an integer: for a tensor Triton's launcher calls data_ptr() and the
+# driver's cuPointerGetAttribute, an integer it takes as it is. Off until a GPU measures it
+# (kernel_profile.py's launch-cost lines); a whole call's replay hands integers always (it holds no
+# tensor for most of its arguments). Read at each launch.
 INT_POINTERS = os.environ.get("L2D_TRITON_INT_POINTERS", "0") == "1"
+# A key's later calls replay the whole call, not only its launches (see LaunchCache.replay). Read at
+# each call.
+CALL_REPLAY = os.environ.get("L2D_TRITON_CALL_REPLAY", "1") != "0"
+_SELF = sys.modules[__name__]
+# Tests only: a list to which every buffer a launcher allocates is appended as (data pointer, bytes),
+# in the order the launcher's code allocates them, whichever way the call runs; None: off.
+ALLOC_LOG = None
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    """A launcher's buffer (outputs and scratch alike): through here, so that a recording can find it."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if ALLOC_LOG is not None:
+        ALLOC_LOG.append((t.data_ptr(), t.numel() * t.element_size()))
+    return t
 
 
 class _JitLaunch:
@@ -55,10 +74,12 @@ class _JitLaunch:
 
     __slots__ = ()
 
+    empty = staticmethod(_empty)
+
     def __call__(self, fn, grid, *args, **kwargs):
         return fn[grid](*args, **kwargs)
 
-    def done(self) -> None:
+    def done(self, outputs=()) -> None:
         pass
 
 
@@ -68,12 +89,44 @@ JIT_LAUNCH = _JitLaunch()
 class _Recording:
     """A call's launches through the just-in-time path, each compiled kernel kept for the next call of
     the same key (with the arguments Triton binds after the positional ones: compile-time values and
-    defaults, fixed by the key)."""
+    defaults, fixed by the key).
 
-    __slots__ = ("_cache", "_key", "_seq")
+    Given the call's input tensors, it also writes down where every tensor argument of every launch
+    comes from, for a replay of the whole call (``_CallRecipe``): an input itself (the same object), or
+    a byte offset into a buffer the call allocated (through ``empty``). Everything else a launch is
+    given is taken as fixed by the key. A call with an argument of neither kind, or with one input
+    object given twice (its places could not be told apart), keeps its launches only."""
 
-    def __init__(self, cache: dict, key):
-        self._cache, self._key, self._seq = cache, key, []
+    __slots__ = ("_owner", "_key", "_seq", "_roots", "_n_in", "_allocs", "_launches")
+
+    def __init__(self, owner: "LaunchCache", key, inputs=None):
+        self._owner, self._key, self._seq = owner, key, []
+        distinct = inputs is not None and len({id(t) for t in inputs}) == len(inputs)
+        self._roots = list(inputs) if distinct and CALL_REPLAY else None
+        self._n_in = len(self._roots) if self._roots is not None else 0
+        self._allocs: list = []
+        self._launches: list = []
+
+    def empty(self, shape, dtype, device) -> torch.Tensor:
+        t = _empty(shape, dtype, device)
+        if self._roots is not None:
+            self._roots.append(t)
+            self._allocs.append((tuple(t.shape), dtype, t.device))
+        return t
+
+    def _source(self, t: torch.Tensor):
+        """(root, byte offset) of a tensor argument, or None."""
+        roots = self._roots
+        for i, root in enumerate(roots):
+            if t is root:
+                return i, 0
+        p = t.data_ptr()
+        for i in range(self._n_in, len(roots)):  # views of the call's own buffers (not of its inputs)
+            root = roots[i]
+            base = root.data_ptr()
+            if base <= p < base + root.numel() * root.element_size():
+                return i, p - base
+        return None
 
     def __call__(self, fn, grid, *args, **kwargs):
         kernel = fn[grid](*args, **kwargs)
@@ -86,16 +139,104 @@ class _Recording:
                 bound = fn.signature.bind(*args, **{k: v for k, v in kwargs.items() if k in params})
                 bound.apply_defaults()
                 tensors = tuple(k for k, a in enumerate(args) if isinstance(a, torch.Tensor))
-                seq.append((fn, kernel, tuple(bound.arguments.values())[len(args):], kwargs, tensors))
+                tail = tuple(bound.arguments.values())[len(args):]
+                seq.append((fn, kernel, tail, kwargs, tensors))
+                if self._roots is not None:
+                    self._write_down(kernel, grid, args, tensors, tail)
             else:  # the interpreter, a compile still running, a pre-run hook...: this key keeps Triton's path
                 self._seq = None
+                self._roots = None
         return kernel
 
-    def done(self) -> None:
-        cache = self._cache
-        if len(cache) >= LaunchCache.MAX_KEYS:
-            cache.clear()
-        cache[self._key] = None if self._seq is None else tuple(self._seq)
+    def _write_down(self, kernel, grid, args, tensors, tail) -> None:
+        template = list(args)
+        slots = []
+        for k in tensors:
+            source = self._source(args[k])
+            if source is None:
+                self._roots = None
+                return
+            template[k] = None
+            slots.append((k, *source))
+        n = len(grid)
+        self._launches.append((kernel, grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, template,
+                               tuple(slots), tail))
+
+    def done(self, outputs=()) -> None:
+        """The end of the call; ``outputs``: the buffers the launcher returns, in order."""
+        owner = self._owner
+        if len(owner._calls) >= LaunchCache.MAX_KEYS:
+            owner.clear()
+        owner._calls[self._key] = None if self._seq is None else tuple(self._seq)
+        roots = self._roots
+        if self._seq is not None and roots is not None:
+            returned = []
+            for t in outputs:
+                found = [i for i in range(self._n_in, len(roots)) if roots[i] is t]
+                if not found:
+                    return  # an output that is not one of the call's buffers: no replay of the whole call
+                returned.append(found[0] - self._n_in)
+            owner._recipes[self._key] = _CallRecipe(self._n_in, self._allocs, tuple(returned), self._launches)
+
+
+class _CallRecipe:
+    """A whole call of a launcher, replayed for a later call of its key: the call's buffers allocated
+    (those it returns one by one, the rest as one block, each at the same offset modulo 256 bytes
+    as any allocation), then its launches with their recorded arguments, each tensor argument handed to
+    the kernel's launcher as its data pointer (an integer, which the launcher takes as it is: Triton's
+    own path calls data_ptr() and the driver's cuPointerGetAttribute for each tensor). None of the
+    launcher's Python runs: at COCO's LED forward (six launches, 80 tensor arguments) that Python
+    (argument lists, views, launch geometry) was most of a direct call's host time.
+
+    The replay is one generated function (``run(inputs, device)``, as Triton generates its launchers):
+    each launch a single call with its arguments written out, integers, finite floats, booleans and
+    None as literals, anything else by name. On a 2-core CPU, a generic loop over the recorded
+    arguments took 17 us of the LED forward's replay at 64 x 80 (width split), this 8."""
+
+    __slots__ = ("run", "source")
+    _ALIGN = 256
+
+    def __init__(self, n_in: int, allocs: list, returned: tuple, launches: list):
+        names = {"_torch_empty": torch.empty, "_uint8": torch.uint8, "_common": _SELF}
+        lines = ["def run(inputs, device):", f"    ({''.join(f'i{k}, ' for k in range(n_in))}) = inputs"]
+        lines += [f"    p{k} = i{k}.data_ptr()" for k in range(n_in)]
+        sizes, scratch, block = [], [], 0
+        for j, (shape, dtype, device) in enumerate(allocs):
+            r = n_in + j
+            nbytes = math.prod(shape) * dtype.itemsize
+            sizes.append(f"(p{r}, {nbytes})")
+            if j in returned:
+                names[f"shape{r}"], names[f"dtype{r}"], names["dev"] = shape, dtype, device
+                lines += [f"    t{r} = _torch_empty(shape{r}, dtype=dtype{r}, device=dev)",
+                          f"    p{r} = t{r}.data_ptr()"]
+            else:
+                names["dev"] = device
+                scratch.append(f"    p{r} = b + {block}")
+                block += -(-nbytes // self._ALIGN) * self._ALIGN
+        if block:  # held until the launches are made, as the recorded call held its buffers
+            lines += [f"    scratch = _torch_empty({block}, dtype=_uint8, device=dev)", "    b = scratch.data_ptr()",
+                      *scratch]
+        logged = "".join(f"{size}, " for size in sizes)
+        lines += ["    log = _common.ALLOC_LOG", "    if log is not None:", f"        log.extend(({logged}))",
+                  "    stream = _common._driver.active.get_current_stream(device)"]
+        for n, (kernel, g0, g1, g2, template, slots, tail) in enumerate(launches):
+            names[f"K{n}"], names[f"T{n}"] = kernel, tail
+            args = [self._literal(names, f"c{n}_{k}", a) for k, a in enumerate(template)]
+            for k, root, offset in slots:
+                args[k] = f"p{root} + {offset}" if offset else f"p{root}"
+            lines.append(f"    K{n}.run({g0}, {g1}, {g2}, stream, K{n}.function, K{n}.packed_metadata, None, None, "
+                         f"None, {''.join(f'{a}, ' for a in args)}*T{n})")
+        lines.append(f"    return ({''.join(f't{n_in + j}, ' for j in returned)})")
+        self.source = "\n".join(lines) + "\n"
+        exec(compile(self.source, f"<l2d_kernels call replay {id(self):x}>", "exec"), names)  # noqa: S102
+        self.run = names["run"]
+
+    @staticmethod
+    def _literal(names: dict, name: str, value) -> str:
+        if value is None or type(value) in (bool, int) or (type(value) is float and math.isfinite(value)):
+            return repr(value)
+        names[name] = value
+        return name
 
 
 class _Replay:
@@ -142,6 +283,8 @@ class _Replay:
                    kernel.packed_metadata, metadata, enter, exit_, *full)
         return kernel
 
+    empty = staticmethod(_empty)
+
     def _mismatch(self, what: str) -> None:
         """A launch other than the recorded ones: the key missed something that decides the launches (a
         bug of the caller's key). The rest of the call takes the just-in-time path, the key is dropped."""
@@ -151,7 +294,7 @@ class _Replay:
         self._cache.pop(self._key, None)
         self._seq = None
 
-    def done(self) -> None:
+    def done(self, outputs=()) -> None:
         if self._seq is not None and self._i != len(self._seq):
             self._mismatch(f"{self._i} of {len(self._seq)} recorded launches made")
 
@@ -173,29 +316,56 @@ class LaunchCache:
     zero). Triton's debug and instrumentation settings are part of every key. Only on the Triton
     releases of ``DIRECT_LAUNCH_TRITON``.
 
-    Used as ``launch = cache.call(key, device)``, then ``launch(fn, grid, *args, **kwargs)`` for each
-    launch and ``launch.done()`` at the end of the call (a call that raises records nothing)."""
+    A key's later calls replay the whole call where its first one could be written down (see
+    ``_Recording``): ``replay`` allocates the call's buffers and makes its launches with the recorded
+    arguments, without running the launcher's code at all. The key must then decide everything the
+    launcher computes, its scalar arguments included (a launcher's float parameters are part of its
+    keys). The replay is left to the launcher's code where a profiler's launch hook is set, or with
+    ``CALL_REPLAY`` off; the per-launch checks above hold there.
+
+    Used as ``outputs = cache.replay(key, device, inputs)``, and if that is None, ``launch =
+    cache.call(key, device, inputs)``, then ``launch(fn, grid, *args, **kwargs)`` for each launch, the
+    call's buffers from ``launch.empty(shape, dtype, device)``, and ``launch.done(outputs)`` at the end
+    of the call (a call that raises records nothing)."""
 
     MAX_KEYS = 256  # distinct keys kept per launcher (cleared when full)
     mismatches = 0
 
     def __init__(self):
         self._calls: dict = {}
+        self._recipes: dict = {}
 
-    def call(self, key, device: int):
+    @staticmethod
+    def _full_key(key, device: int):
+        return (key, device, _knobs.runtime.debug, _knobs.compilation.instrumentation_mode,
+                getattr(_knobs.runtime, "add_stages_inspection_hook", None))
+
+    def replay(self, key, device: int, inputs):
+        """The call's outputs (a tuple), replayed from its key's first call; None: make the call."""
+        if not (CALL_REPLAY and DIRECT_LAUNCH and self._recipes) or _COMPILED_KERNEL is None:
+            return None
+        recipe = self._recipes.get(self._full_key(key, device))
+        if recipe is None:
+            return None
+        enter, exit_ = _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook
+        if getattr(enter, "calls", True) or getattr(exit_, "calls", True):
+            return None  # a profiler's hook: the launcher's code, whose launches build its metadata
+        return recipe.run(inputs, device)
+
+    def call(self, key, device: int, inputs=None):
         if not DIRECT_LAUNCH or _COMPILED_KERNEL is None:
             return JIT_LAUNCH
-        key = (key, device, _knobs.runtime.debug, _knobs.compilation.instrumentation_mode,
-               getattr(_knobs.runtime, "add_stages_inspection_hook", None))
+        key = self._full_key(key, device)
         seq = self._calls.get(key, False)
         if seq is False:
-            return _Recording(self._calls, key)
+            return _Recording(self, key, inputs)
         if seq is None:
             return JIT_LAUNCH
         return _Replay(self._calls, key, seq, device)
 
     def clear(self) -> None:
         self._calls.clear()
+        self._recipes.clear()
 
 
 # The Triton releases whose launch path (``JITFunction.run`` after its lookup) the direct launches
@@ -256,7 +426,7 @@ def _finalize_sum_kernel(partials_ptr, out_ptr, n, scale, BLOCK: tl.constexpr):
 
 def finalize_sum(partials: torch.Tensor, scale: float, launch=JIT_LAUNCH) -> torch.Tensor:
     """``scale * partials.sum()`` as a 0-d float32 tensor, deterministic."""
-    out = torch.empty((), dtype=torch.float32, device=partials.device)
+    out = launch.empty((), torch.float32, partials.device)
     launch(_finalize_sum_kernel, (1,), partials, out, partials.numel(), float(scale), BLOCK=SUM_BLOCK)
     return out
 

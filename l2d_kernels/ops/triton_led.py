@@ -57,6 +57,7 @@ buffer: the same losses, bitwise, with no write of the inputs' size.
 from __future__ import annotations
 
 import functools
+import operator
 
 import torch
 import triton
@@ -143,9 +144,11 @@ _FORWARD_LAUNCHES = LaunchCache()
 _SCALE_LAUNCHES = LaunchCache()
 
 
+_settings_of = operator.itemgetter(*_SETTINGS)
+
+
 def _settings() -> tuple:
-    g = globals()
-    return tuple(g[name] for name in _SETTINGS)
+    return _settings_of(globals())
 
 
 @triton.jit
@@ -914,8 +917,8 @@ def _large_passes(launch, es, et, grad, idx, cnt, group_loss, geometry, norms, s
     ``add``: the gradient's write mode (``ADD``)."""
     n_groups, n_members, width, strides, (g_g, g_m), _ = geometry
     grid = (n_groups, cdiv(n_members, TILE))
-    part1 = torch.empty(grid[0] * grid[1] * 2, dtype=torch.float32, device=es.device)
-    part2 = torch.empty_like(part1)
+    part1 = launch.empty(grid[0] * grid[1] * 2, torch.float32, es.device)
+    part2 = launch.empty(part1.shape, torch.float32, es.device)
     launch(_means_kernel, grid, es, et, *strides, grad, g_g, idx, cnt, n_members, width, norms, part1, **common)
     launch(_stats_kernel, grid, es, et, *strides, grad, g_g, idx, cnt, n_members, width, norms, part1, part2,
            **common)
@@ -938,7 +941,7 @@ def _run_family(launch, es, et, grad, targets, idx, cnt, group_loss, groups_dim:
     large = n_members > SMALL_MAX
     common = _common()
     if large:
-        norms = torch.empty(n_groups * n_members * 2, dtype=torch.float32, device=es.device)
+        norms = launch.empty(n_groups * n_members * 2, torch.float32, es.device)
     else:  # the pointers the kernels do not read without large groups: any tensor will do
         idx = cnt = norms = group_loss
     args = (es, et, *strides, grad, g_g, g_m, targets, y_g, y_m, idx, cnt, n_members, width, scale, group_loss, norms)
@@ -1015,7 +1018,7 @@ def _plan(targets, cd_cnt, id_cnt, n_s: int, cap: int, launch=JIT_LAUNCH):
     groups of more than SMALLEST_TILE members (int64 ``[C + B]``: CD's from 0, ID's from C, each in
     group order, the rest unwritten) with their numbers (int64 ``[2]``): views of one buffer."""
     B, C = targets.shape
-    plan = torch.empty(2 * (C + B) + 3, dtype=torch.int64, device=targets.device)
+    plan = launch.empty(2 * (C + B) + 3, torch.int64, targets.device)
     offs, done, big, n_big = plan[: C + B], plan[C + B : C + B + 1], plan[C + B + 1 : 2 * (C + B) + 1], plan[-2:]
     launch(
         _plan_kernel, (1,), targets, targets.stride(0), targets.stride(1), B, C, cd_cnt, id_cnt, offs, cap,
@@ -1068,7 +1071,10 @@ def led_scale(grad: torch.Tensor, targets: torch.Tensor, grad_output: torch.Tens
         return
     key = (grad.shape, grad.dtype, targets.stride(), targets.dtype, grad_output.dtype,
            alignment_key(grad, targets, grad_output), SCALE_ROWS, SCALE_BLOCK)
-    launch = _SCALE_LAUNCHES.call(key, grad.device.index)
+    inputs = (grad, targets, grad_output)
+    if _SCALE_LAUNCHES.replay(key, grad.device.index, inputs) is not None:
+        return
+    launch = _SCALE_LAUNCHES.call(key, grad.device.index, inputs)
     launch(_scale_kernel, (cdiv(B * C, SCALE_ROWS),), grad, targets, targets.stride(0), targets.stride(1), B * C, C,
            D, grad_output, ROWS=SCALE_ROWS, BLOCK_D=min(SCALE_BLOCK, next_power_of_2(D)))
     launch.done()
@@ -1083,19 +1089,23 @@ def led_forward(es: torch.Tensor, et: torch.Tensor, targets: torch.Tensor, lambd
     (an empty tensor in its place)."""
     B, C, _ = es.shape
     device = es.device
-    # Everything that decides this call's launches and their specializations (see LaunchCache).
+    # Everything that decides this call's launches and their arguments (see LaunchCache).
     key = (es.shape, es.stride(), et.stride(), targets.stride(), es.dtype, et.dtype, targets.dtype,
-           alignment_key(es, et, targets), _settings(), with_grad)
-    launch = _FORWARD_LAUNCHES.call(key, device.index)
-    grad = torch.empty(es.shape if with_grad else (0,), dtype=grad_dtype(es.dtype), device=device)
+           alignment_key(es, et, targets), _settings(), with_grad, float(lambda_cd), float(lambda_id))
+    inputs = (es, et, targets)
+    replayed = _FORWARD_LAUNCHES.replay(key, device.index, inputs)
+    if replayed is not None:
+        return replayed
+    launch = _FORWARD_LAUNCHES.call(key, device.index, inputs)
+    grad = launch.empty(es.shape if with_grad else (0,), grad_dtype(es.dtype), device)
     grad_at = grad if with_grad else es  # without the gradient, es stands in for its pointer (never written)
-    group_loss = torch.empty(C + B, dtype=torch.float32, device=device)
-    out = torch.empty(3, dtype=torch.float32, device=device)
-    total = torch.empty((), dtype=torch.float32, device=device)
+    group_loss = launch.empty(C + B, torch.float32, device)
+    out = launch.empty(3, torch.float32, device)
+    total = launch.empty((), torch.float32, device)
     cd_idx = cd_cnt = id_idx = id_cnt = None
     cd_lists, id_lists = B > SMALL_MAX, C > SMALL_MAX  # a family whose groups can be large: member lists
     if cd_lists or id_lists:
-        lists = torch.empty(2 * B * C + B + C, dtype=torch.int32, device=device)
+        lists = launch.empty(2 * B * C + B + C, torch.int32, device)
         cd_idx, id_idx = lists[: B * C], lists[B * C : 2 * B * C]
         cd_cnt, id_cnt = lists[2 * B * C : 2 * B * C + C], lists[2 * B * C + C :]
         launch(
@@ -1109,7 +1119,7 @@ def led_forward(es: torch.Tensor, et: torch.Tensor, targets: torch.Tensor, lambd
         # A family without member lists: any tensor for the list pointers, which it does not read.
         given = (cd_idx, cd_cnt, id_idx, id_cnt)
         cd_idx_, cd_cnt_, id_idx_, id_cnt_ = (t if t is not None else group_loss for t in given)
-        part = torch.empty(_split_scratch(es, n_s), dtype=torch.float32, device=device)
+        part = launch.empty(_split_scratch(es, n_s), torch.float32, device)
         offs, done, big, n_big = _plan(targets, cd_cnt_, id_cnt_, n_s, part.numel(), launch)
         launch(
             _gram_kernel, (C + B, n_s), es, et, *es.stride(), *et.stride(), targets, *targets.stride(), B, C,
@@ -1129,7 +1139,7 @@ def led_forward(es: torch.Tensor, et: torch.Tensor, targets: torch.Tensor, lambd
     if not finished:
         launch(_finalize_kernel, (1,), group_loss, C, B, out, total, float(lambda_cd), float(lambda_id),
                BLOCK=SUM_BLOCK)
-    launch.done()
+    launch.done((out, grad, total))
     return out, grad, total
 
 
