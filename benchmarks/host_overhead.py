@@ -7,7 +7,9 @@ Runs on the CPU: the Triton backend is selected through its interpreter switch, 
 timed is everything else a call does: input checks, backend choice, autograd and dispatch, the
 backward (the calls without gradient, under ``torch.no_grad()``, have neither of the last two). On
 a GPU the same path runs before every launch; where kernels take a few microseconds (MLD at 64 x
-80) it is the call's cost. Prints microseconds per call, the fastest of five batches of calls.
+80) it is the call's cost. Prints microseconds per call, the fastest of five batches of calls. The
+last case, ``L2DLoss`` forward and backward, also computes its BCE and the weighted sum on the CPU:
+it compares versions of the module, not a host path alone.
 
 With ``--launchers`` it times the Triton launchers themselves at COCO's 64 x 80 (a narrow width: the
 host path does not depend on it; the LED width-split path, which realistic widths take, with
@@ -30,7 +32,7 @@ os.environ.setdefault("TRITON_INTERPRET", "0" if "--launchers" in sys.argv else 
 import torch  # noqa: E402
 
 from harness import emit  # noqa: E402
-from l2d_kernels import fused_led, fused_mld  # noqa: E402
+from l2d_kernels import L2DLoss, fused_led, fused_mld  # noqa: E402
 from l2d_kernels.ops import library, triton_common, triton_led, triton_mld  # noqa: E402
 
 
@@ -97,17 +99,24 @@ def main(argv=None) -> int:
     zs, zt = torch.randn(64, 80, requires_grad=True), torch.randn(64, 80)
     es, et = torch.randn(64, 80, 8, requires_grad=True), torch.randn(64, 80, 8)
     y = torch.rand(64, 80) < 0.1
+    loss_module = L2DLoss(backend="triton")
     cases = {
         "fused_mld forward + autograd.grad": lambda: torch.autograd.grad(fused_mld(zs, zt, backend="triton"), zs),
         "fused_mld forward": lambda: fused_mld(zs, zt, backend="triton"),
         "fused_led forward + autograd.grad": lambda: torch.autograd.grad(fused_led(es, et, y, backend="triton"), es),
         "fused_mld forward under no_grad": lambda: _no_grad(fused_mld, zs, zt, backend="triton"),
         "fused_led forward under no_grad": lambda: _no_grad(fused_led, es, et, y, backend="triton"),
+        "L2DLoss forward + backward (paper defaults)": lambda: _l2d_step(loss_module, zs, zt, es, et, y),
     }
     lines = [f"{name}: {_us_per_call(fn, args.calls):.1f} us" for name, fn in cases.items()]
     text = f"host path per call, launchers stubbed (torch {torch.__version__}, one CPU thread)\n" + "\n".join(lines) + "\n"
     emit(text, args.out)
     return 0
+
+
+def _l2d_step(loss_module, zs, zt, es, et, y):
+    """The whole objective's forward and backward, as a training step runs it (BCE on the CPU here)."""
+    loss_module(zs, zt, es, et, y).backward()
 
 
 def _no_grad(fn, *args, **kwargs):

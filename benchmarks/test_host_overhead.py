@@ -20,7 +20,8 @@ def test_reports_every_case(tmp_path):
     lines = out.read_text().splitlines()[1:]
     assert [line.split(":")[0] for line in lines] == [
         "fused_mld forward + autograd.grad", "fused_mld forward", "fused_led forward + autograd.grad",
-        "fused_mld forward under no_grad", "fused_led forward under no_grad"]
+        "fused_mld forward under no_grad", "fused_led forward under no_grad",
+        "L2DLoss forward + backward (paper defaults)"]
     assert all(float(line.split(": ")[1].split()[0]) > 0 for line in lines)
 
 
