@@ -209,6 +209,33 @@ def direct_launch_costs(device: str = "cuda", calls: int = 500, shape=(64, 80, 1
     return "Triton launchers' host time per call: " + "; ".join(parts) + ".\n"
 
 
+def objective_costs(backends, device: str = "cuda", calls: int = 200, shape=(64, 80, 768)) -> str:
+    """``L2DLoss`` (the paper's weights) forward and backward per fused backend, with the training
+    step's inputs (bfloat16 logits and embeddings, as autocast gives them; COCO's label rows), calls
+    back to back with one synchronization: what the losses cost a host-bound training step, without
+    the step's round-to-round drift (its benchmark reads the losses as a difference of two steps of
+    about 46 ms). The student's leaves are fresh each call, as a step's are."""
+    from l2d_kernels import L2DLoss
+    from l2d_kernels.labels import sample_targets
+
+    B, C, D = shape
+    g = torch.Generator(device=device).manual_seed(0)
+    zs, zt = (torch.randn(B, C, generator=g, device=device).bfloat16() for _ in range(2))
+    es, et = (torch.randn(B, C, D, generator=g, device=device).bfloat16() for _ in range(2))
+    y = sample_targets(B, C, seed=0, device=device)
+    parts = []
+    for backend in backends:
+        loss = L2DLoss(backend=backend)
+
+        def call(loss=loss):
+            z, e = zs.detach().requires_grad_(), es.detach().requires_grad_()
+            loss(z, zt, e, et, y).backward()
+
+        parts.append(f"{backend} {_per_call_us(call, device, calls):.1f} us")
+    return (f"L2DLoss forward + backward at {B} x {C} x {D}, bfloat16 inputs as in the training step, per call: "
+            + ", ".join(parts) + ".\n")
+
+
 def _triton_led_setting(name: str, value):
     """The Triton LED kernels with one of their module settings changed (NUM_WARPS, LOAD_AHEAD,
     SLICE_WIDTH, GRAM_D, ...: each is read at every launch), restored on exit; a name the module does
@@ -314,7 +341,12 @@ def main(argv=None) -> int:
                     runs.append((label, "triton", led_cases, lambda a=assignments: _triton_led_settings(a)))
     title = f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n\n" if device == "cuda" else ""
     if device == "cuda" and "triton" in backends:
-        title += launch_costs(device) + direct_launch_costs(device) + "\n"
+        title += launch_costs(device) + direct_launch_costs(device)
+    if device == "cuda":
+        try:  # a measurement beside the profile: its failure must not cost the rest
+            title += objective_costs([b for b in backends if b in ("cuda", "triton")], device) + "\n"
+        except Exception as error:  # noqa: BLE001
+            title += f"(L2DLoss costs failed: {error!r}.)\n\n"
     results = []
     for label, backend, cases, variant in runs:
         with variant():

@@ -131,6 +131,18 @@ def test_launch_costs_line():
     assert line.count("the whole call replayed") == 2 and line.count(" us") == 8
 
 
+def test_objective_costs_line():
+    from l2d_kernels import available_backends
+
+    fused = [b for b in ("cuda", "triton") if b in available_backends()]
+    if not fused:
+        import pytest
+        pytest.skip(f"no fused backend here: {available_backends()}")
+    line = kernel_profile.objective_costs(fused, kernel_profile.DEVICE.type, calls=2, shape=(4, 6, 16))
+    assert line.startswith("L2DLoss forward + backward at 4 x 6 x 16, bfloat16 inputs")
+    assert line.count(" us") == len(fused) and all(f"{b} " in line for b in fused)
+
+
 def test_ncu_driver_runs_both_cases_and_refuses_an_unknown_one():
     import ncu_driver
 

@@ -36,6 +36,7 @@ import pathlib
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from unittest import mock
 
 import torch
 
@@ -201,6 +202,10 @@ def _empty_kernel_case():
 
         kernel_profile.launch_costs("cpu", calls=1)
         kernel_profile.direct_launch_costs("cpu", calls=1)
+        # The public API refuses the Triton backend on CPU tensors outside the interpreter: here the
+        # launches are only recorded.
+        with mock.patch("l2d_kernels.api.resolve_backend", lambda backend, device, dtypes: backend):
+            kernel_profile.objective_costs(["triton"], "cpu", calls=1)
 
     return "the kernel profile's launch costs", call
 
