@@ -190,8 +190,8 @@ class _CallRecipe:
 
     The replay is one generated function (``run(inputs, device)``, as Triton generates its launchers):
     each launch a single call with its arguments written out, integers, finite floats, booleans and
-    None as literals, anything else by name. On a 2-core CPU, a generic loop over the recorded
-    arguments took 17 us of the LED forward's replay at 64 x 80 (width split), this 8."""
+    None as literals, anything else by name. On a 2-core CPU the LED forward's replayed call at 64 x 80
+    (width split, Triton 3.8) took 17.4 us with a loop over the recorded arguments, 13.1 with this."""
 
     __slots__ = ("run", "source")
     _ALIGN = 256
@@ -246,10 +246,10 @@ class _Replay:
     3.6 and 3.8 keep a chain, never None), no metadata is built and no hook handed on: Triton would
     build a dictionary for each launch and call two chains that call nothing."""
 
-    __slots__ = ("_cache", "_key", "_seq", "_i", "_stream")
+    __slots__ = ("_owner", "_key", "_seq", "_i", "_stream")
 
-    def __init__(self, cache: dict, key, seq: tuple, device: int):
-        self._cache, self._key, self._seq, self._i = cache, key, seq, 0
+    def __init__(self, owner: "LaunchCache", key, seq: tuple, device: int):
+        self._owner, self._key, self._seq, self._i = owner, key, seq, 0
         self._stream = _driver.active.get_current_stream(device)
 
     def __call__(self, fn, grid, *args, **kwargs):
@@ -291,7 +291,8 @@ class _Replay:
         warnings.warn(f"l2d_kernels: the Triton launches recorded for this call's key do not match ({what}); "
                       "it takes Triton's just-in-time path", RuntimeWarning, stacklevel=3)
         LaunchCache.mismatches += 1
-        self._cache.pop(self._key, None)
+        self._owner._calls.pop(self._key, None)
+        self._owner._recipes.pop(self._key, None)  # made from the same key: as wrong
         self._seq = None
 
     def done(self, outputs=()) -> None:
@@ -361,7 +362,7 @@ class LaunchCache:
             return _Recording(self, key, inputs)
         if seq is None:
             return JIT_LAUNCH
-        return _Replay(self._calls, key, seq, device)
+        return _Replay(self, key, seq, device)
 
     def clear(self) -> None:
         self._calls.clear()
