@@ -225,20 +225,24 @@ def _check_fallback() -> None:
     """A key that misses what decides the launches (here: the settings left out, then one changed),
     with the whole-call replay off (which, by design, runs none of the launcher's code on a known key,
     so that no check could run there): the call is warned about, falls back to the just-in-time path,
-    and launches what it would have."""
+    and launches what it would have; the key's whole-call recipe, made by its first call, is dropped."""
     import warnings
 
     calls = _led_calls(12, 40, 96)
-    with mock.patch.object(triton_led, "_settings", lambda: ()), \
-            mock.patch.object(triton_common, "CALL_REPLAY", False):
-        _one_call(calls[0], True)
-        with mock.patch.object(triton_led, "SMALL_WARPS", 0), warnings.catch_warnings(record=True) as caught:
+    recipes = triton_led._FORWARD_LAUNCHES._recipes
+    with mock.patch.object(triton_led, "_settings", lambda: ()):
+        _one_call(calls[0], True)  # recorded, its whole-call recipe too
+        kept = len(recipes)
+        with mock.patch.object(triton_led, "SMALL_WARPS", 0), warnings.catch_warnings(record=True) as caught, \
+                mock.patch.object(triton_common, "CALL_REPLAY", False):
             warnings.simplefilter("always")
             direct_run = _one_call(calls[1], True)
             jit_run = _one_call(calls[1], False)
     if triton_common.LaunchCache.mismatches != 1 or not any("do not match" in str(w.message) for w in caught):
         raise AssertionError(f"a changed setting outside the key: {triton_common.LaunchCache.mismatches} "
                              f"mismatches, warnings {[str(w.message) for w in caught]}")
+    if len(recipes) != kept - 1:
+        raise AssertionError("the mismatching key's whole-call recipe was kept")
     direct, through_jit = _compare(calls[1], direct_run, jit_run)
     if [e[1:] for e in direct] != [e[1:] for e in through_jit]:
         raise AssertionError("the call that fell back did not launch what the just-in-time path launches")
