@@ -242,6 +242,7 @@ def gpu_check_cases() -> list:
               _led_case(1024, 80, 768, f32, with_grad=False), _led_case(32, 10000, 256, f32, with_grad=False)]
     # The kernel profile's default variant rows (gpu_check.sh's bench_all).
     cases += [_led_case(64, 80, 768, f32, with_grad=False), _led_case(64, 80, 768, f32, settings=(("GRAM_WARPS", 8),)),
+              _led_case(64, 80, 768, f32, settings=(("GRAM_WARPS", 1),)),
               _led_case(64, 80, 768, f32, settings=(("SLICE_WIDTH", 128),))]
     # MLD at the MLD benchmark's shapes and at the L2D benchmark's (its first three LED shapes).
     mld_shapes = dict.fromkeys([(B, C) for _, B, C in GPU_MLD_SHAPES] + [(B, C) for _, B, C, _ in GPU_LED_SHAPES[:3]])
