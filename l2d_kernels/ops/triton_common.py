@@ -55,7 +55,6 @@ INT_POINTERS = os.environ.get("L2D_TRITON_INT_POINTERS", "0") == "1"
 # A key's later calls replay the whole call, not only its launches (see LaunchCache.replay). Read at
 # each call.
 CALL_REPLAY = os.environ.get("L2D_TRITON_CALL_REPLAY", "1") != "0"
-_SELF = sys.modules[__name__]
 # Tests only: a list to which every buffer a launcher allocates is appended as (data pointer, bytes),
 # in the order the launcher's code allocates them, whichever way the call runs; None: off.
 ALLOC_LOG = None
@@ -84,6 +83,13 @@ class _JitLaunch:
 
 
 JIT_LAUNCH = _JitLaunch()
+
+
+def _no_launch_hooks() -> bool:
+    """Whether Triton's launch hook chains are both empty (no profiler has set one). Triton 3.6 and 3.8
+    keep a chain, never None; anything else counts as a hook."""
+    enter, exit_ = _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook
+    return not getattr(enter, "calls", True) and not getattr(exit_, "calls", True)
 
 
 class _Recording:
@@ -193,11 +199,11 @@ class _CallRecipe:
     None as literals, anything else by name. On a 2-core CPU the LED forward's replayed call at 64 x 80
     (width split, Triton 3.8) took 17.4 us with a loop over the recorded arguments, 13.1 with this."""
 
-    __slots__ = ("run", "source")
+    __slots__ = ("run",)
     _ALIGN = 256
 
     def __init__(self, n_in: int, allocs: list, returned: tuple, launches: list):
-        names = {"_torch_empty": torch.empty, "_uint8": torch.uint8, "_common": _SELF}
+        names = {"_torch_empty": torch.empty, "_uint8": torch.uint8, "_common": sys.modules[__name__]}
         lines = ["def run(inputs, device):", f"    ({''.join(f'i{k}, ' for k in range(n_in))}) = inputs"]
         lines += [f"    p{k} = i{k}.data_ptr()" for k in range(n_in)]
         sizes, scratch, block = [], [], 0
@@ -227,8 +233,8 @@ class _CallRecipe:
             lines.append(f"    K{n}.run({g0}, {g1}, {g2}, stream, K{n}.function, K{n}.packed_metadata, None, None, "
                          f"None, {''.join(f'{a}, ' for a in args)}*T{n})")
         lines.append(f"    return ({''.join(f't{n_in + j}, ' for j in returned)})")
-        self.source = "\n".join(lines) + "\n"
-        exec(compile(self.source, f"<l2d_kernels call replay {id(self):x}>", "exec"), names)  # noqa: S102
+        source = "\n".join(lines) + "\n"
+        exec(compile(source, f"<l2d_kernels call replay {id(self):x}>", "exec"), names)  # noqa: S102
         self.run = names["run"]
 
     @staticmethod
@@ -263,8 +269,7 @@ class _Replay:
         _, kernel, tail, _, tensors = seq[i]
         full = args + tail
         enter, exit_ = _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook
-        if not getattr(enter, "calls", True) and not getattr(exit_, "calls", True):
-            # Triton's hook chains, both empty (no profiler): what Triton would build and call does nothing.
+        if _no_launch_hooks():  # what Triton would build and call does nothing
             enter = exit_ = metadata = None
         else:
             metadata = None if enter is None else kernel.launch_metadata(grid, self._stream, *full)
@@ -348,8 +353,7 @@ class LaunchCache:
         recipe = self._recipes.get(self._full_key(key, device))
         if recipe is None:
             return None
-        enter, exit_ = _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook
-        if getattr(enter, "calls", True) or getattr(exit_, "calls", True):
+        if not _no_launch_hooks():
             return None  # a profiler's hook: the launcher's code, whose launches build its metadata
         return recipe.run(inputs, device)
 

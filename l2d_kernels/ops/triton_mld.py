@@ -143,6 +143,13 @@ def mld_forward(zs: torch.Tensor, zt: torch.Tensor, reduction: str, eps: float, 
                 with_grad: bool = True):
     """Launch the MLD kernel: returns (loss in float32, d loss / d zs in ``grad_dtype(zs.dtype)``); without
     ``with_grad``, the gradient is neither computed nor allocated (an empty tensor in its place)."""
+    # Everything that decides this call's launches and their arguments (see LaunchCache).
+    key = (zs.shape, zs.stride(), zt.stride(), zs.dtype, zt.dtype, alignment_key(zs, zt), reduction, float(eps),
+           float(temperature), ROWS_SMALL, ROWS_LARGE, BLOCK_B, BLOCK_C, MAX_REGISTERS, with_grad)
+    inputs = (zs, zt)
+    replayed = _LAUNCHES.replay(key, zs.device.index, inputs)
+    if replayed is not None:
+        return replayed
     B, C = zs.shape
     rows = ROWS_SMALL if B <= ROWS_SMALL else ROWS_LARGE
     grid = (cdiv(B, rows), cdiv(C, BLOCK_C))
@@ -153,13 +160,6 @@ def mld_forward(zs: torch.Tensor, zt: torch.Tensor, reduction: str, eps: float, 
     # A single partial is the loss itself: allocated 0-dim, so that the loss is no view (autograd
     # refuses in-place changes to a view made inside a custom Function, such as ``loss *= 2``).
     out_shape = (B, C) if per_label else (() if n_partials == 1 else (n_partials,))
-    # Everything that decides this call's launches and their arguments (see LaunchCache).
-    key = (zs.shape, zs.stride(), zt.stride(), zs.dtype, zt.dtype, alignment_key(zs, zt), reduction, float(eps),
-           float(temperature), ROWS_SMALL, ROWS_LARGE, BLOCK_B, BLOCK_C, MAX_REGISTERS, with_grad)
-    inputs = (zs, zt)
-    replayed = _LAUNCHES.replay(key, zs.device.index, inputs)
-    if replayed is not None:
-        return replayed
     launch = _LAUNCHES.call(key, zs.device.index, inputs)
     grad = launch.empty((B, C) if with_grad else (0,), grad_dtype(zs.dtype), zs.device)
     out = launch.empty(out_shape, torch.float32, zs.device)
