@@ -9,17 +9,21 @@ launcher on several inputs of one layout (fresh tensors, another storage offset 
 alignment), each call made twice: directly (the LaunchCache) and through the just-in-time path
 (``DIRECT_LAUNCH`` off). It fails unless
 
-- every call after a key's first launches directly, none of them through the just-in-time path;
-- each direct launch's kernel is the one Triton's binder picks for that launch's arguments (the same
-  specialization and options: types, 16-byte alignments, integers equal to 1 or divisible by 16,
-  compile-time values);
-- the direct launches have the grids and arguments of the just-in-time ones, in the same order;
+- every call after a key's first is replayed whole (``_CallRecipe``: every pointer an integer),
+  none of its launches through the just-in-time path;
+- each direct launch's kernel is the one Triton's binder picked for the same launch of the
+  just-in-time call (the same specialization and options: types, 16-byte alignments, integers equal
+  to 1 or divisible by 16, compile-time values);
+- the direct launches have the grids and arguments of the just-in-time ones, in the same order,
+  each pointer (a tensor or an integer) into the same input, or the same buffer of the call (by the
+  order the launcher allocates them), at the same offset and 16-byte alignment;
 - no key was dropped for a mismatch.
 
 Then the same comparison with Triton's real launch path and real compiled kernels (``_mld_kernel``
 and ``_finalize_sum_kernel`` compiled for sm_90, a few seconds; a stand-in driver; each kernel's
-own launcher replaced by a log): the arguments Triton's ``JITFunction.run`` hands a kernel's launcher
-and those of the direct launches must be the same.
+own launcher replaced by a log), four ways (the whole call replayed; with a profiler's launch hook;
+launch by launch with tensors, and with integer pointers): the arguments Triton's
+``JITFunction.run`` hands a kernel's launcher and those of the direct launches must be the same.
 
 Prints one line per case and ``ok`` at the end; exits 1 with the first failure. ``--without-alignment``
 leaves the pointers' alignment out of the launchers' keys, a key too coarse, which must fail.
