@@ -12,8 +12,9 @@ block taking the next from the launch's queue (or, with ``L2D_CUDA_LED_QUEUE=0``
 b + blocks, ... in turn), so a launch lasts as long as its busiest SM's items. For the last call of
 each shape in the file, per launch: how far apart the items' starts are, the busiest SM's items and
 cycles against the mean SM's, with ``--ghz`` the span from the first start to the last end and how
-busy the SMs were within it, and the cycles of items by tile size (16, 32, 64 rows) and of those
-passed over.
+busy the SMs were within it and the time between a block's consecutive items (one block per SM:
+from an item's end to the next one's start, the block takes its next item over), and the cycles of
+items by tile size (16, 32, 64 rows) and of those passed over.
 """
 
 from __future__ import annotations
@@ -69,6 +70,16 @@ def summarize(call: dict, ns_per_cycle: float | None = None) -> list[str]:
             out.append(f"    first start to last end {whole / 1000:.1f} us; SMs busy {100 * busy / whole:.0f}% of it "
                        f"on average; the median SM's last item ends {(end - statistics.median(last_ends)) / 1000:.1f}"
                        f" us before the last")
+            # One block per SM: an SM's items in start order are one block's; between an item's end and
+            # the next one's start, the block takes over its next item (the entry's hand-over, a barrier).
+            gaps = []
+            for rs in per_sm.values():
+                in_order = sorted(rs, key=lambda r: r[3])
+                gaps += [b[3] - (a[3] + a[4] * ns_per_cycle) for a, b in zip(in_order, in_order[1:])]
+            gaps.sort()
+            if gaps:
+                out.append(f"    between a block's items: median {statistics.median(gaps):.0f} ns, "
+                           f"max {gaps[-1]:.0f} ns ({len(gaps)} hand-overs)")
         slowest = max(items, key=lambda r: r[4])
         out.append(f"    slowest item {slowest[1]} (group of {abs(slowest[5])}): {slowest[4]} cycles"
                    + (f", {slowest[4] * ns_per_cycle / 1000:.1f} us" if ns_per_cycle else ""))

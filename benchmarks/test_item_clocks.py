@@ -28,6 +28,8 @@ def test_summary_names_the_busiest_sm_and_the_tiles():
     # average (700 and 100 cycles); last ends 2150 (SM 1) and 1550 (SM 2), median 1850.
     assert "first start to last end 1.1 us; SMs busy 17% of it on average" in text
     assert "the median SM's last item ends 0.3 us before the last" in text
+    # SM 1's items: the first ends at 1000 + 400 * 0.5 = 1200, the second starts at 2000: 800 ns.
+    assert "between a block's items: median 800 ns, max 800 ns (1 hand-overs)" in text
     assert "32 rows: 1 items" in text and "16 rows: 1 items" in text and "passed over: 1 items" in text
     assert "launch 1, CD weights and gradient: 1 items on 1 SMs" in text and "64 rows: 1 items" in text
     assert "launch 2" not in text

@@ -992,9 +992,13 @@ __device__ void slice_grad(const TS* __restrict__ s, const int* __restrict__ mem
 // with the items dealt out in turn, one block per SM: SMs were active 32-67% of the launch (CD's
 // weights and gradient: 24.1k cycles active per SM on average, 74.8k elapsed).
 //
-// The block's thread 0 takes its next item's index when it starts an item (so the atomic's round
-// trip hides behind the item) and loads the item's entry (group, size, scratch offset) after it,
-// passing it to the block in shared memory (two buffers, by the parity of the turn). Only groups
+// The block's thread 0 holds two items ahead of the one it runs: when it starts an item it loads
+// the next item's entry (group, size, scratch offset), whose index it took one item earlier, and
+// takes the index of the one after, so that both round trips hide behind the item; after the item
+// it passes the entry to the block in shared memory (two buffers, by the parity of the turn).
+// Loaded after the item instead, the entry was an L2 round trip between every two items of a block,
+// with all of the block's threads waiting behind it at the barrier (2 more registers: 250 and 254,
+// nvcc 13.0 sm_90 float32, no spill). Only groups
 // of 2 to 64 members have items (at OpenImages' 9,605 labels, two in a batch of 16); an item of a
 // group without a place in the scratch is passed over (the same for the whole block). Without a
 // queue (SliceArgs::queue null), block b takes items b, b + gridDim.x, ... of the same order.
@@ -1089,12 +1093,17 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     const int64_t first = sa.queue != nullptr ? atomicAdd(sa.queue, 1) : blockIdx.x;
     turn[0] = entry(first < list.items ? first : -1);
+    next = take(first);
   }
   __syncthreads();
   for (int p = 0;; p ^= 1) {
     const SliceItem item = turn[p];
     if (item.i < 0) break;
-    if (threadIdx.x == 0) next = take(item.i);  // used after the item: the atomic's latency hides behind it
+    SliceItem upcoming;
+    if (threadIdx.x == 0) {
+      upcoming = entry(next < list.items ? next : -1);
+      next = take(next);
+    }
     const bool timed = sa.clocks != nullptr && threadIdx.x == 0 && item.i < sa.clock_items;
     const long long start_ns = timed ? global_ns() : 0, start = timed ? sm_cycles() : 0;
     slice_item<kGrad>(es, et, grad, item.fam == 0 ? a : b, sa, shared, item);
@@ -1103,7 +1112,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       out[0] = item.i, out[1] = sm_id(), out[2] = start_ns, out[3] = sm_cycles() - start;
       out[4] = item.off < 0 ? -item.P : item.P;
     }
-    if (threadIdx.x == 0) turn[p ^ 1] = entry(next < list.items ? next : -1);
+    if (threadIdx.x == 0) turn[p ^ 1] = upcoming;
     __syncthreads();  // turn[p ^ 1] written; every thread read turn[p] before it
   }
 }
