@@ -28,7 +28,9 @@ assignments in one argument, space-separated (``"GRAM_D=16 GRAM_WARPS=4"``), mak
 all of them. ``--variant-shapes`` limits every variant's rows to the shapes named (each variant
 compiles its own kernels: at every shape, a short run would end before the variants).
 ``--no-grad`` adds LED rows of each backend's call without gradient (backend ``NAME/no-grad``: the
-forward under ``torch.no_grad()``, no gradient written), at the variant shapes.
+forward under ``torch.no_grad()``, no gradient written), at the variant shapes. ``--bf16`` adds LED
+rows of each backend with bfloat16 embeddings (backend ``NAME/bf16``), as a training step under
+autocast gives them, at the variant shapes.
 ``--cuda-led-env NAME=V1,V2`` (repeatable) adds CUDA LED rows with the extension's environment
 setting ``L2D_CUDA_LED_NAME`` set to each value (read at every call; backend ``cuda/NAME=V``), e.g.
 ``QUEUE=0`` (the slice launches' items dealt out in turn) or ``SLICE_WIDTH=64``; space-separated
@@ -58,9 +60,9 @@ CASES = [("led", shape[1:]) for shape in LED_SHAPES if shape[0] not in ("voc", "
     ("mld", shape[1:]) for shape in MLD_SHAPES]
 
 
-def _case(loss: str, shape, backend: str):
+def _case(loss: str, shape, backend: str, dtype: torch.dtype = torch.float32):
     if loss == "led":
-        es, et, y = led_inputs(*shape)
+        es, et, y = led_inputs(*shape, dtype=dtype)
         if not torch.is_grad_enabled():  # the --no-grad rows: the forward alone, without gradient
             return lambda: fused_led(es, et, y, backend=backend)
         return lambda: torch.autograd.grad(fused_led(es, et, y, backend=backend), es)
@@ -302,6 +304,8 @@ def main(argv=None) -> int:
                         help="extra CUDA LED rows with the environment setting L2D_CUDA_LED_NAME at each value")
     parser.add_argument("--no-grad", action="store_true",
                         help="extra LED rows of each backend's call without gradient (under torch.no_grad)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="extra LED rows of each backend with bfloat16 embeddings (the training step's)")
     parser.add_argument("--losses", default="led,mld", help="comma-separated: which losses' cases to profile")
     parser.add_argument("--shapes", default="",
                         help="comma-separated shapes to keep, as BxC or BxCxD (default: every case)")
@@ -323,6 +327,8 @@ def main(argv=None) -> int:
         runs.append((backend, backend, cases, contextlib.nullcontext))
         if args.no_grad:
             runs.append((f"{backend}/no-grad", backend, led_cases, torch.no_grad))
+        if args.bf16:
+            runs.append((f"{backend}/bf16", backend, led_cases, contextlib.nullcontext, torch.bfloat16))
         if backend == "cuda":
             for setting in args.cuda_led_env:
                 for assignments in _variants(setting):
@@ -348,11 +354,12 @@ def main(argv=None) -> int:
         except Exception as error:  # noqa: BLE001
             title += f"(L2DLoss costs failed: {error!r}.)\n\n"
     results = []
-    for label, backend, cases, variant in runs:
+    for label, backend, cases, variant, *dtype in runs:
         with variant():
             for loss, shape in cases:
                 try:
-                    results.append((label, loss, shape, profile_case(_case(loss, shape, backend), device, args.calls)))
+                    fn = _case(loss, shape, backend, *dtype)
+                    results.append((label, loss, shape, profile_case(fn, device, args.calls)))
                 except torch.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     print(f"{label} {loss} {shape}: out of memory", file=sys.stderr)

@@ -66,6 +66,29 @@ def test_variant_rows_only_at_the_variant_shapes(tmp_path):
     assert rows == [f"triton {' x '.join(map(str, s))}" for s in led_shapes] + [f"triton/GRAM_D=16 {shape}"]
 
 
+def test_bf16_rows_take_bfloat16_embeddings_at_the_variant_shapes(tmp_path, monkeypatch):
+    import torch
+
+    made = []
+    real = kernel_profile.led_inputs
+
+    def led_inputs(*shape, dtype=torch.float32):
+        made.append((shape, dtype))
+        return real(*shape, dtype=dtype)
+
+    monkeypatch.setattr(kernel_profile, "led_inputs", led_inputs)
+    led_shapes = [shape for loss, shape in kernel_profile.CASES if loss == "led"]
+    keep = "x".join(map(str, led_shapes[0]))
+    out = tmp_path / "profile.md"
+    assert kernel_profile.main(["--backends", "torch", "--calls", "1", "--losses", "led", "--bf16",
+                                "--variant-shapes", keep, "--out", str(out)]) == 0
+    rows = [line.split(" | ")[0][2:] + " " + line.split(" | ")[2] for line in out.read_text().splitlines()
+            if line.startswith("| torch")]
+    shape = " x ".join(map(str, led_shapes[0]))
+    assert rows == [f"torch {' x '.join(map(str, s))}" for s in led_shapes] + [f"torch/bf16 {shape}"]
+    assert made == [(tuple(s), torch.float32) for s in led_shapes] + [(tuple(led_shapes[0]), torch.bfloat16)]
+
+
 def test_settings_variants_one_per_value_or_all_in_one():
     assert kernel_profile._variants("GRAM_D=16,32") == [[("GRAM_D", 16)], [("GRAM_D", 32)]]
     assert kernel_profile._variants("GRAM_D=16 SMALL_WARPS=2") == [[("GRAM_D", 16), ("SMALL_WARPS", 2)]]
