@@ -997,7 +997,7 @@ __device__ void slice_grad(const TS* __restrict__ s, const int* __restrict__ mem
 // takes the index of the one after, so that both round trips hide behind the item; after the item
 // it passes the entry to the block in shared memory (two buffers, by the parity of the turn).
 // Loaded after the item instead, the entry was an L2 round trip between every two items of a block,
-// with all of the block's threads waiting behind it at the barrier (2 more registers: 250 and 254,
+// with all of the block's threads waiting behind it at the barrier (no more registers: 248 and 254,
 // nvcc 13.0 sm_90 float32, no spill). Only groups
 // of 2 to 64 members have items (at OpenImages' 9,605 labels, two in a batch of 16); an item of a
 // group without a place in the scratch is passed over (the same for the whole block). Without a
@@ -1092,8 +1092,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       list.items += list.n[0][c] + list.n[1][c];
     }
     const int64_t first = sa.queue != nullptr ? atomicAdd(sa.queue, 1) : blockIdx.x;
+    next = take(first);  // its round trip under the first entry's
     turn[0] = entry(first < list.items ? first : -1);
-    next = take(first);
   }
   __syncthreads();
   for (int p = 0;; p ^= 1) {
