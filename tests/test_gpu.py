@@ -288,9 +288,13 @@ def test_compiled_with_cuda_graphs_equals_eager_bitwise(gpu_backend):
     capturing a graph by hand: Inductor's CUDA graph trees run the first call, record the second and
     replay the rest, copying each call's new inputs into the recorded buffers, for forward and
     backward alike. Every call, on new data each time (other group memberships), gives bitwise what
-    eager calls give. The outputs live in the graphs' memory pool until the next replay, so each is
-    copied before the next call."""
+    eager calls give, and Inductor skips no graph (it would run the code eagerly instead, for a CPU
+    tensor, say: the test would pass without graphs). The outputs live in the graphs' memory pool
+    until the next replay, so each is copied before the next call."""
+    from torch._dynamo.utils import counters
+
     B, C, D = 64, 80, 768
+    skips = counters["inductor"]["cudagraph_skips"]
 
     def objective(zs, zt, es, et, y):
         return fused_mld(zs, zt, backend=gpu_backend) + fused_led(es, et, y, backend=gpu_backend)
@@ -310,6 +314,7 @@ def test_compiled_with_cuda_graphs_equals_eager_bitwise(gpu_backend):
             results.append([t.clone() for t in (loss.detach(), a.grad, b.grad)])
         for name, c, e in zip(("loss", "MLD gradient", "LED gradient"), *results):
             assert torch.equal(c, e), f"call {seed}: compiled {name} differs from eager"
+    assert counters["inductor"]["cudagraph_skips"] == skips, "Inductor ran a graph without CUDA graphs"
 
 
 @pytest.mark.skipif(not ON_GPU or torch.cuda.device_count() < 2, reason="needs two GPUs")
