@@ -45,6 +45,7 @@ import contextlib
 import os
 import sys
 import time
+import typing
 from unittest import mock
 
 import torch
@@ -285,6 +286,17 @@ def report(results: list) -> str:
     return "\n".join(lines) + "\n"
 
 
+class _Run(typing.NamedTuple):
+    """Rows of the profile: their label, backend, cases, the context they run in (a variant's
+    settings) and the LED inputs' dtype."""
+
+    label: str
+    backend: str
+    cases: list
+    variant: typing.Callable
+    dtype: torch.dtype = torch.float32
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backends", help="comma-separated (default: the fused backends here, else torch)")
@@ -324,27 +336,28 @@ def main(argv=None) -> int:
         led_cases = [c for c in led_cases if tuple(c[1]) in variant_shapes]
     runs = []
     for backend in backends:  # each backend's variants right after it: a run cut short keeps the pairs
-        runs.append((backend, backend, cases, contextlib.nullcontext))
+        runs.append(_Run(backend, backend, cases, contextlib.nullcontext))
         if args.no_grad:
-            runs.append((f"{backend}/no-grad", backend, led_cases, torch.no_grad))
+            runs.append(_Run(f"{backend}/no-grad", backend, led_cases, torch.no_grad))
         if args.bf16:
-            runs.append((f"{backend}/bf16", backend, led_cases, contextlib.nullcontext, torch.bfloat16))
+            runs.append(_Run(f"{backend}/bf16", backend, led_cases, contextlib.nullcontext, torch.bfloat16))
         if backend == "cuda":
             for setting in args.cuda_led_env:
                 for assignments in _variants(setting):
                     label = "cuda/" + " ".join(f"{name}={v}" for name, v in assignments)
-                    runs.append((label, "cuda", led_cases, lambda a=assignments: _cuda_led_env(a)))
+                    runs.append(_Run(label, "cuda", led_cases, lambda a=assignments: _cuda_led_env(a)))
         if backend == "triton" and args.triton_led_no_ahead:
-            runs.append(("triton/no-ahead", "triton", led_cases, lambda: _triton_led_setting("LOAD_AHEAD", False)))
+            runs.append(_Run("triton/no-ahead", "triton", led_cases, lambda: _triton_led_setting("LOAD_AHEAD", False)))
         if backend == "triton":
-            runs += [(f"triton/slice{w}", "triton", led_cases, lambda w=int(w): _triton_led_setting("SLICE_WIDTH", w))
+            runs += [_Run(f"triton/slice{w}", "triton", led_cases,
+                          lambda w=int(w): _triton_led_setting("SLICE_WIDTH", w))
                      for w in args.triton_led_slices.split(",") if w]
-            runs += [(f"triton/w{w}", "triton", led_cases, lambda w=int(w): _triton_led_setting("NUM_WARPS", w))
+            runs += [_Run(f"triton/w{w}", "triton", led_cases, lambda w=int(w): _triton_led_setting("NUM_WARPS", w))
                      for w in args.triton_led_warps.split(",") if w]
             for setting in args.triton_led_set:
                 for assignments in _variants(setting):
                     label = "triton/" + " ".join(f"{name}={v}" for name, v in assignments)
-                    runs.append((label, "triton", led_cases, lambda a=assignments: _triton_led_settings(a)))
+                    runs.append(_Run(label, "triton", led_cases, lambda a=assignments: _triton_led_settings(a)))
     title = f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n\n" if device == "cuda" else ""
     if device == "cuda" and "triton" in backends:
         title += launch_costs(device) + direct_launch_costs(device)
@@ -354,11 +367,11 @@ def main(argv=None) -> int:
         except Exception as error:  # noqa: BLE001
             title += f"(L2DLoss costs failed: {error!r}.)\n\n"
     results = []
-    for label, backend, cases, variant, *dtype in runs:
+    for label, backend, cases, variant, dtype in runs:
         with variant():
             for loss, shape in cases:
                 try:
-                    fn = _case(loss, shape, backend, *dtype)
+                    fn = _case(loss, shape, backend, dtype)
                     results.append((label, loss, shape, profile_case(fn, device, args.calls)))
                 except torch.OutOfMemoryError:
                     torch.cuda.empty_cache()
