@@ -9,6 +9,10 @@ shapes on a machine without a GPU: the benchmark suite's), it runs ``--calls`` c
 - ``wall``: elapsed time of the calls divided by their number (one synchronization at the end);
 - ``host``: the time the Python thread spent issuing one call (launch overhead, input checks);
 - ``device``: the sum of the device time of every kernel the call ran;
+- ``busy``: the time during which at least one of them ran (the union of their intervals). It equals
+  ``device`` when the kernels run one after another; it is less when a launch may start before the
+  previous one ends (the CUDA LED's early launches: such a kernel's time includes its wait for the
+  previous one, counted twice in ``device``);
 - one row per kernel: its name, launches per call and mean device time (for a kernel launched
   several times per call, also the mean of each launch in order, e.g. Triton LED's CD and ID
   launches of one kernel).
@@ -33,7 +37,8 @@ rows of each backend with bfloat16 embeddings (backend ``NAME/bf16``), as a trai
 autocast gives them, at the variant shapes.
 ``--cuda-led-env NAME=V1,V2`` (repeatable) adds CUDA LED rows with the extension's environment
 setting ``L2D_CUDA_LED_NAME`` set to each value (read at every call; backend ``cuda/NAME=V``), e.g.
-``QUEUE=0`` (the slice launches' items dealt out in turn) or ``SLICE_WIDTH=64``; space-separated
+``QUEUE=0`` (the slice launches' items dealt out in turn), ``EARLY_LAUNCH=0`` (no launch starts
+before the previous one ends) or ``SLICE_WIDTH=64``; space-separated
 assignments make one variant, as for ``--triton-led-set``. At the variant shapes.
 """
 
@@ -77,6 +82,16 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def busy_time(intervals) -> float:
+    """The length of the union of (start, end) intervals: the time during which at least one ran."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
 def profile_case(fn, device: str, calls: int) -> dict:
     for _ in range(3):  # compile, autotune, allocator warm-up
         fn()
@@ -103,8 +118,9 @@ def profile_case(fn, device: str, calls: int) -> dict:
         slots = [sum(times[j::per_call]) / len(times[j::per_call]) for j in range(per_call)] if per_call > 1 else []
         rows.append((name, len(times) / calls, sum(times) / len(times), slots))
     rows.sort(key=lambda r: -r[1] * r[2])
+    busy = busy_time((e.time_range.start, e.time_range.end) for e in events)
     return dict(wall_us=1e6 * wall / calls, host_us=1e6 * host / calls,
-                device_us=sum(r[1] * r[2] for r in rows), kernels=rows)
+                device_us=sum(r[1] * r[2] for r in rows), busy_us=busy / calls, kernels=rows)
 
 
 def _per_call_us(fn, device: str, calls: int) -> float:
@@ -277,12 +293,13 @@ def _kernel_cell(name: str, n: float, mean_us: float, slots=()) -> str:
 
 
 def report(results: list) -> str:
-    lines = ["| backend | loss | shape | wall us/call | host us/call | device us/call | kernels (launches/call x mean us, each launch in parentheses) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| backend | loss | shape | wall us/call | host us/call | device us/call | busy us/call "
+             "| kernels (launches/call x mean us, each launch in parentheses) |",
+             "|---|---|---|---|---|---|---|---|"]
     for backend, loss, shape, r in results:
         detail = "; ".join(_kernel_cell(*row) for row in r["kernels"]) or "-"
         lines.append(f"| {backend} | {loss} | {' x '.join(map(str, shape))} | {r['wall_us']:.1f} | {r['host_us']:.1f} | "
-                     f"{r['device_us']:.1f} | {detail} |")
+                     f"{r['device_us']:.1f} | {r['busy_us']:.1f} | {detail} |")
     return "\n".join(lines) + "\n"
 
 

@@ -18,13 +18,21 @@ def test_profile_reports_every_case(tmp_path, capsys):
 
 
 def test_report_lists_kernels_by_total_time():
-    result = dict(wall_us=30.0, host_us=12.0, device_us=25.0,
+    result = dict(wall_us=30.0, host_us=12.0, device_us=25.0, busy_us=21.5,
                   kernels=[("main_kernel", 2.0, 10.0), ("finalize", 1.0, 5.0)])
     table = kernel_profile.report([("triton", "led", (64, 80, 768), result)])
-    assert "| triton | led | 64 x 80 x 768 | 30.0 | 12.0 | 25.0 | main_kernel 2x10.0; finalize 1x5.0 |" in table
+    assert "| triton | led | 64 x 80 x 768 | 30.0 | 12.0 | 25.0 | 21.5 | main_kernel 2x10.0; finalize 1x5.0 |" in table
     result["kernels"][0] = ("main_kernel", 2.0, 10.0, [16.0, 4.0])
     table = kernel_profile.report([("triton", "led", (64, 80, 768), result)])
     assert "main_kernel 2x10.0 (16.0 + 4.0); finalize 1x5.0 |" in table
+
+
+def test_busy_time_counts_overlapping_kernels_once():
+    assert kernel_profile.busy_time([]) == 0.0
+    assert kernel_profile.busy_time([(0.0, 4.0), (6.0, 9.0)]) == 7.0  # one after another: the sum
+    # An early launch's interval starts inside the previous one's (it waits there): counted once.
+    assert kernel_profile.busy_time([(5.0, 12.0), (0.0, 6.0), (11.0, 13.0)]) == 13.0
+    assert kernel_profile.busy_time([(0.0, 10.0), (2.0, 3.0), (4.0, 12.0)]) == 12.0  # one inside another
 
 
 def test_triton_led_variants_are_extra_rows_and_leave_the_default(tmp_path):

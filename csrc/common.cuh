@@ -68,6 +68,28 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   return total;
 }
 
+// Programmatic dependent launch (compute capability 9.0 and later). A kernel launched with
+// launch_kernel(early = true) may be scheduled before the previous kernel in its stream has finished;
+// each of its threads calls wait_for_previous_launch() before it touches global memory, which
+// returns once that kernel has completed and its writes are visible (griddepcontrol.wait). Since
+// every thread waits, a grid completes only after the one before it: the order of the whole chain
+// holds. let_next_launch_start() lets the next early launch be scheduled once every block of this
+// grid has called it or exited (griddepcontrol.launch_dependents): a hint, with no memory ordering
+// of its own. Both are no-ops in a grid launched without the attribute and before sm_90.
+__device__ __forceinline__ void wait_for_previous_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#elif defined(L2D_EMULATED_CUDA)
+  ::l2d_emu::grid_dependency_wait();
+#endif
+}
+
+__device__ __forceinline__ void let_next_launch_start() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
 // Calls f(T{}) with T the device type of a float32, float16 or bfloat16 tensor.
 template <typename F>
 void dispatch_float_types(c10::ScalarType type, const char* op, F&& f) {

@@ -193,6 +193,8 @@ __global__ void __launch_bounds__(kThreads, 8)
   using Scan = cub::BlockScan<int, kThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
   __shared__ int running;
+  wait_for_previous_launch();  // launched in order (after a memset); a no-op then
+  let_next_launch_start();
   const int64_t g = blockIdx.x;
   if (g == C + B) {  // the plan's block (see Plan::published)
     if (threadIdx.x == 0) {
@@ -837,6 +839,8 @@ __global__ void __launch_bounds__(kThreads, 1)
                  const int* __restrict__ idx, const int* __restrict__ cnt, const int* __restrict__ n_active,
                  const int* __restrict__ active, float* group_loss, FamilyArgs f, Strips st, Finalize fin) {
   __shared__ GroupShared shared;
+  wait_for_previous_launch();  // launched early: before any global memory access
+  let_next_launch_start();
   if constexpr (kStage == 0) {
     const int n = *n_active;
     for (int i = blockIdx.x; i < n; i += gridDim.x) {
@@ -1066,6 +1070,8 @@ __global__ void __launch_bounds__(kThreads, 1)
                  SliceFamily b, SliceArgs sa) {
   __shared__ GroupShared shared;
   __shared__ SliceItem turn[2];
+  wait_for_previous_launch();  // launched early: before any global memory access
+  let_next_launch_start();
   SliceList list;  // thread 0's
   int64_t next = -1;  // thread 0: the index of the block's next item
   // Item `i`'s entry, loaded by thread 0.
@@ -1191,8 +1197,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in,
   // tile would need, at most a sixteenth of the gradient's bytes, within 4-32 MiB, after the work
   // lists' entries (16 bytes for each of 3 (C + B) places). For the tests, which run at small
   // widths: L2D_CUDA_LED_SLICE_WIDTH sets the slice width, L2D_CUDA_LED_SCRATCH_BYTES the scratch's
-  // bytes (0 keeps every group whole); for the profile's comparison, L2D_CUDA_LED_QUEUE=0 deals
-  // the slice launches' items out in turn instead of from a queue.
+  // bytes (0 keeps every group whole); for the profile's comparisons, L2D_CUDA_LED_QUEUE=0 deals
+  // the slice launches' items out in turn instead of from a queue, and L2D_CUDA_LED_EARLY_LAUNCH=0
+  // starts no launch before the previous one ends (early_launches).
   int64_t base = kSliceWidth;
   if (const char* env = std::getenv("L2D_CUDA_LED_SLICE_WIDTH")) base = std::max<int64_t>(1, std::atoll(env));
   int64_t slice = base, n_s = (D + base - 1) / base;
@@ -1226,6 +1233,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in,
   const Strips st_id{n_active + 4, items + C * strips_cd, sums + 4 * C * strips_cd, static_cast<int>(strips_id)};
   // Group blocks: at most one per SM (each holds up to 255 registers per thread), looping over items.
   const int sms = sm_count(es.get_device());
+  // Every launch after members_kernel's may start while the one before it ends (programmatic
+  // dependent launch, sm_90 and later): its blocks are scheduled as the previous launch's leave and
+  // wait there for it to complete, so the gap between two launches (the grid's launch and its
+  // blocks' dispatch) passes under the previous launch's last blocks.
+  const bool early = early_launches(es.get_device());
   const auto blocks = [&](int64_t work) { return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(work, sms))); };
 
   dispatch_float_types(es.scalar_type(), "led_cuda", [&](auto tag) {
@@ -1267,8 +1279,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in,
       return with;
     };
     if (split) {
-      slice_kernel<false, T, T><<<blocks((C + B) * n_s), kThreads, 0, stream>>>(s, t, g, cd_share, id_share,
-                                                                                timed(0));
+      launch_kernel(early, slice_kernel<false, T, T>, blocks((C + B) * n_s), kThreads, stream, s, t, g, cd_share,
+                    id_share, timed(0));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     const auto family = [&](const SliceFamily& share, const Strips& st, bool ends_call) {
@@ -1281,18 +1293,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in,
       const int64_t groups = share.n_groups;
       const unsigned grid0 = blocks(groups + groups * st.max_strips), grid = blocks(groups * st.max_strips);
       if (split) {
-        slice_kernel<true, T, T><<<blocks(groups * n_s), kThreads, 0, stream>>>(s, t, g, share, SliceFamily{},
-                                                                               timed(share.f.add ? 2 : 1));
+        launch_kernel(early, slice_kernel<true, T, T>, blocks(groups * n_s), kThreads, stream, s, t, g, share,
+                      SliceFamily{}, timed(share.f.add ? 2 : 1));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
-      group_kernel<0, T, T><<<grid0, kThreads, 0, stream>>>(s, t, g, idx, cnt, n_act, act, loss, f, st,
-                                                             ends_call && st.max_strips == 0 ? fin : Finalize{});
+      launch_kernel(early, group_kernel<0, T, T>, grid0, kThreads, stream, s, t, g, idx, cnt, n_act, act, loss, f, st,
+                    ends_call && st.max_strips == 0 ? fin : Finalize{});
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (st.max_strips == 0) return;
-      group_kernel<1, T, T><<<grid, kThreads, 0, stream>>>(s, t, g, idx, cnt, n_act, act, loss, f, st, Finalize{});
+      launch_kernel(early, group_kernel<1, T, T>, grid, kThreads, stream, s, t, g, idx, cnt, n_act, act, loss, f, st,
+                    Finalize{});
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      group_kernel<2, T, T><<<grid, kThreads, 0, stream>>>(s, t, g, idx, cnt, n_act, act, loss, f, st,
-                                                           ends_call ? fin : Finalize{});
+      launch_kernel(early, group_kernel<2, T, T>, grid, kThreads, stream, s, t, g, idx, cnt, n_act, act, loss, f, st,
+                    ends_call ? fin : Finalize{});
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     family(cd_share, st_cd, false);

@@ -53,6 +53,14 @@ def test_emulator_stops_where_a_gpu_would_hang(ops, name, message):
         ops.selftest(name)
 
 
+def test_emulator_stops_an_early_launch_that_does_not_wait(ops):
+    """A launch that may start before the previous one ends (programmatic dependent launch) must wait
+    for it in every thread: one thread that does not stops it. Launched in order, the same kernel runs."""
+    assert torch.equal(ops.selftest("skipped_wait_in_order")[:256], torch.ones(256))
+    with pytest.raises(RuntimeError, match="thread 7 of a launch that may start early returned without waiting"):
+        ops.selftest("skipped_wait_early")
+
+
 def test_guarded_memory_stops_a_write_past_the_end(ops):
     """In a fresh process (the fault ends it): a kernel writing 64 bytes past its output's end dies of
     a segmentation fault under guarded memory."""
@@ -318,6 +326,22 @@ def test_led_slice_items_from_the_queue_or_in_turn(ops, monkeypatch):
     in_turn_only = ops.led(es, et, y, 100.0, 1000.0, False)
     assert torch.equal(queued[0], in_turn[0]) and torch.equal(queued[1], in_turn[1])
     assert torch.equal(queued_only[0], in_turn_only[0]) and torch.equal(queued_only[0], queued[0])
+
+
+@pytest.mark.parametrize("members, width", [(70, 300), (150, 72)], ids=["split", "striped"])
+def test_led_launches_early_or_in_order(ops, monkeypatch, members, width):
+    """The emulated device reports compute capability 9.0, so every launch after the first is an early
+    one (each checked to wait in every thread); L2D_CUDA_LED_EARLY_LAUNCH=0 launches them in order:
+    bitwise the same losses and gradient, on the width split's launches and the striped families'."""
+    sizes = torch.tensor([s for s in (150, 129, 128, 70, 65, 64, 33, 17, 16, 9, 2, 1, 0) if s <= members])
+    y = (torch.arange(members)[:, None] < sizes[None, :]).T.contiguous()
+    es, et, _ = embeddings(*y.shape, width, seed=41)
+    es, et = es.float(), et.float()
+    early = _led(ops, es, et, y)
+    _check_fp32(*early, es, et, y)
+    monkeypatch.setenv("L2D_CUDA_LED_EARLY_LAUNCH", "0")
+    in_order = _led(ops, es, et, y)
+    assert torch.equal(early[0], in_order[0]) and torch.equal(early[1], in_order[1])
 
 
 def test_led_width_split_wider_slices(ops):

@@ -118,6 +118,23 @@ def test_cuda_led_slice_items_from_the_queue_or_in_turn_bitwise(monkeypatch, sha
         assert rel_err(g, w.cpu()) < 1e-4
 
 
+@pytest.mark.parametrize("shape", [(64, 80, 768), (1024, 80, 768), (16, 9605, 256)],
+                         ids=["coco", "b1024", "openimages"])
+def test_cuda_led_early_launches_equal_launches_in_order_bitwise(monkeypatch, shape):
+    """On sm_90 and later each CUDA LED launch after the first may start before the previous one ends
+    (programmatic dependent launch; each of its threads then waits for it): calls issued back to back,
+    on other inputs each, give bitwise what launches that start only once the previous one has ended
+    (L2D_CUDA_LED_EARLY_LAUNCH=0) give. The shapes take every launch sequence: the width split's slice
+    launches (COCO, OpenImages) and the striped families' three group launches (1024 images)."""
+    if "cuda" not in fused_backends():
+        pytest.skip("the CUDA extension is not built")
+    inputs = [_embeddings(*shape, seed=seed) for seed in (1, 2, 3)]
+    early = [_fused(*args, "cuda") for args in inputs]  # no synchronization between the calls
+    monkeypatch.setenv("L2D_CUDA_LED_EARLY_LAUNCH", "0")
+    for args, got in zip(inputs, early):
+        assert all(torch.equal(a, b) for a, b in zip(got, _fused(*args, "cuda")))
+
+
 def test_led_memory_stays_near_the_gradient(gpu_backend):
     """32 x 1000 x 768: peak extra memory at most 1.25 times the gradient buffer."""
     es, et, y = _embeddings(32, 1000, 768)

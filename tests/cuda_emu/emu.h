@@ -54,6 +54,7 @@ struct Thread {
   uint3 idx;
   unsigned linear = 0;
   State state = State::running;
+  bool waited = false;  // called grid_dependency_wait (griddepcontrol.wait)
 };
 
 struct Runtime {
@@ -120,6 +121,12 @@ T warp_exchange(unsigned mask, T value, F source_lane) {
   return out;
 }
 
+// griddepcontrol.wait: the previous launch has always completed here (launches run in turn); what is
+// checked is that every thread of a launch allowed to start early waits (Launch::early).
+inline void grid_dependency_wait() {
+  rt().current->waited = true;
+}
+
 inline void trampoline() {
   Runtime& r = rt();
   (*r.body)();
@@ -176,6 +183,10 @@ template <typename... Params>
 struct Launch {
   void (*kernel)(Params...);
   dim3 grid, block;
+  // Launched with programmatic stream serialization (cudaLaunchKernelEx): on a GPU the kernel may
+  // start before the previous one ends, so each of its threads must wait for it before touching
+  // memory; a thread that returns without waiting stops the launch with an error.
+  bool early = false;
 
   template <typename... Args>
   void operator()(Args&&... args) const {
@@ -200,6 +211,7 @@ struct Launch {
             t.linear = k;
             t.idx = {k % block.x, (k / block.x) % block.y, k / (block.x * block.y)};
             t.state = State::running;
+            t.waited = false;
             t.stack.resize(64 * 1024);
             getcontext(&t.ctx);
             t.ctx.uc_stack.ss_sp = t.stack.data();
@@ -208,6 +220,13 @@ struct Launch {
             makecontext(&t.ctx, trampoline, 0);
           }
           run_block();
+          if (early && r.error.empty())
+            for (const Thread& t : r.threads)
+              if (!t.waited) {
+                r.error = "thread " + std::to_string(t.linear) +
+                          " of a launch that may start early returned without waiting for the previous launch";
+                break;
+              }
           if (!r.error.empty())
             throw std::runtime_error("emulated kernel, block (" + std::to_string(bx) + ", " + std::to_string(by) +
                                      ", " + std::to_string(bz) + "): " + r.error);
@@ -228,6 +247,9 @@ inline void set_order(int order, uint64_t seed) {
 }
 
 }  // namespace l2d_emu
+
+// csrc/common.cuh calls the emulator's grid_dependency_wait where a GPU runs griddepcontrol.wait.
+#define L2D_EMULATED_CUDA 1
 
 using l2d_emu::dim3;
 using l2d_emu::uint3;

@@ -47,6 +47,13 @@ __global__ void write_past_end_kernel(float* out, int64_t n) {
   if (threadIdx.x == 0) out[n + 16] = 1.f;
 }
 
+// Waits for the previous launch in every thread but one.
+__global__ void one_thread_skips_the_wait_kernel(float* out) {
+  if (threadIdx.x != 7) l2d::wait_for_previous_launch();
+  l2d::let_next_launch_start();
+  out[threadIdx.x] = 1.f;
+}
+
 }  // namespace
 
 at::Tensor selftest(const std::string& name) {
@@ -56,7 +63,12 @@ at::Tensor selftest(const std::string& name) {
   else if (name == "divergent_barrier") ::l2d_emu::launch(divergent_barrier_kernel, 1, kN)(p);
   else if (name == "partial_shuffle") ::l2d_emu::launch(partial_shuffle_kernel, 1, kN)(p);
   else if (name == "missing_barrier") ::l2d_emu::launch(missing_barrier_kernel, 2, kN)(p);
-  else if (name == "write_past_end") ::l2d_emu::launch(write_past_end_kernel, 1, kN)(p, out.numel());
+  else if (name == "skipped_wait_in_order") ::l2d_emu::launch(one_thread_skips_the_wait_kernel, 1, kN)(p);
+  else if (name == "skipped_wait_early") {
+    auto launch = ::l2d_emu::launch(one_thread_skips_the_wait_kernel, 1, kN);
+    launch.early = true;
+    launch(p);
+  } else if (name == "write_past_end") ::l2d_emu::launch(write_past_end_kernel, 1, kN)(p, out.numel());
   else TORCH_CHECK(false, "no self-test ", name);
   return out;
 }
