@@ -178,16 +178,17 @@ bench_all() {
     # without gradient (the forward under no_grad, no gradient written); CUDA LED with the slice
     # launches' items dealt out in turn (QUEUE=0: run f's scheduling, over the new largest-first
     # order), and with every launch waiting for the previous one to end before it starts
-    # (EARLY_LAUNCH=0; read that row's busy time against the default's); Triton LED with the partial-Gram kernel at 8 warps (run f's default: 46.5 us against
-    # 31.6-32.5 at 4) and at 1 (its sm_90 PTX: 7.5k shared-memory loads a program for the FMA dot's
-    # operands, against 19.6k at 4 warps, where run f's Nsight Compute found the kernel bound on
-    # shared memory; 2 warps, 13.8k, measured 53.8 us), and with 128-wide slices (6 programs a group
+    # (EARLY_LAUNCH=0, a row for either backend; read its busy time against the default's); Triton
+    # LED with the partial-Gram kernel at 8 warps (run f's default: 46.5 us against 31.6-32.5 at 4)
+    # and at 1 (its sm_90 PTX: 7.5k shared-memory loads a program for the FMA dot's operands, against
+    # 19.6k at 4 warps, where run f's Nsight Compute found the kernel bound on shared memory; 2 warps,
+    # 13.8k, measured 53.8 us), and with 128-wide slices (6 programs a group
     # instead of 12: run d's split kernel gained from fewer, its Gram kernel lost), beside the
     # default's, in the same run. And each backend's LED with bfloat16 embeddings, the training step's
     # (run f's benchmark: 428 and 739 us a call at COCO against 260 and 446 in float32; which share is
     # the kernels', only a profile says).
     step profile "${L2D_PROFILE_LIMIT:-120}" $PY benchmarks/kernel_profile.py \
-        ${L2D_PROFILE_ARGS:---no-grad --bf16 --cuda-led-env QUEUE=0,EARLY_LAUNCH=0 --triton-led-set GRAM_WARPS=8,1 --triton-led-set SLICE_WIDTH=128 --variant-shapes 64x80x768} \
+        ${L2D_PROFILE_ARGS:---no-grad --bf16 --cuda-led-env QUEUE=0,EARLY_LAUNCH=0 --triton-led-set GRAM_WARPS=8,1 --triton-led-set SLICE_WIDTH=128 --triton-led-set EARLY_LAUNCH=0 --variant-shapes 64x80x768} \
         --out "$OUT/profile-$card.md"
     # Nsight Compute's view of the CUDA LED members and slice kernels at COCO (one call: members, the
     # Grams' slices, CD's and ID's weights and gradient), before the benchmarks: 97 us of run e's 118

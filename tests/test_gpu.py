@@ -120,19 +120,23 @@ def test_cuda_led_slice_items_from_the_queue_or_in_turn_bitwise(monkeypatch, sha
 
 @pytest.mark.parametrize("shape", [(64, 80, 768), (1024, 80, 768), (16, 9605, 256)],
                          ids=["coco", "b1024", "openimages"])
-def test_cuda_led_early_launches_equal_launches_in_order_bitwise(monkeypatch, shape):
-    """On sm_90 and later each CUDA LED launch after the first may start before the previous one ends
-    (programmatic dependent launch; each of its threads then waits for it): calls issued back to back,
-    on other inputs each, give bitwise what launches that start only once the previous one has ended
-    (L2D_CUDA_LED_EARLY_LAUNCH=0) give. The shapes take every launch sequence: the width split's slice
-    launches (COCO, OpenImages) and the striped families' three group launches (1024 images)."""
-    if "cuda" not in fused_backends():
-        pytest.skip("the CUDA extension is not built")
-    inputs = [_embeddings(*shape, seed=seed) for seed in (1, 2, 3)]
-    early = [_fused(*args, "cuda") for args in inputs]  # no synchronization between the calls
-    monkeypatch.setenv("L2D_CUDA_LED_EARLY_LAUNCH", "0")
-    for args, got in zip(inputs, early):
-        assert all(torch.equal(a, b) for a, b in zip(got, _fused(*args, "cuda")))
+def test_led_early_launches_equal_launches_in_order_bitwise(gpu_backend, monkeypatch, shape):
+    """On sm_90 and later each LED launch after a call's first may start before the previous one ends
+    (programmatic dependent launch; its threads then wait for it): calls issued back to back, on
+    other inputs each, give bitwise what launches that start only once the previous one has ended
+    give (CUDA: L2D_CUDA_LED_EARLY_LAUNCH=0; Triton: ``triton_led.EARLY_LAUNCH`` off). The shapes take
+    every launch sequence: the width split's (COCO, OpenImages) and the large groups' passes (1024
+    images: CUDA's striped families, Triton's tiled passes)."""
+    es_et_y = [_embeddings(*shape, seed=seed) for seed in (1, 2, 3)]
+    early = [_fused(*args, gpu_backend) for args in es_et_y]  # no synchronization between the calls
+    if gpu_backend == "cuda":
+        monkeypatch.setenv("L2D_CUDA_LED_EARLY_LAUNCH", "0")
+    else:
+        from l2d_kernels.ops import triton_led
+
+        monkeypatch.setattr(triton_led, "EARLY_LAUNCH", False)
+    for args, got in zip(es_et_y, early):
+        assert all(torch.equal(a, b) for a, b in zip(got, _fused(*args, gpu_backend)))
 
 
 def test_led_memory_stays_near_the_gradient(gpu_backend):

@@ -62,6 +62,7 @@ import operator
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ..backends import triton_interpreted
 from .library import grad_dtype
@@ -132,6 +133,13 @@ PLAN_FLAGS = 16384
 # launch; False loads one chunk at a time, groups of 17-64 members in one 64-row size and 64-row
 # tiles with 32-wide chunks, as in the first H100 runs.
 LOAD_AHEAD = True
+# A call's launches after its first may start while the one before them ends (programmatic
+# dependent launch, sm_90 and later; Triton's ``launch_pdl``): each kernel's programs first wait
+# for the previous launch to complete (``gdc_wait``, which also makes its writes visible), then let
+# the next launch be scheduled (``gdc_launch_dependents``), so that a launch's start and its
+# programs' dispatch pass under the previous launch's last programs. Every program waits, so no
+# launch completes before the one before it. False: each launch starts once the previous has ended.
+EARLY_LAUNCH = True
 # Triton's CPU interpreter multiplies bfloat16 dot operands wrongly; there, the Gram runs in float32
 # (exact either way: bfloat16 products are exact in float32). Decided once, like triton.jit itself.
 _GRAM_IN_FP32 = tl.constexpr(triton_interpreted())
@@ -139,7 +147,7 @@ _GRAM_IN_FP32 = tl.constexpr(triton_interpreted())
 _SETTINGS = ("SMALL_MAX", "TILE", "TILE_BLOCK_D", "NUM_WARPS", "MEMBERS_BLOCK", "SLICE_WIDTH", "MAX_SLICES",
              "SCRATCH_MIN_BYTES", "SCRATCH_MAX_BYTES", "SCRATCH_GRAD_FRACTION", "GRAM_ROWS", "GRAM_D", "GRAM_WARPS",
              "SMALL_WARPS", "BIG_PROGRAMS_PER_SM", "SMALLEST_TILE", "SCALE_ROWS", "SCALE_BLOCK", "PLAN_BLOCK",
-             "PLAN_MEMBERS", "PLAN_FLAGS", "LOAD_AHEAD", "SUM_BLOCK")
+             "PLAN_MEMBERS", "PLAN_FLAGS", "LOAD_AHEAD", "SUM_BLOCK", "EARLY_LAUNCH")
 _FORWARD_LAUNCHES = LaunchCache()
 _SCALE_LAUNCHES = LaunchCache()
 
@@ -149,6 +157,16 @@ _settings_of = operator.itemgetter(*_SETTINGS)
 
 def _settings() -> tuple:
     return _settings_of(globals())
+
+
+@triton.jit
+def _follow_previous_launch(GDC: tl.constexpr):
+    """With ``GDC`` (a launch in a chain, see EARLY_LAUNCH): wait for the previous launch, then let the
+    next one start; first in every kernel, before any memory access. Both are no-ops in a launch
+    made without ``launch_pdl``."""
+    if GDC:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 @triton.jit
@@ -168,9 +186,10 @@ def _compact(flags_ptr, stride, n, out_ptr, count_ptr, BLOCK: tl.constexpr):
 
 @triton.jit
 def _members_kernel(y_ptr, y_sb, y_sc, B, C, cd_idx, cd_cnt, id_idx, id_cnt,
-                    CD: tl.constexpr, ID: tl.constexpr, BLOCK: tl.constexpr):
+                    CD: tl.constexpr, ID: tl.constexpr, BLOCK: tl.constexpr, GDC: tl.constexpr = False):
     """Member lists of the CD groups (programs 0..C-1, if ``CD``) and then of the ID groups (if ``ID``):
     only the families whose groups can be large need them."""
+    _follow_previous_launch(GDC)
     g = tl.program_id(0)
     if CD and g < C:
         _compact(y_ptr + g.to(tl.int64) * y_sc, y_sb, B, cd_idx + g.to(tl.int64) * B, cd_cnt + g, BLOCK)
@@ -484,7 +503,9 @@ def _main_kernel(
     ZERO_OUTSIDE: tl.constexpr, ADD: tl.constexpr, AHEAD: tl.constexpr, MAX_P: tl.constexpr, LARGE: tl.constexpr,
     N_PAD: tl.constexpr,
     SMALL_MAX: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr,
+    GDC: tl.constexpr = False,
 ):
+    _follow_previous_launch(GDC)
     g = tl.program_id(0)
     i = tl.program_id(1)
     S_g, T_g, G_g, members, norms_g, P, hit, rank, k = _group_members(
@@ -528,8 +549,10 @@ def _sum_pairs(ptr, n):
 def _means_kernel(
     S, T, s_g, s_m, s_d, t_g, t_m, t_d, G, g_g, idx, cnt, N, D, norms, part1,
     SMALL_MAX: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, AHEAD: tl.constexpr,
+    GDC: tl.constexpr = False,
 ):
     """Large groups, pass 1: student and teacher distance sums of row tile i."""
+    _follow_previous_launch(GDC)
     g = tl.program_id(0)
     i = tl.program_id(1)
     S_g, T_g, G_g, members, norms_g, P = _group(S, T, G, s_g, t_g, g_g, idx, cnt, N, norms, g)
@@ -559,8 +582,10 @@ def _group_scalars(part1, P, TILE: tl.constexpr):
 def _stats_kernel(
     S, T, s_g, s_m, s_d, t_g, t_m, t_d, G, g_g, idx, cnt, N, D, norms, part1, part2,
     SMALL_MAX: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, AHEAD: tl.constexpr,
+    GDC: tl.constexpr = False,
 ):
     """Large groups, pass 2: the Huber and K partial sums of row tile i."""
+    _follow_previous_launch(GDC)
     g = tl.program_id(0)
     i = tl.program_id(1)
     S_g, T_g, G_g, members, norms_g, P = _group(S, T, G, s_g, t_g, g_g, idx, cnt, N, norms, g)
@@ -583,9 +608,11 @@ def _stats_kernel(
 def _grad_kernel(
     S, T, s_g, s_m, s_d, t_g, t_m, t_d, G, g_g, g_m, idx, cnt, N, D, scale, loss_ptr, norms, part1, part2,
     ADD: tl.constexpr, SMALL_MAX: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, AHEAD: tl.constexpr,
+    GDC: tl.constexpr = False,
 ):
     """Large groups, pass 3: the gradient of row tile i (and, from tile 0, the group's loss; that alone
     where ``ADD`` is ``NO_GRAD``)."""
+    _follow_previous_launch(GDC)
     g = tl.program_id(0)
     i = tl.program_id(1)
     S_g, T_g, G_g, members, norms_g, P = _group(S, T, G, s_g, t_g, g_g, idx, cnt, N, norms, g)
@@ -662,12 +689,13 @@ def _plan_family(Y, y_g, y_m, n_groups, N, cnt, offs, running, cap, big, n_big,
 def _plan_kernel(Y, y_b, y_c, B, C, cd_cnt, id_cnt, offs, cap, done, big, n_big,
                  CD_LISTS: tl.constexpr, ID_LISTS: tl.constexpr, N_S: tl.constexpr, SMALL_MAX: tl.constexpr,
                  CD_BG: tl.constexpr, ID_BG: tl.constexpr, CD_BM: tl.constexpr, ID_BM: tl.constexpr,
-                 CD_FAST: tl.constexpr, ID_FAST: tl.constexpr):
+                 CD_FAST: tl.constexpr, ID_FAST: tl.constexpr, GDC: tl.constexpr = False):
     """One program: for every group of 2 to SMALL_MAX members (CD groups 0..C-1, then ID groups), where
     its N_S partial Gram pairs start in the scratch (floats), in group order while they fit in ``cap``;
     -1 for every other group (fewer than 2 members, a large group, or past the scratch); each family's
     groups of more than SMALLEST_TILE members (``big``, ``n_big``); and zero in ``done``, the counter
     of the call's last launch (see ``_finish``)."""
+    _follow_previous_launch(GDC)
     tl.store(done, tl.zeros((), dtype=tl.int64))
     running = tl.zeros((), dtype=tl.int64)
     running = _plan_family(Y, y_c, y_b, C, B, cd_cnt, offs, running, cap, big, n_big, CD_LISTS, N_S, SMALL_MAX,
@@ -720,10 +748,12 @@ def _gram_kernel(
     S, T, s_b, s_c, s_d, t_b, t_c, t_d, Y, y_b, y_c, B, C, D, offs, part, cd_idx, cd_cnt, id_idx, id_cnt,
     CD_LISTS: tl.constexpr, ID_LISTS: tl.constexpr, CD_N_PAD: tl.constexpr, ID_N_PAD: tl.constexpr,
     AHEAD: tl.constexpr, SLICE: tl.constexpr, GRAM_ROWS: tl.constexpr, GRAM_D: tl.constexpr,
+    GDC: tl.constexpr = False,
 ):
     """Program (g, s): width slice s of the Grams of group g (CD groups 0..C-1, then ID groups), for
     every group the plan gave a place in the scratch. One code path for every group size (blocks of
     GRAM_ROWS rows), so that its registers are those of one small block pair."""
+    _follow_previous_launch(GDC)
     g = tl.program_id(0)  # groups on the first axis: up to 2^31 - 1 of them (the others stop at 65535)
     s = tl.program_id(1)
     off = tl.load(offs + g)
@@ -855,6 +885,7 @@ def _split_kernel(
     N_PAD: tl.constexpr, N_S: tl.constexpr, SLICE: tl.constexpr, SIZES: tl.constexpr,
     SMALL_MAX: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, FINAL: tl.constexpr,
     SUM_BLOCK: tl.constexpr,
+    GDC: tl.constexpr = False,
 ):
     """One family on the width-split path, program (g, s): width slice s of group g's gradient (and the
     zero gradient of the rows outside groups, CD); a group the plan left out (past the scratch) is
@@ -865,6 +896,7 @@ def _split_kernel(
     and ``_big_programs``). ``FINAL``: the call's last launch, which also adds
     the group losses of both families (``_finish``; else ``_finalize_kernel`` does, and the arguments
     from ``all_loss`` on are not read)."""
+    _follow_previous_launch(GDC)
     g = tl.program_id(0)  # groups on the first axis: up to 2^31 - 1 of them (the others stop at 65535)
     s = tl.program_id(1)
     if SIZES == 2:
@@ -881,7 +913,9 @@ def _split_kernel(
 
 
 @triton.jit
-def _finalize_kernel(group_loss, C, B, out, total, lambda_cd, lambda_id, BLOCK: tl.constexpr):
+def _finalize_kernel(group_loss, C, B, out, total, lambda_cd, lambda_id, BLOCK: tl.constexpr,
+                     GDC: tl.constexpr = False):
+    _follow_previous_launch(GDC)
     _add_losses(group_loss, C, B, out, total, lambda_cd, lambda_id, BLOCK, "")
 
 
@@ -1080,6 +1114,43 @@ def led_scale(grad: torch.Tensor, targets: torch.Tensor, grad_output: torch.Tens
     launch.done()
 
 
+class _Chain:
+    """A call's launches as a chain (EARLY_LAUNCH): each kernel waits for the previous launch and then
+    lets the next one start (``GDC``), and every launch after the first may start early
+    (``launch_pdl``). Buffers and the end of the call as ``launch`` has them."""
+
+    __slots__ = ("_launch", "_started", "empty", "done")
+
+    def __init__(self, launch):
+        self._launch, self._started = launch, False
+        self.empty, self.done = launch.empty, launch.done
+
+    def __call__(self, fn, grid, *args, **kwargs):
+        if self._started:
+            kwargs["launch_pdl"] = True
+        self._started = True
+        return self._launch(fn, grid, *args, GDC=True, **kwargs)
+
+
+def _early_launches(device) -> bool:
+    """Whether a call's launches on ``device`` form a chain (EARLY_LAUNCH): sm_90 and later, not under
+    the interpreter. CPU tensors outside the interpreter are the Triton cache tool's, whose stand-in
+    driver names the target."""
+    if not EARLY_LAUNCH or triton_interpreted():
+        return False
+    if device.type == "cuda":
+        return _capability_major(device.index) >= 9
+    from triton.runtime.driver import driver
+
+    target = driver.active.get_current_target()
+    return target.backend == "cuda" and int(target.arch) >= 90
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_major(index) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
 @on_input_device
 def led_forward(es: torch.Tensor, et: torch.Tensor, targets: torch.Tensor, lambda_cd: float, lambda_id: float,
                 with_grad: bool = True):
@@ -1097,6 +1168,8 @@ def led_forward(es: torch.Tensor, et: torch.Tensor, targets: torch.Tensor, lambd
     if replayed is not None:
         return replayed
     launch = _FORWARD_LAUNCHES.call(key, device.index, inputs)
+    if _early_launches(device):
+        launch = _Chain(launch)
     grad = launch.empty(es.shape if with_grad else (0,), grad_dtype(es.dtype), device)
     grad_at = grad if with_grad else es  # without the gradient, es stands in for its pointer (never written)
     group_loss = launch.empty(C + B, torch.float32, device)
