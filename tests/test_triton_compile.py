@@ -111,3 +111,48 @@ def test_mld_kernel_stays_within_its_instruction_budget():
     assert ex2 == 64  # 8 exponentials a label, 8 labels a pass
     assert guards == 0
     assert total <= 1150, total
+
+
+_CHAIN = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+import triton_cache
+from l2d_kernels.ops import triton_common, triton_led
+
+launches = []
+for cls in (triton_common._Recording, triton_common._JitLaunch):
+    def spy(self, fn, grid, *args, _launch=cls.__call__, **kwargs):
+        launches.append((fn.__name__, kwargs.get("GDC", False), kwargs.get("launch_pdl", False)))
+        return _launch(self, fn, grid, *args, **kwargs)
+    cls.__call__ = spy
+arch = int(sys.argv[2])
+triton_led.EARLY_LAUNCH = bool(int(sys.argv[3]))
+triton_cache.record([triton_cache._led_case(4, 40, 160, torch.float32)], arch)
+print(json.dumps(launches))
+"""
+
+
+@pytest.mark.parametrize("arch, early", [(90, 1), (90, 0), (80, 1)])
+def test_led_launches_form_a_chain_on_sm90(arch, early):
+    """As Triton's launch path would compile them for sm_<arch> (the cache tool's stand-in driver):
+    on sm_90 every LED kernel of a call waits for the previous launch and lets the next start (GDC),
+    and every launch after the call's first may start early (launch_pdl); before sm_90, or with
+    ``EARLY_LAUNCH`` off, neither (griddepcontrol needs sm_90). The backward's scaling, a call of its
+    own, is not chained."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    root = pathlib.Path(__file__).parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, "-c", _CHAIN, str(root / "benchmarks"), str(arch), str(early)], env=env,
+                         text=True, capture_output=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    launches = json.loads(run.stdout.splitlines()[-1])
+    forward = [launch for launch in launches if launch[0] != "_scale_kernel"]
+    names = [name for name, _, _ in forward]
+    assert names[:3] == ["_plan_kernel", "_gram_kernel", "_split_kernel"] and len(names) >= 5, names
+    assert ["_scale_kernel", False, False] in launches
+    if arch >= 90 and early:
+        assert forward[0][1:] == [True, False]
+        assert all(launch[1:] == [True, True] for launch in forward[1:]), forward
+    else:
+        assert all(launch[1:] == [False, False] for launch in launches), launches
