@@ -1237,7 +1237,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> led_cuda(const at::Tensor& es_in,
   // dependent launch, sm_90 and later): its blocks are scheduled as the previous launch's leave and
   // wait there for it to complete, so the gap between two launches (the grid's launch and its
   // blocks' dispatch) passes under the previous launch's last blocks.
-  const bool early = early_launches(es.get_device());
+  const bool early = early_launches(es.get_device(), group_kernel<0, float, float>);
   const auto blocks = [&](int64_t work) { return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(work, sms))); };
 
   dispatch_float_types(es.scalar_type(), "led_cuda", [&](auto tag) {

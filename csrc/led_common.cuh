@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <utility>
 
@@ -35,13 +36,34 @@ inline int sm_count(int device) {
   return sms;
 }
 
-// Whether launches on `device` may start early (programmatic dependent launch: compute capability
-// 9.0 and later), unless L2D_CUDA_LED_EARLY_LAUNCH=0 (the profile's comparison).
-inline bool early_launches(int device) {
+// Whether the launches of a kernel of `image` (any kernel of the same translation unit: they share
+// its compile targets) may start early on `device` (programmatic dependent launch), unless
+// L2D_CUDA_LED_EARLY_LAUNCH=0 (the profile's comparison). Two conditions: compute capability 9.0 or
+// later, and the kernel's code on that device compiled from PTX of 9.0 or later. The second is what
+// makes wait_for_previous_launch() a griddepcontrol.wait: an extension built for older targets only
+// (TORCH_CUDA_ARCH_LIST=8.0+PTX, say) runs on an H100 from PTX the driver compiles there, with
+// __CUDA_ARCH__ 800 and the wait compiled out, and launched early its kernels would read what the
+// previous launch has not yet written. Known per device after its first call (the emulator asks on
+// every call, so that its tests can change the answer).
+template <typename Kernel>
+bool early_launches(int device, Kernel* image) {
+  const char* env = std::getenv("L2D_CUDA_LED_EARLY_LAUNCH");
+  if (env != nullptr && std::atoi(env) == 0) return false;
+  static std::atomic<signed char> known[64] = {};  // 0 unknown, 1 early, -1 in order
+  const bool cached = device >= 0 && device < 64;
+#ifndef L2D_EMULATED_CUDA
+  if (cached && known[device].load(std::memory_order_relaxed) != 0) return known[device].load() > 0;
+#endif
   int major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  const char* env = std::getenv("L2D_CUDA_LED_EARLY_LAUNCH");
-  return major >= 9 && (env == nullptr || std::atoi(env) != 0);
+  bool early = major >= 9;
+  if (early) {
+    cudaFuncAttributes attributes{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, image));
+    early = attributes.ptxVersion >= 90;
+  }
+  if (cached) known[device].store(early ? 1 : -1, std::memory_order_relaxed);
+  return early;
 }
 
 // kernel<<<grid, block, 0, stream>>>(args...), and with `early` allowed to start before the previous

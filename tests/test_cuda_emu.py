@@ -344,6 +344,24 @@ def test_led_launches_early_or_in_order(ops, monkeypatch, members, width):
     assert torch.equal(early[0], in_order[0]) and torch.equal(early[1], in_order[1])
 
 
+def test_led_launches_in_order_where_the_kernels_cannot_wait(ops):
+    """An extension built for targets before 9.0 (TORCH_CUDA_ARCH_LIST=8.0+PTX) runs on a 9.0 device
+    from PTX the driver compiles there, without griddepcontrol.wait: the emulator's PTX version 80,
+    where the wait does nothing and an early launch stops the run. The extension reads its kernels'
+    PTX version and launches them in order there: the same losses and gradient, bitwise."""
+    sizes = torch.tensor([150, 70, 64, 33, 17, 9, 2, 1, 0])
+    y = (torch.arange(150)[:, None] < sizes[None, :]).T.contiguous()
+    es, et, _ = embeddings(*y.shape, 300, seed=42)
+    es, et = es.float(), et.float()
+    early = _led(ops, es, et, y)
+    ops.set_ptx_version(80)
+    try:
+        in_order = _led(ops, es, et, y)
+    finally:
+        ops.set_ptx_version(90)
+    assert torch.equal(early[0], in_order[0]) and torch.equal(early[1], in_order[1])
+
+
 def test_led_width_split_wider_slices(ops):
     """Past 16 slices of 128 the slices widen (2,100 widths: 9 slices of 256, the last partial)."""
     y = _ragged_targets(40, False)[:, :6]

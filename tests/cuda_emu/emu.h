@@ -73,6 +73,10 @@ struct Runtime {
   int order = 0;
   std::mt19937 rng{0};
   int sm_count = 3;  // what cudaDeviceGetAttribute reports
+  // What cudaFuncGetAttributes reports as the kernels' PTX version. Below 90, griddepcontrol.wait is
+  // compiled out (a build for older targets, its PTX compiled by the driver for a 9.0 device), so
+  // grid_dependency_wait does nothing and an early launch fails.
+  int ptx_version = 90;
   std::vector<size_t> perm;
 };
 
@@ -122,9 +126,10 @@ T warp_exchange(unsigned mask, T value, F source_lane) {
 }
 
 // griddepcontrol.wait: the previous launch has always completed here (launches run in turn); what is
-// checked is that every thread of a launch allowed to start early waits (Launch::early).
+// checked is that every thread of a launch allowed to start early waits (Launch::early). Kernels
+// compiled from PTX before 9.0 have no such instruction: there the call waits for nothing.
 inline void grid_dependency_wait() {
-  rt().current->waited = true;
+  if (rt().ptx_version >= 90) rt().current->waited = true;
 }
 
 inline void trampoline() {
@@ -239,6 +244,8 @@ template <typename... Params, typename... Config>
 Launch<Params...> launch(void (*kernel)(Params...), dim3 grid, dim3 block, Config...) {
   return {kernel, grid, block};
 }
+
+inline void set_ptx_version(int version) { rt().ptx_version = version; }
 
 inline void set_order(int order, uint64_t seed) {
   if (order < 0 || order > 2) throw std::invalid_argument("emulator order must be 0, 1 or 2");

@@ -73,9 +73,12 @@ at::Tensor selftest(const std::string& name) {
   return out;
 }
 
+void set_ptx_version(int64_t version) { ::l2d_emu::set_ptx_version(static_cast<int>(version)); }
+
 void set_order(int64_t order, int64_t seed) { ::l2d_emu::set_order(static_cast<int>(order), static_cast<uint64_t>(seed)); }
 
 TORCH_LIBRARY_FRAGMENT(l2d_emu, m) {
   m.def("selftest(str name) -> Tensor", &selftest);
   m.def("set_order(int order, int seed) -> ()", &set_order);
+  m.def("set_ptx_version(int version) -> ()", &set_ptx_version);
 }

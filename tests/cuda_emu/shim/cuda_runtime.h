@@ -1,6 +1,6 @@
 // Emulator stand-in for the runtime calls csrc/ makes: an emulated device of a few SMs (so that
 // kernels whose grid is sized by the SM count loop over several work items per block) of compute
-// capability 9.0 (so that launches take the early-start path), memsets (the emulator runs
+// capability 9.0 (so that launches take the early-start path), its kernels' PTX version, memsets (the emulator runs
 // everything in order on one stream) and cudaLaunchKernelEx.
 #pragma once
 #include <cstddef>
@@ -14,6 +14,16 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) 
   *value = attr == cudaDevAttrMultiProcessorCount ? ::l2d_emu::rt().sm_count
            : attr == cudaDevAttrComputeCapabilityMajor ? 9
                                                        : 0;
+  return cudaSuccess;
+}
+
+// The PTX version the emulated kernels were compiled from (emu.h's Runtime::ptx_version).
+struct cudaFuncAttributes {
+  int ptxVersion, binaryVersion;
+};
+template <typename Kernel>
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, Kernel*) {
+  attributes->ptxVersion = attributes->binaryVersion = ::l2d_emu::rt().ptx_version;
   return cudaSuccess;
 }
 
