@@ -1,4 +1,4 @@
-// What the LED forward (led.cu) and its backward scaling (scale.cu) share: how a target reads as
+// What the LED forward (led_kernels.cuh) and its backward scaling (scale.cu) share: how a target reads as
 // positive, on the device and on the host, and the device's SM count.
 #pragma once
 

@@ -30,21 +30,21 @@ except ImportError:  # not a POSIX system: torch's lock alone
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CSRC = ROOT / "csrc"
-KERNEL_SOURCES = ["mld.cu", "led.cu", "scale.cu"]
+KERNEL_SOURCES = ["mld.cu", "led.cu", "led_float.cu", "led_half.cu", "led_bf16.cu", "scale.cu"]
 # Misaligned accesses (a float4 load off a 16-byte boundary faults on the GPU) stop the process with
 # the source line, instead of passing on the CPU.
 SANITIZE = ["-fsanitize=alignment", "-fno-sanitize-recover=alignment"]
 LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;()]*>)?)<<<(.*?)>>>\(", re.S)
 
 
-def rewrite(source: str) -> str:
-    """The two rewrites (see the module docstring); raises if a file has neither launch nor check,
-    which would mean this script no longer matches the sources."""
+def rewrite(source: str) -> tuple[str, int]:
+    """The two rewrites (see the module docstring), and how many were made; raises if a launch or a
+    check is left that they did not match, which would mean this script no longer matches the sources."""
     out, n_launches = LAUNCH.subn(r"::l2d_emu::launch(\1, \2)(", source)
     out, n_checks = re.subn(r"\.is_cuda\(\)", ".is_cpu()", out)
-    if n_launches == 0 or n_checks == 0:
-        raise RuntimeError("no kernel launch or no is_cuda() check found to rewrite")
-    return out
+    if "<<<" in out or "is_cuda(" in out:
+        raise RuntimeError("a kernel launch or an is_cuda() check left that the rewrites did not match")
+    return out, n_launches + n_checks
 
 
 def build(verbose: bool = False):
@@ -56,13 +56,16 @@ def build(verbose: bool = False):
     src_dir = out_dir / "src"
     src_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive(out_dir):
-        sources = []
+        sources, rewrites = [], 0
         for name in KERNEL_SOURCES:
             target = src_dir / (pathlib.Path(name).stem + ".cpp")
-            text = rewrite((CSRC / name).read_text())
+            text, made = rewrite((CSRC / name).read_text())
+            rewrites += made
             if not target.exists() or target.read_text() != text:  # keep mtimes stable for the cache
                 target.write_text(text)
             sources.append(str(target))
+        if rewrites == 0:
+            raise RuntimeError("no kernel launch and no is_cuda() check found to rewrite")
         sources += [str(HERE / name) for name in ("register.cpp", "selftest.cpp", "guard.cpp")]
         cpp_extension.load(
             name="l2d_emu",
