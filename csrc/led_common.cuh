@@ -58,8 +58,15 @@ bool early_launches(int device, Kernel* image) {
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   bool early = major >= 9;
   if (early) {
+    // A query, but the first one may load the kernel (lazy loading), and a stream capture in global or
+    // thread-local mode may refuse calls that are not plainly capture-safe: in relaxed mode for the
+    // call, so that a process's first LED call can itself be captured.
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    C10_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
     cudaFuncAttributes attributes{};
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, image));
+    const cudaError_t status = cudaFuncGetAttributes(&attributes, image);
+    C10_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
+    C10_CUDA_CHECK(status);
     early = attributes.ptxVersion >= 90;
   }
   if (cached) known[device].store(early ? 1 : -1, std::memory_order_relaxed);

@@ -304,6 +304,38 @@ def test_losses_and_gradients_replay_in_a_cuda_graph(gpu_backend):
         assert all(torch.equal(c, e) for c, e in zip(captured, eager)), f"replay differs from eager (data {seed})"
 
 
+_FIRST_CALL_CAPTURED = """
+import torch
+from l2d_kernels import fused_led
+from l2d_kernels.labels import sample_targets
+
+g = torch.Generator(device="cuda").manual_seed(3)
+es, et = (torch.randn(64, 80, 768, generator=g, device="cuda") for _ in range(2))
+y = sample_targets(64, 80, seed=3, device="cuda")
+es.requires_grad_()
+graph = torch.cuda.CUDAGraph()
+with torch.cuda.graph(graph):
+    captured = fused_led(es, et, y, backend="cuda").detach()
+graph.replay()
+torch.cuda.synchronize()
+assert torch.equal(captured, fused_led(es, et, y, backend="cuda").detach()), "replay differs from eager"
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not ON_GPU or "cuda" not in fused_backends(), reason="needs the CUDA extension")
+def test_cuda_first_call_of_a_process_can_be_captured():
+    """A process whose first LED call is inside a CUDA graph capture (no warm-up): that call asks the
+    runtime, once per device, whether its kernels can start early (their PTX version), which must not
+    invalidate the capture; its replay gives what an eager call gives. In a fresh process, since any
+    earlier call of this one has already asked."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _FIRST_CALL_CAPTURED], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr
+
+
 def test_compiled_with_cuda_graphs_equals_eager_bitwise(gpu_backend):
     """``torch.compile(mode="reduce-overhead")``, the way a user removes a step's host time without
     capturing a graph by hand: Inductor's CUDA graph trees run the first call, record the second and

@@ -17,6 +17,18 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) 
   return cudaSuccess;
 }
 
+// The calling thread's stream capture mode (the emulator captures nothing: kept, exchanged, unused).
+enum cudaStreamCaptureMode {
+  cudaStreamCaptureModeGlobal = 0,
+  cudaStreamCaptureModeThreadLocal = 1,
+  cudaStreamCaptureModeRelaxed = 2
+};
+inline cudaError_t cudaThreadExchangeStreamCaptureMode(cudaStreamCaptureMode* mode) {
+  static thread_local cudaStreamCaptureMode current = cudaStreamCaptureModeGlobal;
+  std::swap(current, *mode);
+  return cudaSuccess;
+}
+
 // The PTX version the emulated kernels were compiled from (emu.h's Runtime::ptx_version).
 struct cudaFuncAttributes {
   int ptxVersion, binaryVersion;
