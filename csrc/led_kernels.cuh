@@ -1244,7 +1244,7 @@ LedResult launch_led(const at::Tensor& es, const at::Tensor& et, const at::Tenso
     launch_kernel(false, members_kernel<G, TY>, static_cast<unsigned>(C + B + (split ? 1 : 0)), kThreads, stream,
                   y, pos.stride(0), pos.stride(1), B, C, cd_idx, cd_cnt, id_idx, id_cnt, n_active, active, losses, g,
                   g_sb, g_sc, D, st_cd, st_id,
-        split ? Plan{n_active + 5, static_cast<int>(n_s), cap, offs_ptr, n_class, list_pos, info} : Plan{});
+                  split ? Plan{n_active + 5, static_cast<int>(n_s), cap, offs_ptr, n_class, list_pos, info} : Plan{});
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   // CD: groups are labels, members are images; then ID: the other way round. When split, one slice
