@@ -118,12 +118,13 @@ def resolve_backend(backend, device: torch.device, dtypes) -> str:
         if device.type != "cuda" or not fused_ok:
             return "torch"
         return next(name for name in AUTO_ORDER if backend_problem(name, device) is None)
-    problem = backend_problem(backend, device)
-    if problem is not None:
-        raise BackendUnavailableError(problem)
+    # The inputs' dtypes first: that refusal is the same on every machine, whatever is installed.
     if backend != "torch" and not fused_ok:
         raise TypeError(
             f"backend {backend!r} takes float32, bfloat16 or float16 inputs, got {sorted(map(str, set(dtypes)))}; "
             "backend='torch' computes in float64"
         )
+    problem = backend_problem(backend, device)
+    if problem is not None:
+        raise BackendUnavailableError(problem)
     return backend

@@ -85,6 +85,15 @@ def test_fused_backends_refuse_float64_and_auto_falls_back(monkeypatch):
     with pytest.raises(TypeError, match="backend='torch' computes in float64"):
         resolve_backend("triton", DEVICE, (zs.dtype, zt.dtype))
     assert fused_mld(zs, zt).dtype == torch.float64
+    # The same refusal where the backend is not installed: the inputs are checked first.
+    from l2d_kernels import backends
+
+    monkeypatch.setattr(backends, "backend_problem", lambda name, device: f"{name} is not installed")
+    for name in ("triton", "cuda"):
+        with pytest.raises(TypeError, match="backend='torch' computes in float64"):
+            resolve_backend(name, torch.device("cuda"), (torch.float64, torch.float32))
+        with pytest.raises(BackendUnavailableError, match="not installed"):
+            resolve_backend(name, torch.device("cuda"), F32)
 
 
 def test_triton_interpreter_with_a_numpy_it_cannot_use_is_refused_with_the_fix():
