@@ -127,23 +127,29 @@ for cls in (triton_common._Recording, triton_common._JitLaunch):
         return _launch(self, fn, grid, *args, **kwargs)
     cls.__call__ = spy
 arch = int(sys.argv[2])
-triton_led.EARLY_LAUNCH = bool(int(sys.argv[3]))
+if sys.argv[3] == "attribute":
+    triton_led.EARLY_LAUNCH = False
 triton_cache.record([triton_cache._led_case(4, 40, 160, torch.float32)], arch)
 print(json.dumps(launches))
 """
 
 
-@pytest.mark.parametrize("arch, early", [(90, 1), (90, 0), (80, 1)])
-def test_led_launches_form_a_chain_on_sm90(arch, early):
+@pytest.mark.parametrize("arch, switch", [(90, "default"), (90, "environment"), (90, "attribute"), (80, "default")])
+def test_led_launches_form_a_chain_on_sm90(arch, switch):
     """As Triton's launch path would compile them for sm_<arch> (the cache tool's stand-in driver):
     on sm_90 every LED kernel of a call waits for the previous launch and lets the next start (GDC),
     and every launch after the call's first may start early (launch_pdl); before sm_90, or with
-    ``EARLY_LAUNCH`` off, neither (griddepcontrol needs sm_90). The backward's scaling, a call of its
-    own, is not chained."""
+    early launches switched off (``L2D_TRITON_EARLY_LAUNCH=0`` at import, or ``EARLY_LAUNCH``
+    set to False), neither (griddepcontrol needs sm_90). The backward's scaling, a call of its own,
+    is not chained."""
     env = dict(os.environ, TRITON_INTERPRET="0")
+    env.pop("L2D_TRITON_EARLY_LAUNCH", None)
+    if switch == "environment":
+        env["L2D_TRITON_EARLY_LAUNCH"] = "0"
+    early = switch == "default"
     root = pathlib.Path(__file__).parents[1]
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, "-c", _CHAIN, str(root / "benchmarks"), str(arch), str(early)], env=env,
+    run = subprocess.run([sys.executable, "-c", _CHAIN, str(root / "benchmarks"), str(arch), switch], env=env,
                          text=True, capture_output=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     launches = json.loads(run.stdout.splitlines()[-1])

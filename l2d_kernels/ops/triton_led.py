@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import functools
 import operator
+import os
 
 import torch
 import triton
@@ -138,8 +139,9 @@ LOAD_AHEAD = True
 # for the previous launch to complete (``gdc_wait``, which also makes its writes visible), then let
 # the next launch be scheduled (``gdc_launch_dependents``), so that a launch's start and its
 # programs' dispatch pass under the previous launch's last programs. Every program waits, so no
-# launch completes before the one before it. False: each launch starts once the previous has ended.
-EARLY_LAUNCH = True
+# launch completes before the one before it. False (``L2D_TRITON_EARLY_LAUNCH=0`` in the environment
+# when the module is imported): each launch starts once the previous has ended.
+EARLY_LAUNCH = os.environ.get("L2D_TRITON_EARLY_LAUNCH", "1") != "0"
 # Triton's CPU interpreter multiplies bfloat16 dot operands wrongly; there, the Gram runs in float32
 # (exact either way: bfloat16 products are exact in float32). Decided once, like triton.jit itself.
 _GRAM_IN_FP32 = tl.constexpr(triton_interpreted())
