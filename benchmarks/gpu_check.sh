@@ -9,9 +9,10 @@
 #   build/triton-cache.tar.gz is unpacked there first, so that only what it lacks is compiled.
 #
 #   PHASE=all    install; build the extension in the background while the suite runs on the Triton
-#                backend, then the suite on the CUDA backend, each with compute-sanitizer (memcheck and
-#                racecheck; the driver's small set where the full one takes too long) and CMake + CTest
-#                and the training loop's --quick run (bf16 autocast) beside it, and the benchmarks'
+#                backend, then the suite on the CUDA backend, each with the preflight (below) and
+#                compute-sanitizer (memcheck and racecheck; the driver's small set where the full one
+#                takes too long), CMake + CTest and the training loop's --quick run (bf16 autocast)
+#                beside it, and the benchmarks'
 #                torch.compile forms compiled ahead (L2D_BENCH_WARM_ONLY=1); then the profile, Nsight
 #                Compute of the CUDA LED members and slice kernels, the slice launches' per-item clocks
 #                (benchmarks/item_clocks.py), `pytest benchmarks/`, the report,
@@ -22,7 +23,8 @@
 #                the CUDA backend; compute-sanitizer (memcheck, racecheck) over the kernels of both;
 #                the CMake build and its C++ test (CTest); the training loop's --quick run.
 #   PHASE=bench  install (reusing a carried extension when L2D_PREBUILT_C names one, else building
-#                it), then a per-kernel profile of the fused calls (benchmarks/kernel_profile.py) and
+#                it), the preflight of both fused backends, then a per-kernel profile of the fused
+#                calls (benchmarks/kernel_profile.py) and
 #                Nsight Compute of the CUDA LED members and slice kernels, then
 #                `pytest benchmarks/` one file at a time and the report (markdown table,
 #                PNG plot, merged JSON), then Nsight Compute over the other kernels furthest from their targets
@@ -42,6 +44,15 @@
 #                                   report alone may run 30 s past it)
 #   L2D_TRITON_TEST_LIMIT=300 ...  (seconds for the Triton suite in PHASE=all; default 240)
 #   L2D_CACHE_JOBS=8 ...           (processes compiling Triton kernels ahead; default 16)
+#
+#   Preflight: before anything is timed, each fused backend's default paths are checked against the
+#   reference, call after call and with LED's launches in order (benchmarks/preflight.py). Where they
+#   disagree or fault, the same checks run again in a new process with the next configuration in
+#   line (early launches off; then Triton's whole-call replay, or CUDA's item queue, off; then both),
+#   and the timed steps (profile, Nsight Compute, item clocks, benchmarks, step profile) run with the
+#   first configuration that agreed, which the summary names: a fault in a path no GPU has run yet
+#   then costs its own measurements, not the whole run's. The test suites and sanitizers keep
+#   testing the defaults, and report what failed there.
 #
 # Writes under $OUT: summary.txt (one line per step, failures named), log-<phase>.txt (every step's
 # output; the --quick run's results.json too), gpu.txt, the built extension (_C*.so, to carry into the next phase), and for bench:
@@ -173,7 +184,38 @@ assert r['precision'] == 'bfloat16 autocast', r['precision'];
 assert all(math.isfinite(r[k]) for k in ('teacher_map', 'vanilla_map', 'l2d_map')), r\""
 }
 
+# What each backend's preflight tries after its defaults, in order (the variables of the kernels'
+# switches: README, "Backends" and "The CUDA extension").
+PREFLIGHT_TRITON=("L2D_TRITON_EARLY_LAUNCH=0" "L2D_TRITON_CALL_REPLAY=0" "L2D_TRITON_EARLY_LAUNCH=0 L2D_TRITON_CALL_REPLAY=0")
+PREFLIGHT_CUDA=("L2D_CUDA_LED_EARLY_LAUNCH=0" "L2D_CUDA_LED_QUEUE=0" "L2D_CUDA_LED_EARLY_LAUNCH=0 L2D_CUDA_LED_QUEUE=0")
+BENCH_ENV=build/bench-env  # the configurations the preflights chose for the timed steps, a line each
+rm -f "$BENCH_ENV"
+
+preflight() {  # preflight BACKEND CONFIG...: the defaults, then each CONFIG ("NAME=VALUE ...") in turn;
+    local backend=$1 config  # fails where the defaults did, whatever agreed after them
+    shift
+    for config in "" "$@"; do
+        if step "preflight-$backend${config:+ with $config}" 60 env $config $PY benchmarks/preflight.py "$backend"; then
+            [ -z "$config" ] || echo "$config" >> "$BENCH_ENV"
+            [ -z "$config" ]
+            return
+        fi
+    done
+    note "preflight-$backend: no configuration agreed with the reference; the timed steps run its defaults"
+    return 1
+}
+
+bench_env() {  # the preflights' choices, exported for the timed steps that follow
+    [ -s "$BENCH_ENV" ] || return 0
+    local line
+    while read -r line; do
+        export $line
+        note "timed steps run with $line (the preflight's choice)"
+    done < "$BENCH_ENV"
+}
+
 bench_all() {
+    bench_env
     # Default extra rows, at COCO only (each variant compiles its own kernels): each backend's LED call
     # without gradient (the forward under no_grad, no gradient written); CUDA LED with the slice
     # launches' items dealt out in turn (QUEUE=0: run f's scheduling, over the new largest-first
@@ -232,6 +274,7 @@ if [ "$PHASE" = all ]; then
     ( LOG="$OUT/beside-build.txt"; step build 300 bash -c build_extension ) > /dev/null &
     build_pid=$!
     triton_cache
+    beside preflight-triton preflight triton "${PREFLIGHT_TRITON[@]}"
     # Sanitizers and the CMake build share the GPU with the tests (they time nothing); the benchmarks
     # start only once all of them have ended.
     # H100: memcheck over the full driver on the Triton kernels did not end in 150 s beside the tests
@@ -250,6 +293,7 @@ if [ "$PHASE" = all ]; then
     if ls l2d_kernels/_C*.so > /dev/null 2>&1; then
         beside cmake cmake_build
         $PY -c "import l2d_kernels; print('backends here:', l2d_kernels.available_backends())" >> "$OUT/gpu.txt" 2>&1
+        beside preflight-cuda preflight cuda "${PREFLIGHT_CUDA[@]}"
         sanitize_beside cuda 80 full
         beside train-quick train_quick 120
         pytest_gpu cuda tests-cuda 100
@@ -285,6 +329,8 @@ elif [ "$PHASE" = bench ]; then
     $PY -c "import l2d_kernels; print('backends here:', l2d_kernels.available_backends())" | tee -a "$OUT/gpu.txt"
     [ -n "${L2D_RETEST:-}" ] && step retest 150 $PY -m pytest $L2D_RETEST -q -rfE -p no:cacheprovider -n 8 -o addopts=""
     [ -n "${L2D_PROBES:-}" ] && step probes 60 bash -c "$L2D_PROBES"
+    preflight triton "${PREFLIGHT_TRITON[@]}"
+    ls l2d_kernels/_C*.so > /dev/null 2>&1 && preflight cuda "${PREFLIGHT_CUDA[@]}"
     bench_all
     [ -n "${L2D_SANITIZE_AFTER:-}" ] && for b in $L2D_SANITIZE_AFTER; do sanitize "$b"; done
 else

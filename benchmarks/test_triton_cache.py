@@ -63,3 +63,10 @@ def test_cases_follow_the_benchmark_shapes():
     for B, C in [(B, C) for _, B, C in GPU_MLD_SHAPES] + [(B, C) for _, B, C, _ in GPU_LED_SHAPES[:3]]:
         assert f"mld {B}x{C} float32 batchmean" in names  # the MLD benchmark's, and L2D's (test_l2d.py)
     assert any(name.endswith("tiny scratch") for name in names)  # the sanitizer driver's split path
+    import preflight
+
+    for loss, shape, dtype in preflight.CASES:  # the GPU check's preflight, with LED's launches in order too
+        name = f"{loss} {'x'.join(map(str, shape))} {str(dtype)[6:]}"
+        assert (name if loss == "led" else name + " batchmean") in names
+        assert loss == "mld" or f"{name} EARLY_LAUNCH=0" in names
+    assert len(names) == len(set(names))

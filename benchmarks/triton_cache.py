@@ -245,9 +245,14 @@ def gpu_check_cases() -> list:
               _led_case(64, 80, 768, f32, settings=(("GRAM_WARPS", 1),)),
               _led_case(64, 80, 768, f32, settings=(("SLICE_WIDTH", 128),)),
               _led_case(64, 80, 768, f32, settings=(("EARLY_LAUNCH", 0),))]
-    # tests/test_gpu.py's comparison of early launches with launches in order, at its other shapes.
-    cases += [_led_case(B, C, D, f32, settings=(("EARLY_LAUNCH", 0),))
-              for B, C, D in ((1024, 80, 768), (16, 9605, 256))]
+    # tests/test_gpu.py's comparison of early launches with launches in order, at its other shapes,
+    # and preflight.py's at each of its LED cases.
+    import preflight
+
+    in_order = [((1024, 80, 768), f32), ((16, 9605, 256), f32)]
+    in_order += [(shape, dtype) for loss, shape, dtype in preflight.CASES if loss == "led"]
+    cases += [_led_case(*shape, dtype, settings=(("EARLY_LAUNCH", 0),)) for shape, dtype in dict.fromkeys(in_order)
+              if (shape, dtype) != ((64, 80, 768), f32)]  # COCO's, above
     # MLD at the MLD benchmark's shapes and at the L2D benchmark's (its first three LED shapes).
     mld_shapes = dict.fromkeys([(B, C) for _, B, C in GPU_MLD_SHAPES] + [(B, C) for _, B, C, _ in GPU_LED_SHAPES[:3]])
     cases += [_mld_case(B, C, dtype) for B, C in mld_shapes for dtype in GPU_DTYPES]
