@@ -196,9 +196,9 @@ preflight() {  # preflight BACKEND CONFIG...: the defaults, then each CONFIG ("N
     shift
     for config in "" "$@"; do
         if step "preflight-$backend${config:+ with $config}" 60 env $config $PY benchmarks/preflight.py "$backend"; then
-            [ -z "$config" ] || echo "$config" >> "$BENCH_ENV"
-            [ -z "$config" ]
-            return
+            [ -n "$config" ] || return 0
+            echo "$config" >> "$BENCH_ENV"
+            return 1  # the defaults failed
         fi
     done
     note "preflight-$backend: no configuration agreed with the reference; the timed steps run its defaults"
