@@ -134,8 +134,9 @@ export PY OUT
 
 # The GPU-only tests at realistic and large shapes first: a suite cut by its limit (the fourth H100
 # run's was, by Triton compiling) then leaves out the small-shape tests that CI also runs.
-GPU_TESTS=${GPU_TESTS:-"tests/test_gpu.py tests/test_api.py tests/test_nn.py tests/test_library.py tests/test_backends.py
-           tests/test_triton_mld.py tests/test_triton_led.py tests/test_cuda_ext.py"}
+GPU_TESTS=${GPU_TESTS:-"tests/test_gpu.py tests/test_random_targets.py tests/test_api.py tests/test_nn.py
+           tests/test_library.py tests/test_backends.py tests/test_triton_mld.py tests/test_triton_led.py
+           tests/test_cuda_ext.py"}
 pytest_gpu() {  # pytest_gpu BACKENDS NAME TIMEOUT   (--durations: where a suite's time went)
     step "$2" "$3" env L2D_TEST_BACKENDS="$1" $PY -m pytest $GPU_TESTS -q -rfE -p no:cacheprovider -n 6 \
         --timeout 150 -o addopts="" --durations=20

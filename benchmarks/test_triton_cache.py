@@ -69,4 +69,8 @@ def test_cases_follow_the_benchmark_shapes():
         name = f"{loss} {'x'.join(map(str, shape))} {str(dtype)[6:]}"
         assert (name if loss == "led" else name + " batchmean") in names
         assert loss == "mld" or f"{name} EARLY_LAUNCH=0" in names
+    from test_random_targets import GPU_TRITON_SHAPES
+
+    for B, C, D in GPU_TRITON_SHAPES:  # the random-targets test's Triton cases
+        assert f"led {B}x{C}x{D} float32" in names
     assert len(names) == len(set(names))
