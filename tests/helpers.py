@@ -4,6 +4,7 @@
 named (the GPU check script tests one backend while the other is still being built).
 """
 
+import contextlib
 import math
 import os
 from types import SimpleNamespace
@@ -16,6 +17,21 @@ from l2d_kernels.labels import sample_targets
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """On a GPU, CUDA's sync-debug "error" mode inside: a device-to-host synchronization fails the
+    test. Without a GPU, nothing."""
+    if not ON_GPU:
+        yield
+        return
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def api_backends():

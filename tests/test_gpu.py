@@ -5,12 +5,10 @@ test_reference.py). Every fused call runs under ``torch.cuda.set_sync_debug_mode
 device-to-host synchronization inside forward or backward fails the test.
 """
 
-import contextlib
-
 import pytest
 import torch
 
-from helpers import ON_GPU, api_backends, fused_backends, half_tol, rel_err
+from helpers import ON_GPU, api_backends, fused_backends, half_tol, no_host_sync, rel_err
 from l2d_kernels import fused_led, fused_mld, reference
 from l2d_kernels.labels import sample_targets
 
@@ -21,16 +19,6 @@ CUDA = torch.device("cuda")
 @pytest.fixture(params=fused_backends() if ON_GPU else [None])
 def gpu_backend(request):
     return request.param
-
-
-@contextlib.contextmanager
-def no_host_sync():
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
 
 
 def _embeddings(B, C, D, dtype=torch.float32, targets=None, seed=0):

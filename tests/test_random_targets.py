@@ -12,12 +12,10 @@ holds). Without a GPU the same cases run, fewer and smaller, on the CUDA emulato
 interpreter. Every case is seeded: a failure names the seed that reproduces it.
 """
 
-import contextlib
-
 import pytest
 import torch
 
-from helpers import DEVICE, ON_GPU, rel_err
+from helpers import DEVICE, ON_GPU, no_host_sync, rel_err
 from l2d_kernels import fused_led, reference
 
 # (cases per backend, largest B and C, largest D) of the random shapes (CUDA backend).
@@ -79,24 +77,10 @@ def _case(backend: str, seed: int):
     return es.to(DEVICE), et.to(DEVICE), y.to(DEVICE), lambdas, layout
 
 
-@contextlib.contextmanager
-def _no_host_sync():
-    """On a GPU, a device-to-host synchronization inside fails the test."""
-    if not ON_GPU:
-        yield
-        return
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-
-
 def _fused(es, et, y, lambdas, layout, backend):
     x, teacher = _layout(es, layout).requires_grad_(), _layout(et, layout)
     g_out = torch.full((), 0.75, device=es.device)
-    with _no_host_sync():
+    with no_host_sync():
         total, cd, id_ = fused_led(x, teacher, y, lambda_cd=lambdas[0], lambda_id=lambdas[1], backend=backend,
                                    return_components=True)
         total.backward(g_out)
