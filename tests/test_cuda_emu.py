@@ -6,8 +6,9 @@ orders of running a block's threads, so that a shared-memory read that lacks its
 Tensors sit in guarded memory, so that an access outside one stops the run.
 
 The API suite (test_api.py, test_nn.py) runs on the emulated CUDA backend too (its LED tests also
-with 4-wide slices, the split path); this file covers what its small shapes do not reach. None of it replaces the GPU check: the emulator runs the kernels'
-arithmetic and indexing, not the hardware's memory model or speed.
+with 4-wide slices, the split path); this file covers what its small shapes do not reach. None of
+it replaces the GPU check: the emulator runs the kernels' arithmetic and indexing, not the
+hardware's memory model or speed.
 """
 
 import pytest

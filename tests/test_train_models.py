@@ -14,7 +14,8 @@ def test_outputs(backbone):
 
 
 def test_teacher_is_larger_than_student():
-    assert parameter_count(LabelWiseNet("cnn-teacher", 20, 64)) > 10 * parameter_count(LabelWiseNet("cnn-student", 20, 64))
+    teacher, student = LabelWiseNet("cnn-teacher", 20, 64), LabelWiseNet("cnn-student", 20, 64)
+    assert parameter_count(teacher) > 10 * parameter_count(student)
 
 
 def test_each_label_attends_over_space():
