@@ -18,7 +18,7 @@ import torch
 from helpers import DEVICE, ON_GPU, no_host_sync, rel_err
 from l2d_kernels import fused_led, reference
 
-# (cases per backend, largest B and C, largest D) of the random shapes (CUDA backend).
+# The CUDA backend's random shapes: (cases, largest B and C, largest D).
 CASES, MAX_BC, MAX_D = (160, 300, 300) if ON_GPU else (8, 24, 40)
 # The Triton backend's shapes: every case one of these, contiguous, with random targets and the
 # default weights (benchmarks/test_triton_cache.py checks that the GPU ones are in the cache's list).
@@ -107,4 +107,5 @@ def test_led_random_cases_match_the_reference_and_repeat_bitwise(backend, block)
         where = f"seed {seed}: {tuple(es.shape)}, layout {layout}, {int(y.sum())} positives, lambdas {lambdas}"
         for name, g, a, w in zip(("total", "cd", "id", "grad"), got, again, want):
             assert torch.equal(g, a), f"{where}: {name} differs between two calls"
-            assert rel_err(g, w) < 1e-4, f"{where}: {name} off the reference by {rel_err(g, w):.2e}"
+            err = rel_err(g, w)
+            assert err < 1e-4, f"{where}: {name} off the reference by {err:.2e}"
