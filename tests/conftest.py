@@ -73,12 +73,14 @@ def backend(request, monkeypatch):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Leave out the split variants everywhere but test_api.py's LED tests."""
+    """Leave out the split variants everywhere but test_api.py's LED tests (and the emulated CUDA one
+    but for the random LED cases too)."""
     keep, drop = [], []
     for item in items:
         param = getattr(getattr(item, "callspec", None), "params", {}).get("backend")
         led_api = item.path.name == "test_api.py" and item.originalname.startswith("test_led")
-        (drop if param in _SPLITS and not led_api else keep).append(item)
+        random_cuda = item.path.name == "test_random_targets.py" and param == CUDA_SPLIT
+        (drop if param in _SPLITS and not (led_api or random_cuda) else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep

@@ -2,8 +2,11 @@
 path of the LED kernel (the one-tile sizes 16, 32 and 64, whole or split over width slices; pairs of
 64-row tiles above 64 members, in one block or striped over blocks; both families, every dtype,
 several groups per block) against SPEC's float64 formulas, and bitwise equal results under three
-orders of running a block's threads, so that a shared-memory read that lacks its barrier shows.
-Tensors sit in guarded memory, so that an access outside one stops the run.
+orders of running a block's threads, so that a shared-memory read that lacks its barrier shows, and
+with a launch's blocks interleaved rather than run in turn, so that work one block hands another
+(the plan's block polling for the group blocks, the slice launches' item queue, a launch's last
+block summing the others' parts) shows where it depends on which block gets there first. Tensors
+sit in guarded memory, so that an access outside one stops the run.
 
 The API suite (test_api.py, test_nn.py) runs on the emulated CUDA backend too (its LED tests also
 with 4-wide slices, the split path); this file covers what its small shapes do not reach. None of
@@ -35,6 +38,7 @@ def ops():
     yield emulated
     emulated.guard_memory(False)
     emulated.set_order(0, 0)
+    emulated.set_blocks(0, 0)
 
 
 def test_emulator_runs_block_level_code(ops):
@@ -84,6 +88,46 @@ def test_emulator_orders_expose_a_missing_barrier(ops):
         results.append(ops.selftest("missing_barrier"))
     ops.set_order(0, 0)
     assert not torch.equal(results[0], results[1]) and not torch.equal(results[0], results[2])
+
+
+def test_emulator_interleaves_blocks(ops):
+    """With blocks interleaved, the order in which 16 blocks reach an atomic is not their index order
+    (in turn, it is), and differs between seeds."""
+    in_turn = ops.selftest("tickets")[:16]
+    assert torch.equal(in_turn, torch.arange(16.0))
+    orders = []
+    try:
+        for resident, seed in [(4, 1), (4, 2), (16, 3)]:
+            ops.set_blocks(resident, seed)
+            tickets = ops.selftest("tickets")[:16]
+            assert torch.equal(tickets.sort().values, torch.arange(16.0))
+            assert ops.block_counts()[0] > 0
+            orders.append(tickets)
+    finally:
+        ops.set_blocks(0, 0)
+    assert all(not torch.equal(t, in_turn) for t in orders)
+    assert not torch.equal(orders[0], orders[1])
+
+
+def test_emulator_polling_block_waits_while_others_run(ops):
+    """A block that polls, sleeping between polls, for the other seven blocks of its launch: run in
+    turn it would wait forever, and its first sleep stops it; interleaved, it sees all seven once
+    they have run (and for some seeds it does sleep); with one block resident at a time nothing else
+    can run, and the emulator stops it as a hang."""
+    with pytest.raises(RuntimeError, match="a block sleeps waiting for others"):
+        ops.selftest("poll")
+    sleeps = 0
+    try:
+        for resident, seed in [(2, 0), (2, 1), (8, 2), (8, 3)]:
+            ops.set_blocks(resident, seed)
+            assert ops.selftest("poll")[0].item() == 7
+            sleeps += ops.block_counts()[1]
+        ops.set_blocks(1, 0)
+        with pytest.raises(RuntimeError, match="slept 100,000 times"):
+            ops.selftest("poll")
+    finally:
+        ops.set_blocks(0, 0)
+    assert sleeps > 0
 
 
 def _led(ops, es, et, y, lambda_cd=100.0, lambda_id=1000.0):
@@ -361,6 +405,47 @@ def test_led_launches_in_order_where_the_kernels_cannot_wait(ops):
     finally:
         ops.set_ptx_version(90)
     assert torch.equal(early[0], in_order[0]) and torch.equal(early[1], in_order[1])
+
+
+@pytest.mark.parametrize("case", ["split-id-groups", "split-cd-groups", "split-tile-pairs", "striped"])
+def test_led_results_do_not_depend_on_how_blocks_interleave(ops, case):
+    """Every launch's blocks interleaved (2 or all of them resident at a time; 5 without gradient),
+    against the same call with blocks run in turn: bitwise the same losses and gradient, with and
+    without gradient, so that nothing depends on which block takes an item from the queue, which
+    block of a launch is the last to arrive, or when the plan's block finds the group blocks counted.
+    Three cases take the width split (widths of 260 and 300; groups of 2 to 70 members, and of up to
+    128, whose tile pairs stay in one block), one the striped families (groups of up to 150 members).
+    On the width split, the plan's block, dispatched while group blocks still run, sleeps waiting
+    for them in some of these runs (asserted, so that its wait is exercised, not skipped). Counting
+    a group block before it has written its size is caught here (two of the three split cases fail
+    with it), not by any test that runs blocks in turn."""
+    if case == "split-cd-groups":
+        y, width = _ragged_targets(70, False), 300
+    else:
+        members, width = {"split-id-groups": (70, 300), "split-tile-pairs": (128, 260), "striped": (150, 72)}[case]
+        sizes = torch.tensor([s for s in (150, 129, 128, 70, 65, 64, 33, 17, 16, 9, 2, 1, 0) if s <= members])
+        y = (torch.arange(members)[:, None] < sizes[None, :]).T.contiguous()
+        if case == "split-tile-pairs":
+            y = y.T.contiguous()
+    es, et, _ = embeddings(*y.shape, width, seed=43)
+    es, et = es.float(), et.float()
+    base = _led(ops, es, et, y)
+    _check_fp32(*base, es, et, y)
+    base_only = ops.led(es, et, y, 100.0, 1000.0, False)[0]
+    sleeps = 0
+    try:
+        for resident, seed in [(2, 1), (10 ** 6, 3)]:
+            ops.set_blocks(resident, seed)
+            other = _led(ops, es, et, y)
+            assert torch.equal(base[0], other[0]) and torch.equal(base[1], other[1]), (resident, seed)
+            sleeps += ops.block_counts()[1]
+        ops.set_blocks(5, 4)
+        assert torch.equal(ops.led(es, et, y, 100.0, 1000.0, False)[0], base_only)
+        sleeps += ops.block_counts()[1]
+    finally:
+        ops.set_blocks(0, 0)
+    if case.startswith("split"):
+        assert sleeps > 0
 
 
 def test_led_width_split_wider_slices(ops):

@@ -8,18 +8,24 @@ lists (the slice items' queue, the plan's own block, the early launches: one blo
 another has not yet written shows as a wrong or a varying result, which the fixed shapes of
 test_gpu.py could miss). The Triton kernels compile once per shape class, so on a GPU they take
 random targets at two fixed shapes (the benchmarks', whose kernels the GPU check's Triton cache
-holds). Without a GPU the same cases run, fewer and smaller, on the CUDA emulator and the Triton
-interpreter. Every case is seeded: a failure names the seed that reproduces it.
+holds). Without a GPU the same cases run, fewer and smaller, on the CUDA emulator (also with 4-wide
+slices, so that its small widths take the width split) and the Triton interpreter; there each
+case's second call runs with every launch's blocks interleaved (tests/cuda_emu/emu.h), not in turn,
+so that it must give the first call's bits with the work handed between blocks in another order.
+Every case is seeded: a failure names the seed that reproduces it.
 """
+
+import contextlib
 
 import pytest
 import torch
 
+from cuda_emu import backend as emulated_cuda
 from helpers import DEVICE, ON_GPU, no_host_sync, rel_err
 from l2d_kernels import fused_led, reference
 
 # The CUDA backend's random shapes: (cases, largest B and C, largest D).
-CASES, MAX_BC, MAX_D = (160, 300, 300) if ON_GPU else (8, 24, 40)
+CASES, MAX_BC, MAX_D = (160, 300, 300) if ON_GPU else (16, 24, 40)
 # The Triton backend's shapes: every case one of these, contiguous, with random targets and the
 # default weights (benchmarks/test_triton_cache.py checks that the GPU ones are in the cache's list).
 GPU_TRITON_SHAPES = [(64, 80, 768), (32, 1000, 768)]
@@ -95,14 +101,16 @@ def _exact(es, et, y, lambdas):
 
 
 @pytest.mark.parametrize("block", range(2))
-def test_led_random_cases_match_the_reference_and_repeat_bitwise(backend, block):
+def test_led_random_cases_match_the_reference_and_repeat_bitwise(backend, block, request):
     if backend == "torch":
         pytest.skip("the reference itself")
+    emulated = request.node.callspec.params["backend"].startswith(emulated_cuda.PARAM)
     cases = TRITON_CASES if backend == "triton" else CASES
     for seed in range(block * cases // 2, (block + 1) * cases // 2):
         es, et, y, lambdas, layout = _case(backend, seed)
         got = _fused(es, et, y, lambdas, layout, backend)
-        again = _fused(es, et, y, lambdas, layout, backend)
+        with emulated_cuda.interleaved(seed) if emulated else contextlib.nullcontext():
+            again = _fused(es, et, y, lambdas, layout, backend)
         want = _exact(es, et, y, lambdas)
         where = f"seed {seed}: {tuple(es.shape)}, layout {layout}, {int(y.sum())} positives, lambdas {lambdas}"
         for name, g, a, w in zip(("total", "cd", "id", "grad"), got, again, want):

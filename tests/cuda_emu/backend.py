@@ -8,6 +8,7 @@ autograd function, input checks and everything else are the library's own.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
@@ -58,3 +59,15 @@ def install(monkeypatch, request) -> str:
     monkeypatch.setattr(backends, "backend_problem", backend_problem)
     monkeypatch.setattr(library, "_launcher", launcher)
     return "cuda"
+
+
+@contextlib.contextmanager
+def interleaved(seed: int, resident: int = 512):
+    """Within it, every emulated launch interleaves up to ``resident`` of its blocks (emu.h's
+    set_blocks, seeded) instead of running them in turn."""
+    emulated = ops()
+    emulated.set_blocks(resident, seed)
+    try:
+        yield
+    finally:
+        emulated.set_blocks(0, 0)

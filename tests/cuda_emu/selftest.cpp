@@ -5,6 +5,7 @@
 
 #include <cub/block/block_scan.cuh>
 #include <string>
+#include <vector>
 
 #include "common.cuh"
 
@@ -54,6 +55,26 @@ __global__ void one_thread_skips_the_wait_kernel(float* out) {
   out[threadIdx.x] = 1.f;
 }
 
+// Block 0 waits, polling with a sleep between polls, until every other block has counted itself,
+// then writes the count it saw; the others count themselves. Where blocks run in turn it would wait
+// forever (the emulator stops it at the first sleep); interleaved, it waits while they run.
+__global__ void poll_kernel(float* out, int* count) {
+  if (blockIdx.x == 0) {
+    if (threadIdx.x == 0) {
+      while (atomicAdd(count, 0) < static_cast<int>(gridDim.x) - 1) __nanosleep(100);
+      out[0] = static_cast<float>(atomicAdd(count, 0));
+    }
+  } else if (threadIdx.x == 0) {
+    atomicAdd(count, 1);
+  }
+}
+
+// Each block takes a ticket: out[block] = its place in the order the blocks reached the atomic.
+__global__ void tickets_kernel(float* out, int* count) {
+  __syncthreads();
+  if (threadIdx.x == 0) out[blockIdx.x] = static_cast<float>(atomicAdd(count, 1));
+}
+
 }  // namespace
 
 at::Tensor selftest(const std::string& name) {
@@ -68,6 +89,10 @@ at::Tensor selftest(const std::string& name) {
     auto launch = ::l2d_emu::launch(one_thread_skips_the_wait_kernel, 1, kN);
     launch.early = true;
     launch(p);
+  } else if (name == "poll" || name == "tickets") {
+    at::Tensor count = at::zeros({1}, at::kInt);
+    if (name == "poll") ::l2d_emu::launch(poll_kernel, 8, kN)(p, count.data_ptr<int>());
+    else ::l2d_emu::launch(tickets_kernel, 16, kN)(p, count.data_ptr<int>());
   } else if (name == "write_past_end") ::l2d_emu::launch(write_past_end_kernel, 1, kN)(p, out.numel());
   else TORCH_CHECK(false, "no self-test ", name);
   return out;
@@ -77,8 +102,17 @@ void set_ptx_version(int64_t version) { ::l2d_emu::set_ptx_version(static_cast<i
 
 void set_order(int64_t order, int64_t seed) { ::l2d_emu::set_order(static_cast<int>(order), static_cast<uint64_t>(seed)); }
 
+void set_blocks(int64_t resident, int64_t seed) {
+  ::l2d_emu::set_blocks(static_cast<int>(resident), static_cast<uint64_t>(seed));
+}
+
+// (hand-overs between interleaved blocks, __nanosleep calls) since set_blocks.
+std::vector<int64_t> block_counts() { return {::l2d_emu::cfg().handovers, ::l2d_emu::cfg().sleeps}; }
+
 TORCH_LIBRARY_FRAGMENT(l2d_emu, m) {
   m.def("selftest(str name) -> Tensor", &selftest);
   m.def("set_order(int order, int seed) -> ()", &set_order);
   m.def("set_ptx_version(int version) -> ()", &set_ptx_version);
+  m.def("set_blocks(int resident, int seed) -> ()", &set_blocks);
+  m.def("block_counts() -> int[]", &block_counts);
 }

@@ -11,7 +11,7 @@ enum cudaError_t { cudaSuccess = 0 };
 enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrComputeCapabilityMajor = 75 };
 
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
-  *value = attr == cudaDevAttrMultiProcessorCount ? ::l2d_emu::rt().sm_count
+  *value = attr == cudaDevAttrMultiProcessorCount ? ::l2d_emu::cfg().sm_count
            : attr == cudaDevAttrComputeCapabilityMajor ? 9
                                                        : 0;
   return cudaSuccess;
@@ -35,7 +35,7 @@ struct cudaFuncAttributes {
 };
 template <typename Kernel>
 cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, Kernel*) {
-  attributes->ptxVersion = attributes->binaryVersion = ::l2d_emu::rt().ptx_version;
+  attributes->ptxVersion = attributes->binaryVersion = ::l2d_emu::cfg().ptx_version;
   return cudaSuccess;
 }
 
