@@ -63,6 +63,12 @@ __device__ __forceinline__ float kl_excess(float u) {
   return fabsf(u) < 0.1f ? u * u * series : direct;
 }
 
+// exp(d) - 1 for |d| < 1/4, to float32 rounding: its series through d^7 / 5040.
+__device__ __forceinline__ float expm1_small(float d) {
+  const float series = 1.f / 120 + d * (1.f / 720 + d * (1.f / 5040));
+  return d * (1.f + d * (0.5f + d * (1.f / 6 + d * (1.f / 24 + d * series))));
+}
+
 struct LogProbs {
   float log_p, log_q, log_sig, log_sig_neg;
 };
@@ -84,7 +90,7 @@ template <typename T, bool kPacked, bool kGrad>
 __global__ void mld_kernel(const T* __restrict__ zs, const T* __restrict__ zt, grad_t<T>* __restrict__ grad,
                            float* __restrict__ out, int64_t B, int64_t C, int64_t zs_sb, int64_t zs_sc,
                            int64_t zt_sb, int64_t zt_sc, float inv_t, float loss_scale, float grad_scale,
-                           float lo, float hi, bool per_label, bool single) {
+                           float lo, float hi, float near_max, bool per_label, bool single) {
   __shared__ float scratch[kThreads / 32];
   const int64_t n = B * C;
   float partial = 0.f;
@@ -96,14 +102,21 @@ __global__ void mld_kernel(const T* __restrict__ zs, const T* __restrict__ zt, g
       s_at = b * zs_sb + c * zs_sc;
       t_at = b * zt_sb + c * zt_sc;
     }
-    const LogProbs s = clamped_log_probs(to_float(zs[s_at]) * inv_t, lo, hi);
-    const LogProbs t = clamped_log_probs(to_float(zt[t_at]) * inv_t, lo, hi);
+    const float a = to_float(zs[s_at]), b = to_float(zt[t_at]);
+    const LogProbs s = clamped_log_probs(a * inv_t, lo, hi);
+    const LogProbs t = clamped_log_probs(b * inv_t, lo, hi);
     const float pt = fast_exp(t.log_p), qt = fast_exp(t.log_q);
     const float loss = pt * kl_excess(t.log_p - s.log_p) + qt * kl_excess(t.log_q - s.log_q);
     const bool p_free = s.log_sig >= lo && s.log_sig <= hi;
     const bool q_free = s.log_sig_neg >= lo && s.log_sig_neg <= hi;
     if constexpr (kGrad) {
-      const float g = (q_free ? qt * fast_exp(s.log_sig) : 0.f) - (p_free ? pt * fast_exp(s.log_sig_neg) : 0.f);
+      const float below = pt * fast_exp(s.log_sig_neg);
+      float g = (q_free ? qt * fast_exp(s.log_sig) : 0.f) - (p_free ? below : 0.f);
+      // Nearly agreeing logits, every probability unclamped (|a / T| < near_max: see near_max in
+      // triton_mld.py): the terms' ratio is exp(d), and below * expm1(d) keeps the digits their
+      // difference loses.
+      const float d = (a - b) * inv_t;
+      if (fabsf(d) < 0.25f && fabsf(a * inv_t) < near_max) g = below * expm1_small(d);
       grad[k] = from_float<grad_t<T>>(g * grad_scale);
     }
     if (per_label)
@@ -158,6 +171,9 @@ std::tuple<at::Tensor, at::Tensor> mld_cuda(const at::Tensor& zs_in, const at::T
   at::Tensor out = per_label ? at::empty({B, C}, f32) : single ? at::empty({}, f32) : at::empty({blocks}, f32);
   auto stream = c10::cuda::getCurrentCUDAStream();
   const float lo = static_cast<float>(std::log(eps)), hi = static_cast<float>(std::log1p(-eps));
+  // Where the gradient takes its nearly-agreeing form: |z / T| 0.3 inside the clamp's logit, at most 80
+  // (triton_mld.py's near_max, the same value).
+  const float near_max = static_cast<float>(std::min(std::max(std::log1p(-eps) - std::log(eps) - 0.3, 0.0), 80.0));
   dispatch_float_types(zs.scalar_type(), "mld_cuda", [&](auto tag) {
     using T = decltype(tag);
     const auto launch = [&](auto kernel) {
@@ -165,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor> mld_cuda(const at::Tensor& zs_in, const at::T
           reinterpret_cast<const T*>(zs.data_ptr()), reinterpret_cast<const T*>(zt.data_ptr()),
           with_grad ? reinterpret_cast<grad_t<T>*>(grad.data_ptr()) : nullptr, out.data_ptr<float>(), B, C,
           zs.stride(0), zs.stride(1), zt.stride(0), zt.stride(1), static_cast<float>(1.0 / temperature), loss_scale,
-          grad_scale, lo, hi, per_label, single);
+          grad_scale, lo, hi, near_max, per_label, single);
     };
     const bool packed = zs.is_contiguous() && zt.is_contiguous();
     if (with_grad) launch(packed ? mld_kernel<T, true, true> : mld_kernel<T, false, true>);

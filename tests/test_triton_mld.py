@@ -3,7 +3,7 @@ ranges and reductions, and the multi-program reduction."""
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import oracle
@@ -30,6 +30,9 @@ def _check(zs, zt, reduction, temperature=1.0):
     reduction=st.sampled_from(["batchmean", "sum", "mean", "none"]),
     temperature=st.sampled_from([1.0, 0.5, 4.0]), seed=st.integers(0, 2**16),
 )
+# A single label where student and teacher nearly agree (zs = 0.0633, zt = 0.0640): a gradient 1.85e-4
+# off before the kernel took expm1's series there (test_api.py's nearly-agree test covers more).
+@example(B=1, C=1, scale=0.1, reduction="batchmean", temperature=1.0, seed=27360)
 def test_matches_the_formula(B, C, scale, reduction, temperature, seed):
     g = torch.Generator().manual_seed(seed)
     zs = (torch.randn(B, C, generator=g) * scale).to(DEVICE)
