@@ -13,10 +13,10 @@ zt = 0.0640 their float32 difference kept 3.7 digits, and fewer the closer the l
 1e-4 was missed for one such label). With all four probabilities unclamped their ratio is exp(d),
 d = (zs - zt) / T, so for |d| < 1/4 the gradient is taken as ``pt sigmoid(-zs) expm1(d)``, expm1
 by its series, to a few ulp. Elsewhere it is ``pt sigmoid(-zs) (exp(log qt - log pt + zs / T) - 1)``
-with each term's clamp (the same two terms, one exponential as before, fewer registers than both
-forms side by side: none spill under the 64-register cap). "Unclamped" is checked once for both sides: |zs / T| below
-``near_max(eps)``, 0.3 inside the logit where the clamp starts, leaves the teacher's |zt / T|
-(within 1/4 of it) unclamped too.
+with each term's clamp (the same two terms, one exponential as before, and fewer registers than
+both forms side by side: none spill under the 64-register cap). "Unclamped" is checked once for both
+sides: |zs / T| below ``near_max(eps)``, 0.3 inside the logit where the clamp starts, leaves the
+teacher's |zt / T| (within 1/4 of it) unclamped too.
 
 Each program writes its block's gradient (unless the call needs none) and its partial sum; a
 one-program kernel adds the partial sums in a fixed order (skipped when one program covers the whole
@@ -144,7 +144,7 @@ def _mld_kernel(
         pt = _exp(log_pt)
         qt = _exp(log_qt)
         flat = rb[:, None] * C + rc[None, :]
-        if GRAD:  # first, so that d and the unclamped log-sigmoids are done with before the loss
+        if GRAD:
             ps_free = (log_sig_s >= LOG_LO) & (log_sig_s <= LOG_HI)
             qs_free = (log_sig_neg_s >= LOG_LO) & (log_sig_neg_s <= LOG_HI)
             # The terms qt sigmoid(zs) and pt sigmoid(-zs) = below have the ratio exp(log qt - log pt + zs / T)
