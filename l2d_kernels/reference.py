@@ -58,6 +58,16 @@ def kl_excess(u: torch.Tensor) -> torch.Tensor:
     return torch.where(u.abs() < 0.1, u * u * series, u + torch.expm1(-u))
 
 
+NEAR_GAP = 0.25  # |zs - zt| / T below which the log-ratios are taken from the gap (see ``mld``)
+
+
+def near_max(eps: float) -> float:
+    """The largest |zs / T| at which MLD's nearly-agreeing forms are taken: 0.3 inside the logit where
+    the eps clamp starts (``NEAR_GAP`` for the teacher's distance, 0.05 for rounding), so that neither
+    side is clamped there; at most 80 (exp(-80) is a float32 normal); 0, never, for eps of 1/2 or more."""
+    return min(max(math.log1p(-eps) - math.log(eps) - 0.3, 0.0), 80.0)
+
+
 def mld(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -69,12 +79,25 @@ def mld(
 
     With ``a = log pt - log ps`` and ``b = log qt - log qs``, and since ``pt + qt = ps + qs = 1``
     (the clamp keeps both sums), ``pt a + qt b = pt (a + e^-a - 1) + qt (b + e^-b - 1)``: a sum of
-    two non-negative terms, accurate to float rounding even when student and teacher nearly agree
-    (where ``pt a + qt b`` loses digits to cancellation).
+    two non-negative terms (where ``pt a + qt b`` loses digits to cancellation).
+
+    Where student and teacher nearly agree, ``a`` and ``b`` as differences of two logs keep only the
+    digits their gap leaves (at logits 3e-7 apart, none: the float32 loss was 7-44% off and the
+    gradient 16-43%). There, with both sides unclamped and ``g = (zs - zt) / T`` (exact for close
+    logits), ``a = log1p(qt expm1(-g))`` and ``b = log1p(pt expm1(g))``, which keep every digit, and
+    autograd's gradient through them is a sum of two terms of one sign.
     """
-    log_ps, log_qs = _clamped_log_probs(student_logits / temperature, eps)
-    log_pt, log_qt = _clamped_log_probs(teacher_logits.detach() / temperature, eps)
-    per_label = log_pt.exp() * kl_excess(log_pt - log_ps) + log_qt.exp() * kl_excess(log_qt - log_qs)
+    zs, zt = student_logits, teacher_logits.detach()
+    log_ps, log_qs = _clamped_log_probs(zs / temperature, eps)
+    log_pt, log_qt = _clamped_log_probs(zt / temperature, eps)
+    pt, qt = log_pt.exp(), log_qt.exp()
+    gap = (zs - zt) / temperature
+    near = (gap.abs() < NEAR_GAP) & ((zs / temperature).abs() < near_max(eps))
+    # Elsewhere 0, so that the near form (computed there too) has no inf for backward to multiply by 0.
+    gap = torch.where(near, gap, torch.zeros_like(gap))
+    a = torch.where(near, torch.log1p(qt * torch.expm1(-gap)), log_pt - log_ps)
+    b = torch.where(near, torch.log1p(pt * torch.expm1(gap)), log_qt - log_qs)
+    per_label = pt * kl_excess(a) + qt * kl_excess(b)
     return _reduce(per_label * temperature**2, reduction)
 
 
