@@ -31,7 +31,7 @@ __device__ __forceinline__ float fast_exp(float x) {
 #endif
 }
 
-__device__ __forceinline__ float fast_reciprocal(float x) {  // 1 / x for x in [2, 3] (1 ulp)
+__device__ __forceinline__ float fast_reciprocal(float x) {  // 1 / x for x in [1.7, 3] (1 ulp)
 #ifdef __CUDA_ARCH__
   float y;
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
@@ -55,18 +55,39 @@ __device__ __forceinline__ float log1p_unit(float u) {
   return 2.f * s * p;
 }
 
-// u + exp(-u) - 1 >= 0, no cancellation near 0. Both forms are evaluated and one selected (no branch:
-// neighbouring labels take either).
+// log(1 + x) for |x| < 0.29: 2 atanh(s), s = x / (2 + x) within 1/8, by its odd series to s^7 (what it
+// leaves out is below 1e-8 of the result).
+__device__ __forceinline__ float log1p_near(float x) {
+  const float s = x * fast_reciprocal(2.f + x), t = s * s;
+  return 2.f * s * (1.f + t * (1.f / 3 + t * (1.f / 5 + t * (1.f / 7))));
+}
+
+// u + exp(-u) - 1 >= 0, no cancellation near 0: for |u| < 1/4 by its series (what it leaves out is
+// below 5e-7 of the result; the direct form loses up to 2e-6 at 1/4). Both forms are evaluated and one
+// selected (no branch: neighbouring labels take either).
 __device__ __forceinline__ float kl_excess(float u) {
   const float series = 0.5f - u * (1.f / 6 - u * (1.f / 24 - u * (1.f / 120 - u * (1.f / 720))));
   const float direct = u + fast_exp(-u) - 1.f;
-  return fabsf(u) < 0.1f ? u * u * series : direct;
+  return fabsf(u) < 0.25f ? u * u * series : direct;
 }
 
 // exp(d) - 1 for |d| < 1/4: its series through d^6 / 720 (what it leaves out is below 5e-8 of the result).
 __device__ __forceinline__ float expm1_small(float d) {
   const float series = 1.f / 24 + d * (1.f / 120 + d * (1.f / 720));
   return d * (1.f + d * (0.5f + d * (1.f / 6 + d * series)));
+}
+
+// clamp_keep_nan in two instructions: the min and max that return NaN for a NaN operand (sm_80 and
+// later), where the select around fminf / fmaxf took a compare, and a reload of each bound, per clamp.
+__device__ __forceinline__ float clamp_nan(float x, float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float y;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(y) : "f"(x), "f"(lo));
+  asm("min.NaN.f32 %0, %1, %2;" : "=f"(y) : "f"(y), "f"(hi));
+  return y;
+#else
+  return clamp_keep_nan(x, lo, hi);
+#endif
 }
 
 struct LogProbs {
@@ -78,19 +99,22 @@ __device__ __forceinline__ LogProbs clamped_log_probs(float z, float lo, float h
   LogProbs r;
   r.log_sig = fminf(z, 0.f) - tail;
   r.log_sig_neg = fminf(-z, 0.f) - tail;
-  r.log_p = clamp_keep_nan(r.log_sig, lo, hi);
-  r.log_q = clamp_keep_nan(r.log_sig_neg, lo, hi);
+  r.log_p = clamp_nan(r.log_sig, lo, hi);
+  r.log_q = clamp_nan(r.log_sig_neg, lo, hi);
   return r;
 }
 
 // kPacked: both inputs row-major and dense, so label k is at offset k (no 64-bit division by C per
 // label, which costs as much as the rest of the label's arithmetic). kGrad: write the gradient (a
 // call that needs none passes a null grad).
+// At most 32 registers (eight blocks an SM): the 1,024 blocks of a large call in one wave on 132 SMs
+// (with the near forms nvcc took 39 by itself, six blocks an SM, and a second wave of 232 blocks).
 template <typename T, bool kPacked, bool kGrad>
-__global__ void mld_kernel(const T* __restrict__ zs, const T* __restrict__ zt, grad_t<T>* __restrict__ grad,
-                           float* __restrict__ out, int64_t B, int64_t C, int64_t zs_sb, int64_t zs_sc,
-                           int64_t zt_sb, int64_t zt_sc, float inv_t, float loss_scale, float grad_scale,
-                           float lo, float hi, float near_max, bool per_label, bool single) {
+__global__ void __launch_bounds__(kThreads, 8)
+    mld_kernel(const T* __restrict__ zs, const T* __restrict__ zt, grad_t<T>* __restrict__ grad,
+               float* __restrict__ out, int64_t B, int64_t C, int64_t zs_sb, int64_t zs_sc, int64_t zt_sb,
+               int64_t zt_sc, float inv_t, float loss_scale, float grad_scale, float lo, float hi, float free_max,
+               float near_max, bool per_label, bool single) {
   __shared__ float scratch[kThreads / 32];
   const int64_t n = B * C;
   float partial = 0.f;
@@ -106,17 +130,22 @@ __global__ void mld_kernel(const T* __restrict__ zs, const T* __restrict__ zt, g
     const LogProbs s = clamped_log_probs(a * inv_t, lo, hi);
     const LogProbs t = clamped_log_probs(b * inv_t, lo, hi);
     const float pt = fast_exp(t.log_p), qt = fast_exp(t.log_q);
-    const float loss = pt * kl_excess(t.log_p - s.log_p) + qt * kl_excess(t.log_q - s.log_q);
-    const bool p_free = s.log_sig >= lo && s.log_sig <= hi;
-    const bool q_free = s.log_sig_neg >= lo && s.log_sig_neg <= hi;
+    // Nearly agreeing and unclamped (|a / T| < near_max: see triton_mld.py): the log-ratios and the
+    // gradient from d, exact for close logits, where their usual forms cancel.
+    const float d = (a - b) * inv_t;
+    const bool near = fabsf(d) < 0.25f && fabsf(a * inv_t) < near_max;
+    const float close = expm1_small(d);
+    const float u_q_near = log1p_near(pt * close);
+    const float u_p = near ? u_q_near - d : t.log_p - s.log_p;
+    const float u_q = near ? u_q_near : t.log_q - s.log_q;
+    const float loss = pt * kl_excess(u_p) + qt * kl_excess(u_q);
     if constexpr (kGrad) {
       // The terms qt sigmoid(a / T) and pt sigmoid(-a / T) = below have the ratio
-      // exp(log qt - log pt + a / T); nearly agreeing and unclamped (|a / T| < near_max: see
-      // triton_mld.py), exp(d), and below * expm1(d) keeps the digits their difference loses.
+      // exp(log qt - log pt + a / T), exp(d) where near, and below * expm1(d) keeps the digits their
+      // difference loses. Unclamped is |a / T| < free_max, on both sides at once.
       const float below = pt * fast_exp(s.log_sig_neg);
-      const float d = (a - b) * inv_t;
-      const float apart = (q_free ? fast_exp(t.log_q - t.log_p + a * inv_t) : 0.f) - (p_free ? 1.f : 0.f);
-      const float g = below * (fabsf(d) < 0.25f && fabsf(a * inv_t) < near_max ? expm1_small(d) : apart);
+      const float apart = fabsf(a * inv_t) < free_max ? fast_exp(t.log_q - t.log_p + a * inv_t) - 1.f : 0.f;
+      const float g = below * (near ? close : apart);
       grad[k] = from_float<grad_t<T>>(g * grad_scale);
     }
     if (per_label)
@@ -171,8 +200,9 @@ std::tuple<at::Tensor, at::Tensor> mld_cuda(const at::Tensor& zs_in, const at::T
   at::Tensor out = per_label ? at::empty({B, C}, f32) : single ? at::empty({}, f32) : at::empty({blocks}, f32);
   auto stream = c10::cuda::getCurrentCUDAStream();
   const float lo = static_cast<float>(std::log(eps)), hi = static_cast<float>(std::log1p(-eps));
-  // Where the gradient takes its nearly-agreeing form: |z / T| 0.3 inside the clamp's logit, at most 80
-  // (triton_mld.py's near_max, the same value).
+  // Where neither probability is clamped: |z / T| below the clamp's logit. Where the nearly-agreeing
+  // forms are taken: 0.3 inside it, at most 80 (reference.near_max, the same value).
+  const float free_max = static_cast<float>(std::log1p(-eps) - std::log(eps));
   const float near_max = static_cast<float>(std::min(std::max(std::log1p(-eps) - std::log(eps) - 0.3, 0.0), 80.0));
   dispatch_float_types(zs.scalar_type(), "mld_cuda", [&](auto tag) {
     using T = decltype(tag);
@@ -181,7 +211,7 @@ std::tuple<at::Tensor, at::Tensor> mld_cuda(const at::Tensor& zs_in, const at::T
           reinterpret_cast<const T*>(zs.data_ptr()), reinterpret_cast<const T*>(zt.data_ptr()),
           with_grad ? reinterpret_cast<grad_t<T>*>(grad.data_ptr()) : nullptr, out.data_ptr<float>(), B, C,
           zs.stride(0), zs.stride(1), zt.stride(0), zt.stride(1), static_cast<float>(1.0 / temperature), loss_scale,
-          grad_scale, lo, hi, near_max, per_label, single);
+          grad_scale, lo, hi, free_max, near_max, per_label, single);
     };
     const bool packed = zs.is_contiguous() && zt.is_contiguous();
     if (with_grad) launch(packed ? mld_kernel<T, true, true> : mld_kernel<T, false, true>);

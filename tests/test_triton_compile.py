@@ -90,8 +90,12 @@ with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
     usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", fh.name], capture_output=True, text=True,
                            check=True).stdout
 ops = re.findall(r"/\\*[0-9a-f]{4}\\*/\\s+(?:@!?U?P\\w+\\s+)?([A-Z0-9_.]+)", sass)
+# The loop over a program's row blocks: its one conditional branch back, (from - to) / 16 instructions.
+branch = r"/\\*([0-9a-f]{4})\\*/\\s+@!?P\\d\\s+BRA\\s+0x([0-9a-f]+)"
+branches = [(int(a, 16), int(t, 16)) for a, t in re.findall(branch, sass)]
+back = [(a - t) // 16 for a, t in branches if t < a]
 print(len(ops), sum(op == "MUFU.EX2" for op in ops), len(re.findall(r"FSETP\\.GEU\\.AND [^;]*, -126,", sass)),
-      re.search(r"REG:(\\d+)", usage).group(1), re.search(r"STACK:(\\d+)", usage).group(1))
+      re.search(r"REG:(\\d+)", usage).group(1), re.search(r"STACK:(\\d+)", usage).group(1), *back)
 """
 
 
@@ -99,18 +103,21 @@ def test_mld_kernel_stays_within_its_instruction_budget():
     """The MLD kernel is bound by instruction issue at 4096 x 1000 (PERF_NOTES), so its sm_90 machine
     code is the measure: each exponential one MUFU.EX2 with no denormal guard around it (tl.exp's
     ex2.approx.f32 brought three more instructions each, 1,640-1,672 in all for a pass of 8 labels),
-    and at most 64 registers without spilling (eight programs per SM: 4096 x 1000 in one wave)."""
+    and at most 64 registers without spilling (eight programs per SM: 4096 x 1000 in one wave). A
+    program at 4096 x 1000 runs its loop four times, so the loop is held apart: 927 instructions a pass
+    before the nearly-agreeing loss forms, 982 with them (1,144 and 1,080 in all: PERF_NOTES)."""
     env = dict(os.environ, TRITON_INTERPRET="0")
     root = pathlib.Path(__file__).parents[1]
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
     run = subprocess.run([sys.executable, "-c", _MLD_SASS, str(root / "benchmarks")], env=env, text=True,
                          capture_output=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    total, ex2, guards, registers, stack = map(int, run.stdout.split())
+    total, ex2, guards, registers, stack, *loops = map(int, run.stdout.split())
     assert registers <= 64 and stack == 0
     assert ex2 == 64  # 8 exponentials a label, 8 labels a pass
     assert guards == 0
     assert total <= 1150, total
+    assert len(loops) == 1 and loops[0] <= 1000, loops
 
 
 _CHAIN = """

@@ -2,21 +2,30 @@
 
 With ``log p = clamp(logsigmoid(z / T), log eps, log1p(-eps))`` and ``log q`` the same of ``-z``
 (so ``q = 1 - p`` in exact arithmetic, without forming it), evaluated as two non-negative terms
-that keep their digits when student and teacher nearly agree (see ``reference.mld``)::
+(see ``reference.mld``)::
 
     l     = T^2 [pt (log pt - log ps) + qt (log qt - log qs)]
-          = T^2 [pt phi(log pt - log ps) + qt phi(log qt - log qs)],  phi(u) = u + exp(-u) - 1 >= 0
-    dl/dz = T [qt sigmoid(zs) [qs unclamped] - pt sigmoid(-zs) [ps unclamped]]   (= T (ps - pt) unclamped)
+          = T^2 [pt phi(u_p) + qt phi(u_q)],  u_p = log pt - log ps,  u_q = log qt - log qs,
+            phi(u) = u + exp(-u) - 1 >= 0
+    dl/dz = T [qt sigmoid(zs) - pt sigmoid(-zs)]  where |zs / T| is below the clamp's logit, else 0
+          (= T (ps - pt))
 
-Where student and teacher nearly agree, the two gradient terms nearly cancel (at zs = 0.0633,
-zt = 0.0640 their float32 difference kept 3.7 digits, and fewer the closer the logits: SPEC 5's
-1e-4 was missed for one such label). With all four probabilities unclamped their ratio is exp(d),
-d = (zs - zt) / T, so for |d| < 1/4 the gradient is taken as ``pt sigmoid(-zs) expm1(d)``, expm1
-by its series, to a few ulp. Elsewhere it is ``pt sigmoid(-zs) (exp(log qt - log pt + zs / T) - 1)``
-with each term's clamp (the same two terms, one exponential as before, and fewer registers than
-both forms side by side: none spill under the 64-register cap). "Unclamped" is checked once for both
-sides: |zs / T| below ``near_max(eps)``, 0.3 inside the logit where the clamp starts, leaves the
-teacher's |zt / T| (within 1/4 of it) unclamped too.
+Where student and teacher nearly agree, with d = (zs - zt) / T (exact for close logits):
+- the gradient's two terms nearly cancel (at zs = 0.0633, zt = 0.0640 their float32 difference kept
+  3.7 digits: SPEC 5's 1e-4 was missed for one such label). Their ratio is exp(d), so for |d| < 1/4
+  the gradient is ``pt sigmoid(-zs) expm1(d)``, expm1 by its series, to a few ulp; elsewhere
+  ``pt sigmoid(-zs) (exp(log qt - log pt + zs / T) - 1)``.
+- u_p and u_q, as differences of two logs, keep only the digits the gap leaves (labels 3e-7 apart
+  were 4x off in loss, and a batch 1e-4 apart 5e-4 off, for ``reduction="none"``). For |d| < 1/4,
+  ``u_q = log1p(pt expm1(d))`` and ``u_p = u_q - d`` (where pt is near 1 and u_p small, its error is
+  weighted by qt, which is as small).
+"Nearly agreeing" also asks |zs / T| below ``near_max(eps)``, 0.3 inside the logit where the clamp
+starts, which leaves the teacher's |zt / T| (within 1/4 of it) unclamped too.
+
+The near forms cost no more than they save: each program adds its passes' losses into one value per
+column (the sum over a thread's rows is in its registers) instead of a [BLOCK_B, BLOCK_C] block,
+which freed the registers the near forms took and left one 5-shuffle reduction at the end instead
+of eight; the two "unclamped" tests of the gradient are one compare of |zs / T|.
 
 Each program writes its block's gradient (unless the call needs none) and its partial sum; a
 one-program kernel adds the partial sums in a fixed order (skipped when one program covers the whole
@@ -32,6 +41,7 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpreted
+from ..reference import near_max
 from .library import grad_dtype
 from .triton_common import (LaunchCache, alignment_key, cdiv, clamp, finalize_sum, on_input_device,
                             settle_cache_keys)
@@ -70,7 +80,7 @@ def _exp(x):
 
 @triton.jit
 def _reciprocal(x):
-    """1 / x for x in [2, 3] (1 ulp)."""
+    """1 / x for x in [1.7, 3] (1 ulp)."""
     if _INTERPRETED:
         return 1.0 / x
     else:
@@ -95,10 +105,21 @@ def _log1p_unit(u):
 
 
 @triton.jit
+def _log1p_near(x):
+    """log(1 + x) for |x| < 0.29: 2 atanh(s), s = x / (2 + x) within 1/8, its odd series to s^7 (what
+    it leaves out is below 1e-8 of the result)."""
+    s = x * _reciprocal(2.0 + x)
+    t = s * s
+    return 2.0 * s * (1.0 + t * (1.0 / 3 + t * (1.0 / 5 + t * (1.0 / 7))))
+
+
+@triton.jit
 def _kl_excess(u):
-    """u + exp(-u) - 1 (>= 0), without cancellation for small |u|."""
+    """u + exp(-u) - 1 (>= 0), without cancellation for small |u|: for |u| < 1/4 by its series to
+    u^6 / 720 (what it leaves out is below 5e-7 of the result; the direct form loses up to 2e-6 at
+    1/4, and lost 1.2e-5 at 0.1, where the series stopped before)."""
     series = 0.5 - u * (1.0 / 6 - u * (1.0 / 24 - u * (1.0 / 120 - u * (1.0 / 720))))
-    return tl.where(tl.abs(u) < 0.1, u * u * series, u + _exp(-u) - 1.0)
+    return tl.where(tl.abs(u) < 0.25, u * u * series, u + _exp(-u) - 1.0)
 
 
 @triton.jit
@@ -124,50 +145,46 @@ def _clamped_log_probs(z, LOG_LO, LOG_HI):
 def _mld_kernel(
     zs_ptr, zt_ptr, grad_ptr, out_ptr,
     B, C, zs_sb, zs_sc, zt_sb, zt_sc,
-    inv_t, loss_scale, partial_scale, grad_scale, LOG_LO, LOG_HI, NEAR_MAX,
+    inv_t, loss_scale, partial_scale, grad_scale, LOG_LO, LOG_HI, FREE_MAX, NEAR_MAX,
     PER_LABEL: tl.constexpr, ROWS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, GRAD: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     pid_c = tl.program_id(1)
     rc = (pid_c * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
-    acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)  # a column's losses so far: a thread's rows add in its registers
     for r0 in range(0, ROWS, BLOCK_B):
         rb = (pid_b * ROWS + r0 + tl.arange(0, BLOCK_B)).to(tl.int64)
         mask = (rb < B)[:, None] & (rc < C)[None, :]
         zs = tl.load(zs_ptr + rb[:, None] * zs_sb + rc[None, :] * zs_sc, mask=mask, other=0.0).to(tl.float32)
         zt = tl.load(zt_ptr + rb[:, None] * zt_sb + rc[None, :] * zt_sc, mask=mask, other=0.0).to(tl.float32)
         # The student's distance from the teacher, taken from the inputs here, where they are at hand
-        # (the gradient's nearly-agreeing form, below); 1, never near, past NEAR_MAX.
+        # (the nearly-agreeing forms, below); 1, never near, past NEAR_MAX.
         d = tl.where(tl.abs(zs * inv_t) < NEAR_MAX, (zs - zt) * inv_t, 1.0)
-        log_ps, log_qs, log_sig_s, log_sig_neg_s = _clamped_log_probs(zs * inv_t, LOG_LO, LOG_HI)
+        log_ps, log_qs, _, log_sig_neg_s = _clamped_log_probs(zs * inv_t, LOG_LO, LOG_HI)
         log_pt, log_qt, _, _ = _clamped_log_probs(zt * inv_t, LOG_LO, LOG_HI)
         pt = _exp(log_pt)
         qt = _exp(log_qt)
         flat = rb[:, None] * C + rc[None, :]
+        close = _expm1_small(d)
+        near = tl.abs(d) < 0.25
+        # Near: log qt - log qs = log1p(pt expm1(d)) and log pt - log ps = that - d.
+        u_q = _log1p_near(pt * close)
+        u_p = tl.where(near, u_q - d, log_pt - log_ps)
+        u_q = tl.where(near, u_q, log_qt - log_qs)
         if GRAD:
-            ps_free = (log_sig_s >= LOG_LO) & (log_sig_s <= LOG_HI)
-            qs_free = (log_sig_neg_s >= LOG_LO) & (log_sig_neg_s <= LOG_HI)
-            # The terms qt sigmoid(zs) and pt sigmoid(-zs) = below have the ratio exp(log qt - log pt + zs / T)
-            # (sigmoid(a) / sigmoid(-a) = exp(a)); unclamped and nearly agreeing, exp(d).
+            # qt sigmoid(zs) - pt sigmoid(-zs) = below * (their ratio - 1), 0 where either side is clamped.
             below = pt * _exp(log_sig_neg_s)
-            apart = tl.where(qs_free, _exp(log_qt - log_pt + zs * inv_t), 0.0) - tl.where(ps_free, 1.0, 0.0)
-            grad = below * tl.where(tl.abs(d) < 0.25, _expm1_small(d), apart)
+            apart = tl.where(tl.abs(zs * inv_t) < FREE_MAX, _exp(log_qt - log_pt + zs * inv_t) - 1.0, 0.0)
+            grad = below * tl.where(near, close, apart)
             tl.store(grad_ptr + flat, (grad * grad_scale).to(grad_ptr.dtype.element_ty), mask=mask)
-        loss = pt * _kl_excess(log_pt - log_ps) + qt * _kl_excess(log_qt - log_qs)
+        loss = pt * _kl_excess(u_p) + qt * _kl_excess(u_q)
         if PER_LABEL:
             tl.store(out_ptr + flat, loss * loss_scale, mask=mask)
         else:
-            acc += tl.where(mask, loss, 0.0)
+            acc += tl.sum(tl.where(mask, loss, 0.0), axis=0)
     if not PER_LABEL:
-        partial = tl.sum(tl.sum(acc, axis=1), axis=0)
+        partial = tl.sum(acc, axis=0)
         tl.store(out_ptr + pid_b * tl.num_programs(1) + pid_c, partial * partial_scale)
-
-
-def near_max(eps: float) -> float:
-    """The largest |z / T| at which the gradient's nearly-agreeing form is taken: 0.3 inside the
-    logit where the eps clamp starts (0.25 for the teacher's distance, 0.05 for rounding), at most 80
-    (exp(-80) is a float32 normal); 0, never, for eps of 1/2 or more."""
-    return min(max(math.log1p(-eps) - math.log(eps) - 0.3, 0.0), 80.0)
 
 
 @on_input_device
@@ -199,7 +216,7 @@ def mld_forward(zs: torch.Tensor, zt: torch.Tensor, reduction: str, eps: float, 
     launch(
         _mld_kernel, grid, zs, zt, grad if with_grad else zs, out, B, C, zs.stride(0), zs.stride(1), zt.stride(0),
         zt.stride(1), 1.0 / temperature, loss_scale, loss_scale if n_partials == 1 else 1.0, scale * temperature,
-        math.log(eps), math.log1p(-eps), near_max(eps),
+        math.log(eps), math.log1p(-eps), math.log1p(-eps) - math.log(eps), near_max(eps),
         PER_LABEL=per_label, ROWS=rows, BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_C, GRAD=with_grad, maxnreg=MAX_REGISTERS,
     )
     if not per_label and n_partials > 1:
