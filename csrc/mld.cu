@@ -106,15 +106,17 @@ __device__ __forceinline__ LogProbs clamped_log_probs(float z, float lo, float h
 
 // kPacked: both inputs row-major and dense, so label k is at offset k (no 64-bit division by C per
 // label, which costs as much as the rest of the label's arithmetic). kGrad: write the gradient (a
-// call that needs none passes a null grad).
+// call that needs none passes a null grad). kPerLabel: write each label's loss (reduction "none")
+// instead of the block's sum; as a runtime flag, its branch and both paths' addressing were 10 of a
+// label's 144 instructions.
 // At most 32 registers (eight blocks an SM): the 1,024 blocks of a large call in one wave on 132 SMs
 // (with the near forms nvcc took 39 by itself, six blocks an SM, and a second wave of 232 blocks).
-template <typename T, bool kPacked, bool kGrad>
+template <typename T, bool kPacked, bool kGrad, bool kPerLabel>
 __global__ void __launch_bounds__(kThreads, 8)
     mld_kernel(const T* __restrict__ zs, const T* __restrict__ zt, grad_t<T>* __restrict__ grad,
                float* __restrict__ out, int64_t B, int64_t C, int64_t zs_sb, int64_t zs_sc, int64_t zt_sb,
                int64_t zt_sc, float inv_t, float loss_scale, float grad_scale, float lo, float hi, float free_max,
-               float near_max, bool per_label, bool single) {
+               float near_max, bool single) {
   __shared__ float scratch[kThreads / 32];
   const int64_t n = B * C;
   float partial = 0.f;
@@ -148,12 +150,12 @@ __global__ void __launch_bounds__(kThreads, 8)
       const float g = below * (near ? close : apart);
       grad[k] = from_float<grad_t<T>>(g * grad_scale);
     }
-    if (per_label)
+    if constexpr (kPerLabel)
       out[k] = loss * loss_scale;
     else
       partial += loss;
   }
-  if (!per_label) {
+  if constexpr (!kPerLabel) {
     const float total = block_sum(partial, scratch);
     if (threadIdx.x == 0) out[blockIdx.x] = single ? total * loss_scale : total;
   }
@@ -211,11 +213,16 @@ std::tuple<at::Tensor, at::Tensor> mld_cuda(const at::Tensor& zs_in, const at::T
           reinterpret_cast<const T*>(zs.data_ptr()), reinterpret_cast<const T*>(zt.data_ptr()),
           with_grad ? reinterpret_cast<grad_t<T>*>(grad.data_ptr()) : nullptr, out.data_ptr<float>(), B, C,
           zs.stride(0), zs.stride(1), zt.stride(0), zt.stride(1), static_cast<float>(1.0 / temperature), loss_scale,
-          grad_scale, lo, hi, free_max, near_max, per_label, single);
+          grad_scale, lo, hi, free_max, near_max, single);
     };
+    // [packed][with gradient][per label]
+    decltype(&mld_kernel<T, true, true, true>) kernels[2][2][2] = {
+        {{mld_kernel<T, false, false, false>, mld_kernel<T, false, false, true>},
+         {mld_kernel<T, false, true, false>, mld_kernel<T, false, true, true>}},
+        {{mld_kernel<T, true, false, false>, mld_kernel<T, true, false, true>},
+         {mld_kernel<T, true, true, false>, mld_kernel<T, true, true, true>}}};
     const bool packed = zs.is_contiguous() && zt.is_contiguous();
-    if (with_grad) launch(packed ? mld_kernel<T, true, true> : mld_kernel<T, false, true>);
-    else launch(packed ? mld_kernel<T, true, false> : mld_kernel<T, false, false>);
+    launch(kernels[packed][with_grad][per_label]);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (mixed && with_grad) grad = grad.to(grad_scalar_type(zs_in.scalar_type()));
