@@ -132,10 +132,10 @@ __global__ void __launch_bounds__(kThreads, 8)
     const LogProbs s = clamped_log_probs(a * inv_t, lo, hi);
     const LogProbs t = clamped_log_probs(b * inv_t, lo, hi);
     const float pt = fast_exp(t.log_p), qt = fast_exp(t.log_q);
-    // Nearly agreeing and unclamped (|a / T| < near_max: see triton_mld.py): the log-ratios and the
-    // gradient from d, exact for close logits, where their usual forms cancel.
+    // Nearly agreeing and unclamped (|a / T| and |b / T| below near_max: see triton_mld.py): the
+    // log-ratios and the gradient from d, exact for close logits, where their usual forms cancel.
     const float d = (a - b) * inv_t;
-    const bool near = fabsf(d) < 0.25f && fabsf(a * inv_t) < near_max;
+    const bool near = fabsf(d) < 0.25f && fmaxf(fabsf(a * inv_t), fabsf(b * inv_t)) < near_max;
     const float close = expm1_small(d);
     const float u_q_near = log1p_near(pt * close);
     const float u_p = near ? u_q_near - d : t.log_p - s.log_p;
@@ -203,9 +203,9 @@ std::tuple<at::Tensor, at::Tensor> mld_cuda(const at::Tensor& zs_in, const at::T
   auto stream = c10::cuda::getCurrentCUDAStream();
   const float lo = static_cast<float>(std::log(eps)), hi = static_cast<float>(std::log1p(-eps));
   // Where neither probability is clamped: |z / T| below the clamp's logit. Where the nearly-agreeing
-  // forms are taken: 0.3 inside it, at most 80 (reference.near_max, the same value).
+  // forms are taken: the same, at most 80 (reference.near_max, the same value).
   const float free_max = static_cast<float>(std::log1p(-eps) - std::log(eps));
-  const float near_max = static_cast<float>(std::min(std::max(std::log1p(-eps) - std::log(eps) - 0.3, 0.0), 80.0));
+  const float near_max = std::min(std::max(free_max, 0.f), 80.f);
   dispatch_float_types(zs.scalar_type(), "mld_cuda", [&](auto tag) {
     using T = decltype(tag);
     const auto launch = [&](auto kernel) {

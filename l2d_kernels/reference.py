@@ -62,10 +62,10 @@ NEAR_GAP = 0.25  # |zs - zt| / T below which the log-ratios are taken from the g
 
 
 def near_max(eps: float) -> float:
-    """The largest |zs / T| at which MLD's nearly-agreeing forms are taken: 0.3 inside the logit where
-    the eps clamp starts (``NEAR_GAP`` for the teacher's distance, 0.05 for rounding), so that neither
-    side is clamped there; at most 80 (exp(-80) is a float32 normal); 0, never, for eps of 1/2 or more."""
-    return min(max(math.log1p(-eps) - math.log(eps) - 0.3, 0.0), 80.0)
+    """The bound on |zs / T| and |zt / T| below which MLD's nearly-agreeing forms are taken: the logit
+    where the eps clamp starts (neither side clamped), at most 80 (exp(-80) is a float32 normal); 0,
+    never, for eps of 1/2 or more."""
+    return min(max(math.log1p(-eps) - math.log(eps), 0.0), 80.0)
 
 
 def mld(
@@ -92,7 +92,8 @@ def mld(
     log_pt, log_qt = _clamped_log_probs(zt / temperature, eps)
     pt, qt = log_pt.exp(), log_qt.exp()
     gap = (zs - zt) / temperature
-    near = (gap.abs() < NEAR_GAP) & ((zs / temperature).abs() < near_max(eps))
+    bound = near_max(eps)
+    near = (gap.abs() < NEAR_GAP) & ((zs / temperature).abs() < bound) & ((zt / temperature).abs() < bound)
     # Elsewhere 0, so that the near form (computed there too) has no inf for backward to multiply by 0.
     gap = torch.where(near, gap, torch.zeros_like(gap))
     a = torch.where(near, torch.log1p(qt * torch.expm1(-gap)), log_pt - log_ps)
