@@ -105,7 +105,8 @@ def test_mld_kernel_stays_within_its_instruction_budget():
     ex2.approx.f32 brought three more instructions each, 1,640-1,672 in all for a pass of 8 labels),
     and at most 64 registers without spilling (eight programs per SM: 4096 x 1000 in one wave). A
     program at 4096 x 1000 runs its loop four times, so the loop is held apart: 927 instructions a pass
-    before the nearly-agreeing loss forms, 989 with them (1,144 and 1,088 in all: PERF_NOTES)."""
+    before the nearly-agreeing loss forms, 951 with them and the fitted polynomials (1,144 and 1,056
+    in all: PERF_NOTES)."""
     env = dict(os.environ, TRITON_INTERPRET="0")
     root = pathlib.Path(__file__).parents[1]
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
@@ -116,8 +117,8 @@ def test_mld_kernel_stays_within_its_instruction_budget():
     assert registers <= 64 and stack == 0
     assert ex2 == 64  # 8 exponentials a label, 8 labels a pass
     assert guards == 0
-    assert total <= 1150, total
-    assert len(loops) == 1 and loops[0] <= 1000, loops
+    assert total <= 1100, total
+    assert len(loops) == 1 and loops[0] <= 960, loops
 
 
 _CHAIN = """
