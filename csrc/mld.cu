@@ -19,7 +19,7 @@ namespace {
 // The kernel is bound by instruction issue (expf and logf are ten to twenty instructions each, ten of
 // them a label), so, as in the Triton kernel: each exponential is one ex2.approx.ftz (2 ulp; results
 // below 2^-126 flush to zero, which only touches sigmoids of logits below -87: their probabilities are
-// clamped to eps and their gradient terms are that small) and the logarithm a short series. The
+// clamped to eps and their gradient terms are that small) and the logarithm a short polynomial. The
 // host-compiled copy (the CPU emulator's) takes the libm functions.
 __device__ __forceinline__ float fast_exp(float x) {
 #ifdef __CUDA_ARCH__

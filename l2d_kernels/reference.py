@@ -88,12 +88,13 @@ def mld(
     autograd's gradient through them is a sum of two terms of one sign.
     """
     zs, zt = student_logits, teacher_logits.detach()
-    log_ps, log_qs = _clamped_log_probs(zs / temperature, eps)
-    log_pt, log_qt = _clamped_log_probs(zt / temperature, eps)
+    a_s, a_t = zs / temperature, zt / temperature
+    log_ps, log_qs = _clamped_log_probs(a_s, eps)
+    log_pt, log_qt = _clamped_log_probs(a_t, eps)
     pt, qt = log_pt.exp(), log_qt.exp()
-    gap = (zs - zt) / temperature
+    gap = (zs - zt) / temperature  # not a_s - a_t: each of those is rounded, and the gap may be tiny
     bound = near_max(eps)
-    near = (gap.abs() < NEAR_GAP) & ((zs / temperature).abs() < bound) & ((zt / temperature).abs() < bound)
+    near = (gap.abs() < NEAR_GAP) & (a_s.abs() < bound) & (a_t.abs() < bound)
     # Elsewhere 0, so that the near form (computed there too) has no inf for backward to multiply by 0.
     gap = torch.where(near, gap, torch.zeros_like(gap))
     a = torch.where(near, torch.log1p(qt * torch.expm1(-gap)), log_pt - log_ps)
