@@ -9,7 +9,8 @@
 // family, below; CD writes its groups' rows, ID adds into them), and the last block of the last
 // launch adds the group losses. Every sum runs in a fixed order and no float atomics are used:
 // results are bitwise reproducible. Squared norms are the Gram's own diagonal (or the same fmaf
-// chain), so identical rows are exactly 0 apart.
+// chain), so identical rows are exactly 0 apart. Float32 Grams and norms are of the rows less the
+// group's first member (load_chunk_less), the gradient of the rows as they are.
 //
 // A call without gradient (with_grad false: a null gradient pointer, FamilyArgs::write_grad false)
 // makes the same launches and writes no gradient: no zero rows, no gradient pass of a tile, no third
@@ -314,6 +315,7 @@ struct GroupShared {
   float ns[kOneTile], nt[kOneTile], rowsum[kOneTile];
   float ns_j[kOneTile], nt_j[kOneTile];
   int rows[kOneTile], rows_j[kOneTile];
+  int ref;  // the group's first member row, which its Grams are taken less (load_chunk_less)
   float reduce[kThreads / 32];
 };
 
@@ -399,12 +401,40 @@ template <int T, typename TX>
 __device__ __forceinline__ void load_chunk(const TX* __restrict__ x, int64_t x_m, int64_t x_d, const int* rows,
                                            int64_t width, int64_t d0, float (&v)[OneTile<T>::kLoads]) {
   using C = OneTile<T>;
+  static_assert(kThreads % C::kWidth == 0, "one width per thread");  // e % kWidth is threadIdx.x's
+  const int64_t d = d0 + threadIdx.x % C::kWidth;
   #pragma unroll
   for (int i = 0; i < C::kLoads; ++i) {
-    const int e = threadIdx.x + kThreads * i, r = e / C::kWidth;
-    const int64_t d = d0 + e % C::kWidth;
-    const int row = rows[r];
+    const int row = rows[(threadIdx.x + kThreads * i) / C::kWidth];
     v[i] = (row >= 0 && d < width) ? to_float(x[row * x_m + d * x_d]) : 0.f;
+  }
+}
+
+// What the Grams are taken of: load_chunk's values less the same widths of row ref (the group's first
+// member, sh.ref), where x is float32. Distances are shift-invariant, but their Gram form is not in
+// floating point: rows that share a part k times their spread lose k^2 times a Gram entry's rounding
+// to the cancellation in |s_a|^2 + |s_b|^2 - 2 s_a.s_b (a cosine of 0.999 between rows put the LED
+// gradient 4e-4 off float64); less a member of their group they keep only what sets them apart (see
+// reference.shifted). Half precision is taken as it is: its products are exact in float32, and a
+// difference rounded back would lose more. Row ref's widths are the same for every member row of a
+// chunk: after the first warp's load, L1 hits.
+template <int T, typename TX>
+__device__ __forceinline__ void load_chunk_less(const TX* __restrict__ x, int64_t x_m, int64_t x_d, const int* rows,
+                                                int ref, int64_t width, int64_t d0,
+                                                float (&v)[OneTile<T>::kLoads]) {
+  using C = OneTile<T>;
+  if constexpr (std::is_same_v<TX, float>) {
+    // A thread's values are all at one width of the chunk (load_chunk): one value of row ref a chunk.
+    const int64_t d = d0 + threadIdx.x % C::kWidth;
+    const bool inside = d < width;
+    const float r = inside ? x[ref * x_m + d * x_d] : 0.f;
+    #pragma unroll
+    for (int i = 0; i < C::kLoads; ++i) {
+      const int row = rows[(threadIdx.x + kThreads * i) / C::kWidth];
+      v[i] = (row >= 0 && inside) ? x[row * x_m + d * x_d] - r : 0.f;
+    }
+  } else {
+    load_chunk<T>(x, x_m, x_d, rows, width, d0, v);
   }
 }
 
@@ -443,15 +473,15 @@ __device__ void tile_gram(const TS* __restrict__ s, const TT* __restrict__ t, co
     #pragma unroll
     for (int v = 0; v < 4; ++v) gs[u][v] = gt[u][v] = 0.f;
   float next_s[C::kLoads], next_t[C::kLoads];
-  load_chunk<T>(s, f.s_m, f.s_d, sh.rows, hi, lo, next_s);
-  load_chunk<T>(t, f.t_m, f.t_d, sh.rows, hi, lo, next_t);
+  load_chunk_less<T>(s, f.s_m, f.s_d, sh.rows, sh.ref, hi, lo, next_s);
+  load_chunk_less<T>(t, f.t_m, f.t_d, sh.rows, sh.ref, hi, lo, next_t);
   for (int64_t k = 0; k < n_chunks; ++k) {
     store_chunk<T>(next_s, cs);
     store_chunk<T>(next_t, ct);
     __syncthreads();
     if (k + 1 < n_chunks) {  // the next chunk's loads are in flight during this chunk's products
-      load_chunk<T>(s, f.s_m, f.s_d, sh.rows, hi, lo + (k + 1) * C::kWidth, next_s);
-      load_chunk<T>(t, f.t_m, f.t_d, sh.rows, hi, lo + (k + 1) * C::kWidth, next_t);
+      load_chunk_less<T>(s, f.s_m, f.s_d, sh.rows, sh.ref, hi, lo + (k + 1) * C::kWidth, next_s);
+      load_chunk_less<T>(t, f.t_m, f.t_d, sh.rows, sh.ref, hi, lo + (k + 1) * C::kWidth, next_t);
     }
     for (int c = q; c < C::kWidth; c += C::kSlices)
       gram_width(cs, ct, cs, ct, c * C::kPad + 4 * tr, c * C::kPad + 4 * tc, gs, gt);
@@ -552,6 +582,7 @@ __device__ void one_tile_group(const TS* __restrict__ s, const TT* __restrict__ 
                                float* __restrict__ loss_out) {
   using C = OneTile<T>;
   if (threadIdx.x < T) sh.rows[threadIdx.x] = static_cast<int>(threadIdx.x) < P ? members[threadIdx.x] : -1;
+  if (threadIdx.x == 0) sh.ref = members[0];
   __syncthreads();
   float es_[C::kEntries], et_[C::kEntries];
   tile_gram<T>(s, t, f, sh, 0, f.width, es_, et_);
@@ -654,10 +685,10 @@ __device__ void pair_gram(const TS* __restrict__ s, const TT* __restrict__ t, co
   const int64_t n_chunks = (f.width + C::kWidth - 1) / C::kWidth;
   float n_si[C::kLoads], n_ti[C::kLoads], n_sj[C::kLoads], n_tj[C::kLoads];
   auto load = [&](int64_t d0) {
-    load_chunk<64>(s, f.s_m, f.s_d, sh.rows, f.width, d0, n_si);
-    load_chunk<64>(t, f.t_m, f.t_d, sh.rows, f.width, d0, n_ti);
-    load_chunk<64>(s, f.s_m, f.s_d, sh.rows_j, f.width, d0, n_sj);
-    load_chunk<64>(t, f.t_m, f.t_d, sh.rows_j, f.width, d0, n_tj);
+    load_chunk_less<64>(s, f.s_m, f.s_d, sh.rows, sh.ref, f.width, d0, n_si);
+    load_chunk_less<64>(t, f.t_m, f.t_d, sh.rows, sh.ref, f.width, d0, n_ti);
+    load_chunk_less<64>(s, f.s_m, f.s_d, sh.rows_j, sh.ref, f.width, d0, n_sj);
+    load_chunk_less<64>(t, f.t_m, f.t_d, sh.rows_j, sh.ref, f.width, d0, n_tj);
   };
   load(0);
   for (int64_t k = 0; k < n_chunks; ++k) {
@@ -707,6 +738,7 @@ __device__ void strip_sweep(const TS* __restrict__ s, const TT* __restrict__ t, 
       sh.rows[threadIdx.x] = a < P ? members[a] : -1;
       sh.rows_j[threadIdx.x] = b < P ? members[b] : -1;
     }
+    if (threadIdx.x == 0) sh.ref = members[0];
     __syncthreads();
     float gs[4][4], gt[4][4];
     pair_gram(s, t, f, sh, gs, gt);
@@ -940,6 +972,7 @@ __device__ void slice_gram(const TS* __restrict__ s, const TT* __restrict__ t, c
                            int64_t hi) {
   using C = OneTile<T>;
   if (threadIdx.x < T) sh.rows[threadIdx.x] = static_cast<int>(threadIdx.x) < P ? members[threadIdx.x] : -1;
+  if (threadIdx.x == 0) sh.ref = members[0];
   __syncthreads();
   float es_[C::kEntries], et_[C::kEntries];
   tile_gram<T>(s, t, f, sh, lo, hi, es_, et_);

@@ -86,6 +86,17 @@ def embeddings(B, C, D, seed=0, dtype=torch.float32, device="cpu", density=None)
     return es.to(device=device, dtype=dtype), et.to(device=device, dtype=dtype), y.to(device)
 
 
+def with_common_part(es, et, k, seed=0):
+    """``es`` and ``et`` plus one vector each, shared by every row, ``k`` times their rows' spread per
+    width: rows whose pairwise cosines are about ``k^2 / (k^2 + 1)``, as features after a ReLU share a
+    large mean. The loss is unchanged in exact arithmetic (a shift); its Gram form in float32 is not."""
+    g = torch.Generator().manual_seed(seed)
+    D = es.shape[-1]
+    shift_s = k * torch.randn(D, generator=g, dtype=torch.float64)
+    shift_t = 2 * k * torch.randn(D, generator=g, dtype=torch.float64)
+    return ((es.double() + shift_s.to(es.device)).to(es.dtype), (et.double() + shift_t.to(et.device)).to(et.dtype))
+
+
 class OpLog(TorchDispatchMode):
     """Every ATen op run inside it, forward and backward (below autograd): its name and the
     ``(numel, dtype, data_ptr)`` of each input and output tensor, in ``ops``."""

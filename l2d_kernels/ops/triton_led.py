@@ -11,6 +11,9 @@ For a group of ``P`` member rows ``s_a`` (teacher ``t_a``), ``mu`` the mean of `
     w(a, b)  = (1 / P) [h'(x) / mu_s - K / (mu_s^2 N)] / d(a, b)     (0 where |s_a - s_b|^2 <= 1e-12)
     grad s_a = 2 lambda [(sum_b w(a, b)) s_a - sum_b w(a, b) s_b]
 
+Float32 Grams are taken of a group's rows less its first member's row (distances are shift-invariant;
+rows that share a large common part would otherwise lose digits to the Gram form's cancellation:
+``reference.shifted``), so below, ``s_a`` in a Gram or norm stands for that difference.
 The squared norms ``|s_a|^2`` are read off the diagonal of the same Gram products as the ``s_a.s_b``,
 so two identical rows get a squared distance of exactly 0 (separately summed norms would leave a
 rounding residue of about ``1e-7 |s|^2``, a spurious distance of ``3e-4 |s|`` in float32).
@@ -227,6 +230,27 @@ def _load_rows(base, rows, ok, d0, D, s_m, s_d, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _load_shifted(base, rows, ok, ref, d0, D, s_m, s_d, BLOCK_D: tl.constexpr):
+    """``_load_rows`` less the row ``ref`` where the rows are float32 (zero where not ``ok``): what the
+    Grams are taken of (see ``_gram``)."""
+    x = _load_rows(base, rows, ok, d0, D, s_m, s_d, BLOCK_D)
+    if base.dtype.element_ty == tl.float32:
+        dd = d0 + tl.arange(0, BLOCK_D)
+        r = tl.load(base + ref * s_m + dd.to(tl.int64) * s_d, mask=dd < D, other=0.0)
+        x = tl.where(ok[:, None], x - r[None, :], 0.0)
+    return x
+
+
+@triton.jit
+def _first_row(members, hit, rank, k, P, OWN: tl.constexpr):
+    """The row of a group's first member (``_block_rows``'s sources), which its Grams are taken less."""
+    if OWN:
+        return tl.sum(tl.where(hit & (rank == 0), k, 0), axis=0).to(tl.int64)
+    else:
+        return tl.load(members, mask=P > 0, other=0).to(tl.int64)
+
+
+@triton.jit
 def _dot_nt(a, b, acc):
     """acc + a @ b^T with float32 accumulation (IEEE float32 products for float32 inputs, never TF32)."""
     if _GRAM_IN_FP32:
@@ -235,29 +259,32 @@ def _dot_nt(a, b, acc):
 
 
 @triton.jit
-def _gram(S, T, s_m, s_d, t_m, t_d, rows_i, ok_i, rows_j, ok_j, lo, D,
+def _gram(S, T, s_m, s_d, t_m, t_d, rows_i, ok_i, rows_j, ok_j, ref, lo, D,
           BI: tl.constexpr, BJ: tl.constexpr, BLOCK_D: tl.constexpr, SAME: tl.constexpr, AHEAD: tl.constexpr):
     """Student and teacher Gram tiles, rows i x rows j (``SAME``: the j rows are the i rows), over the
-    widths ``lo <= d < D``. With ``AHEAD`` each width chunk's rows are loaded one chunk ahead, so that
-    their memory latency passes during the previous chunk's products (the same products in the same
-    order); the load past the last chunk is masked off entirely."""
+    widths ``lo <= d < D``, of float32 rows less the group's row ``ref`` (``_first_row``; distances
+    are shift-invariant, and rows that share a large common part would otherwise lose its square's
+    rounding to the Gram form's cancellation: see ``reference.shifted``). With ``AHEAD`` each width
+    chunk's rows are loaded one chunk ahead, so that their memory latency passes during the previous
+    chunk's products (the same products in the same order); the load past the last chunk is masked
+    off entirely."""
     gs = tl.zeros((BI, BJ), dtype=tl.float32)
     gt = tl.zeros((BI, BJ), dtype=tl.float32)
     if AHEAD:
-        a = _load_rows(S, rows_i, ok_i, lo, D, s_m, s_d, BLOCK_D)
-        ta = _load_rows(T, rows_i, ok_i, lo, D, t_m, t_d, BLOCK_D)
+        a = _load_shifted(S, rows_i, ok_i, ref, lo, D, s_m, s_d, BLOCK_D)
+        ta = _load_shifted(T, rows_i, ok_i, ref, lo, D, t_m, t_d, BLOCK_D)
         if not SAME:
-            b = _load_rows(S, rows_j, ok_j, lo, D, s_m, s_d, BLOCK_D)
-            tb = _load_rows(T, rows_j, ok_j, lo, D, t_m, t_d, BLOCK_D)
+            b = _load_shifted(S, rows_j, ok_j, ref, lo, D, s_m, s_d, BLOCK_D)
+            tb = _load_shifted(T, rows_j, ok_j, ref, lo, D, t_m, t_d, BLOCK_D)
         for d0 in range(lo, D, BLOCK_D):
-            a_next = _load_rows(S, rows_i, ok_i, d0 + BLOCK_D, D, s_m, s_d, BLOCK_D)
-            ta_next = _load_rows(T, rows_i, ok_i, d0 + BLOCK_D, D, t_m, t_d, BLOCK_D)
+            a_next = _load_shifted(S, rows_i, ok_i, ref, d0 + BLOCK_D, D, s_m, s_d, BLOCK_D)
+            ta_next = _load_shifted(T, rows_i, ok_i, ref, d0 + BLOCK_D, D, t_m, t_d, BLOCK_D)
             if SAME:
                 gs = _dot_nt(a, a, gs)
                 gt = _dot_nt(ta, ta, gt)
             else:
-                b_next = _load_rows(S, rows_j, ok_j, d0 + BLOCK_D, D, s_m, s_d, BLOCK_D)
-                tb_next = _load_rows(T, rows_j, ok_j, d0 + BLOCK_D, D, t_m, t_d, BLOCK_D)
+                b_next = _load_shifted(S, rows_j, ok_j, ref, d0 + BLOCK_D, D, s_m, s_d, BLOCK_D)
+                tb_next = _load_shifted(T, rows_j, ok_j, ref, d0 + BLOCK_D, D, t_m, t_d, BLOCK_D)
                 gs = _dot_nt(a, b, gs)
                 gt = _dot_nt(ta, tb, gt)
                 b = b_next
@@ -266,14 +293,14 @@ def _gram(S, T, s_m, s_d, t_m, t_d, rows_i, ok_i, rows_j, ok_j, lo, D,
             ta = ta_next
     else:
         for d0 in range(lo, D, BLOCK_D):
-            a = _load_rows(S, rows_i, ok_i, d0, D, s_m, s_d, BLOCK_D)
-            ta = _load_rows(T, rows_i, ok_i, d0, D, t_m, t_d, BLOCK_D)
+            a = _load_shifted(S, rows_i, ok_i, ref, d0, D, s_m, s_d, BLOCK_D)
+            ta = _load_shifted(T, rows_i, ok_i, ref, d0, D, t_m, t_d, BLOCK_D)
             if SAME:
                 gs = _dot_nt(a, a, gs)
                 gt = _dot_nt(ta, ta, gt)
             else:
-                gs = _dot_nt(a, _load_rows(S, rows_j, ok_j, d0, D, s_m, s_d, BLOCK_D), gs)
-                gt = _dot_nt(ta, _load_rows(T, rows_j, ok_j, d0, D, t_m, t_d, BLOCK_D), gt)
+                gs = _dot_nt(a, _load_shifted(S, rows_j, ok_j, ref, d0, D, s_m, s_d, BLOCK_D), gs)
+                gt = _dot_nt(ta, _load_shifted(T, rows_j, ok_j, ref, d0, D, t_m, t_d, BLOCK_D), gt)
     return gs, gt
 
 
@@ -393,7 +420,8 @@ def _small_group(S, T, s_m, s_d, t_m, t_d, G, g_m, members, hit, rank, k, P, los
     width chunks loaded one ahead, for block sizes whose registers have room for two chunks; ``OWN``:
     members from the program's own flags, see ``_main_kernel``)."""
     r, rows, ok = _block_rows(members, hit, rank, k, P, 0, BLOCK, OWN)
-    gs, gt = _gram(S, T, s_m, s_d, t_m, t_d, rows, ok, rows, ok, 0, D, BLOCK, BLOCK, BLOCK_D, True, AHEAD)
+    ref = _first_row(members, hit, rank, k, P, OWN)
+    gs, gt = _gram(S, T, s_m, s_d, t_m, t_d, rows, ok, rows, ok, ref, 0, D, BLOCK, BLOCK, BLOCK_D, True, AHEAD)
     w, rowsum = _group_weights(gs, gt, r, ok, P, loss_ptr, True, BLOCK)
     _write_grad(S, s_m, s_d, G, g_m, rows, ok, rows, ok, w, rowsum, 0, D, scale, ADD, BLOCK_D, True, AHEAD)
 
@@ -412,7 +440,9 @@ def _tile_distances(S, T, s_m, s_d, t_m, t_d, members, norms, P, i, j, D, TILE: 
     """Distances of row tile i against column tile j of a large group, with their pair mask."""
     rank_i, ok_i, rows_i = _tile_rows(members, i, P, TILE)
     rank_j, ok_j, rows_j = _tile_rows(members, j, P, TILE)
-    gs, gt = _gram(S, T, s_m, s_d, t_m, t_d, rows_i, ok_i, rows_j, ok_j, 0, D, TILE, TILE, BLOCK_D, False, AHEAD)
+    ref = tl.load(members).to(tl.int64)  # _first_row of a listed group
+    gs, gt = _gram(S, T, s_m, s_d, t_m, t_d, rows_i, ok_i, rows_j, ok_j, ref, 0, D, TILE, TILE, BLOCK_D, False,
+                   AHEAD)
     ns_i = tl.load(norms + 2 * rank_i, mask=ok_i, other=0.0)
     nt_i = tl.load(norms + 2 * rank_i + 1, mask=ok_i, other=0.0)
     ns_j = tl.load(norms + 2 * rank_j, mask=ok_j, other=0.0)
@@ -529,7 +559,8 @@ def _large_group_norms(S_g, T_g, s_m, s_d, t_m, t_d, members, norms_g, P, i, D,
     """A large group's squared norms, row tile i (the tiled passes read them)."""
     if (P > SMALL_MAX) & (i * TILE < P):
         rank, ok, rows = _tile_rows(members, i, P, TILE)
-        gs, gt = _gram(S_g, T_g, s_m, s_d, t_m, t_d, rows, ok, rows, ok, 0, D, TILE, TILE, BLOCK_D, True, AHEAD)
+        ref = tl.load(members).to(tl.int64)  # _first_row of a listed group
+        gs, gt = _gram(S_g, T_g, s_m, s_d, t_m, t_d, rows, ok, rows, ok, ref, 0, D, TILE, TILE, BLOCK_D, True, AHEAD)
         ns, _ = _diagonal(gs, TILE)
         nt, _ = _diagonal(gt, TILE)
         tl.store(norms_g + 2 * rank, ns, mask=ok)
@@ -716,12 +747,13 @@ def _gram_blocks(S_g, T_g, s_m, s_d, t_m, t_d, members, hit, rank, k, P, part_g,
     tile = _tile_of(P)
     square = tile * tile
     base = part_g + s * 2 * square
+    ref = _first_row(members, hit, rank, k, P, OWN)
     for bi in range(0, tile // BLOCK):
         ri, rows_i, ok_i = _block_rows(members, hit, rank, k, P, bi, BLOCK, OWN)
         for bj in range(bi, tile // BLOCK):
             rj, rows_j, ok_j = _block_rows(members, hit, rank, k, P, bj, BLOCK, OWN)
             if bj < nb:
-                gs, gt = _gram(S_g, T_g, s_m, s_d, t_m, t_d, rows_i, ok_i, rows_j, ok_j, lo, hi, BLOCK, BLOCK,
+                gs, gt = _gram(S_g, T_g, s_m, s_d, t_m, t_d, rows_i, ok_i, rows_j, ok_j, ref, lo, hi, BLOCK, BLOCK,
                                BLOCK_D, False, AHEAD)
             else:
                 gs = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
@@ -790,7 +822,9 @@ def _slice_grad(S_g, T_g, s_m, s_d, t_m, t_d, G_g, g_m, members, hit, rank, k, P
         first = lo
         last = hi
     else:
-        gs, gt = _gram(S_g, T_g, s_m, s_d, t_m, t_d, rows, ok, rows, ok, 0, D, BLOCK, BLOCK, BLOCK_D, True, AHEAD)
+        ref = _first_row(members, hit, rank, k, P, OWN)
+        gs, gt = _gram(S_g, T_g, s_m, s_d, t_m, t_d, rows, ok, rows, ok, ref, 0, D, BLOCK, BLOCK, BLOCK_D, True,
+                       AHEAD)
         first = lo * 0  # tensors of the same type in both branches
         last = first + D
     w, rowsum = _group_weights(gs, gt, r, ok, P, loss_ptr, s == 0, BLOCK)
