@@ -244,6 +244,8 @@ def gpu_check_cases() -> list:
     cases += [_led_case(64, 80, 768, f32, with_grad=False), _led_case(64, 80, 768, f32, settings=(("GRAM_WARPS", 8),)),
               _led_case(64, 80, 768, f32, settings=(("GRAM_WARPS", 1),)),
               _led_case(64, 80, 768, f32, settings=(("SLICE_WIDTH", 128),)),
+              _led_case(64, 80, 768, f32, settings=(("GRAM_MAX_REGISTERS", 0),)),
+              _led_case(64, 80, 768, f32, settings=(("GRAM_MAX_REGISTERS", 96),)),
               _led_case(64, 80, 768, f32, settings=(("EARLY_LAUNCH", 0),))]
     # tests/test_gpu.py's comparison of early launches with launches in order, at its other shapes,
     # and preflight.py's at each of its LED cases.

@@ -103,6 +103,11 @@ SCRATCH_GRAD_FRACTION = 16
 GRAM_ROWS = 16
 GRAM_D = 16
 GRAM_WARPS = 4
+# The register cap of ``_gram_kernel`` (0: none). Taking each chunk less the group's first row (float32)
+# took Triton 3.6's sm_90 build at COCO from 92 registers (five 4-warp programs per SM) to 168 (two)
+# for a few subtractions a chunk (Triton 3.8: 102 -> 108); capped at 128 (four) it keeps 16 bytes of
+# stack. The GPU check's profile has the rows to choose by: none and 96 (five, 72 bytes of stack).
+GRAM_MAX_REGISTERS = 128
 # ``_split_kernel`` runs as two launches per family where groups can have more than 16 members: one
 # of SMALL_WARPS warps for the groups of at most 16 (the zero rows and the groups of fewer than two
 # too), compiled for the 16-row tile only, and one of NUM_WARPS warps for the rest, which compiles
@@ -151,7 +156,7 @@ _GRAM_IN_FP32 = tl.constexpr(triton_interpreted())
 # The settings above that a call reads: part of the key under which its launches are kept (LaunchCache).
 _SETTINGS = ("SMALL_MAX", "TILE", "TILE_BLOCK_D", "NUM_WARPS", "MEMBERS_BLOCK", "SLICE_WIDTH", "MAX_SLICES",
              "SCRATCH_MIN_BYTES", "SCRATCH_MAX_BYTES", "SCRATCH_GRAD_FRACTION", "GRAM_ROWS", "GRAM_D", "GRAM_WARPS",
-             "SMALL_WARPS", "BIG_PROGRAMS_PER_SM", "SMALLEST_TILE", "SCALE_ROWS", "SCALE_BLOCK", "PLAN_BLOCK",
+             "GRAM_MAX_REGISTERS", "SMALL_WARPS", "BIG_PROGRAMS_PER_SM", "SMALLEST_TILE", "SCALE_ROWS", "SCALE_BLOCK", "PLAN_BLOCK",
              "PLAN_MEMBERS", "PLAN_FLAGS", "LOAD_AHEAD", "SUM_BLOCK", "EARLY_LAUNCH")
 _FORWARD_LAUNCHES = LaunchCache()
 _SCALE_LAUNCHES = LaunchCache()
@@ -230,15 +235,24 @@ def _load_rows(base, rows, ok, d0, D, s_m, s_d, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _load_shifted(base, rows, ok, ref, d0, D, s_m, s_d, BLOCK_D: tl.constexpr):
-    """``_load_rows`` less the row ``ref`` where the rows are float32 (zero where not ``ok``): what the
-    Grams are taken of (see ``_gram``)."""
-    x = _load_rows(base, rows, ok, d0, D, s_m, s_d, BLOCK_D)
+def _ref_chunk(base, ref, d0, D, s_m, s_d, BLOCK_D: tl.constexpr):
+    """Row ``ref``'s widths d0 .. d0 + BLOCK_D - 1 (0 past D) where the rows are float32, else a
+    placeholder: what ``_less`` takes off (see ``_gram``)."""
+    dd = d0 + tl.arange(0, BLOCK_D)
     if base.dtype.element_ty == tl.float32:
-        dd = d0 + tl.arange(0, BLOCK_D)
-        r = tl.load(base + ref * s_m + dd.to(tl.int64) * s_d, mask=dd < D, other=0.0)
-        x = tl.where(ok[:, None], x - r[None, :], 0.0)
-    return x
+        return tl.load(base + ref * s_m + dd.to(tl.int64) * s_d, mask=dd < D, other=0.0)
+    else:
+        return dd
+
+
+@triton.jit
+def _less(x, r, ok):
+    """A chunk of rows less the chunk ``r`` of the reference row, zero where not ``ok``, for float32
+    rows; other rows as they are."""
+    if x.dtype == tl.float32:
+        return tl.where(ok[:, None], x - r[None, :], 0.0)
+    else:
+        return x
 
 
 @triton.jit
@@ -271,36 +285,47 @@ def _gram(S, T, s_m, s_d, t_m, t_d, rows_i, ok_i, rows_j, ok_j, ref, lo, D,
     gs = tl.zeros((BI, BJ), dtype=tl.float32)
     gt = tl.zeros((BI, BJ), dtype=tl.float32)
     if AHEAD:
-        a = _load_shifted(S, rows_i, ok_i, ref, lo, D, s_m, s_d, BLOCK_D)
-        ta = _load_shifted(T, rows_i, ok_i, ref, lo, D, t_m, t_d, BLOCK_D)
+        # Loaded a chunk ahead as they are (the reference row's chunk too), taken less it when used.
+        a = _load_rows(S, rows_i, ok_i, lo, D, s_m, s_d, BLOCK_D)
+        ta = _load_rows(T, rows_i, ok_i, lo, D, t_m, t_d, BLOCK_D)
+        rs = _ref_chunk(S, ref, lo, D, s_m, s_d, BLOCK_D)
+        rt = _ref_chunk(T, ref, lo, D, t_m, t_d, BLOCK_D)
         if not SAME:
-            b = _load_shifted(S, rows_j, ok_j, ref, lo, D, s_m, s_d, BLOCK_D)
-            tb = _load_shifted(T, rows_j, ok_j, ref, lo, D, t_m, t_d, BLOCK_D)
+            b = _load_rows(S, rows_j, ok_j, lo, D, s_m, s_d, BLOCK_D)
+            tb = _load_rows(T, rows_j, ok_j, lo, D, t_m, t_d, BLOCK_D)
         for d0 in range(lo, D, BLOCK_D):
-            a_next = _load_shifted(S, rows_i, ok_i, ref, d0 + BLOCK_D, D, s_m, s_d, BLOCK_D)
-            ta_next = _load_shifted(T, rows_i, ok_i, ref, d0 + BLOCK_D, D, t_m, t_d, BLOCK_D)
+            a_next = _load_rows(S, rows_i, ok_i, d0 + BLOCK_D, D, s_m, s_d, BLOCK_D)
+            ta_next = _load_rows(T, rows_i, ok_i, d0 + BLOCK_D, D, t_m, t_d, BLOCK_D)
+            rs_next = _ref_chunk(S, ref, d0 + BLOCK_D, D, s_m, s_d, BLOCK_D)
+            rt_next = _ref_chunk(T, ref, d0 + BLOCK_D, D, t_m, t_d, BLOCK_D)
+            a_less = _less(a, rs, ok_i)
+            ta_less = _less(ta, rt, ok_i)
             if SAME:
-                gs = _dot_nt(a, a, gs)
-                gt = _dot_nt(ta, ta, gt)
+                gs = _dot_nt(a_less, a_less, gs)
+                gt = _dot_nt(ta_less, ta_less, gt)
             else:
-                b_next = _load_shifted(S, rows_j, ok_j, ref, d0 + BLOCK_D, D, s_m, s_d, BLOCK_D)
-                tb_next = _load_shifted(T, rows_j, ok_j, ref, d0 + BLOCK_D, D, t_m, t_d, BLOCK_D)
-                gs = _dot_nt(a, b, gs)
-                gt = _dot_nt(ta, tb, gt)
+                b_next = _load_rows(S, rows_j, ok_j, d0 + BLOCK_D, D, s_m, s_d, BLOCK_D)
+                tb_next = _load_rows(T, rows_j, ok_j, d0 + BLOCK_D, D, t_m, t_d, BLOCK_D)
+                gs = _dot_nt(a_less, _less(b, rs, ok_j), gs)
+                gt = _dot_nt(ta_less, _less(tb, rt, ok_j), gt)
                 b = b_next
                 tb = tb_next
             a = a_next
             ta = ta_next
+            rs = rs_next
+            rt = rt_next
     else:
         for d0 in range(lo, D, BLOCK_D):
-            a = _load_shifted(S, rows_i, ok_i, ref, d0, D, s_m, s_d, BLOCK_D)
-            ta = _load_shifted(T, rows_i, ok_i, ref, d0, D, t_m, t_d, BLOCK_D)
+            rs = _ref_chunk(S, ref, d0, D, s_m, s_d, BLOCK_D)
+            rt = _ref_chunk(T, ref, d0, D, t_m, t_d, BLOCK_D)
+            a = _less(_load_rows(S, rows_i, ok_i, d0, D, s_m, s_d, BLOCK_D), rs, ok_i)
+            ta = _less(_load_rows(T, rows_i, ok_i, d0, D, t_m, t_d, BLOCK_D), rt, ok_i)
             if SAME:
                 gs = _dot_nt(a, a, gs)
                 gt = _dot_nt(ta, ta, gt)
             else:
-                gs = _dot_nt(a, _load_shifted(S, rows_j, ok_j, ref, d0, D, s_m, s_d, BLOCK_D), gs)
-                gt = _dot_nt(ta, _load_shifted(T, rows_j, ok_j, ref, d0, D, t_m, t_d, BLOCK_D), gt)
+                gs = _dot_nt(a, _less(_load_rows(S, rows_j, ok_j, d0, D, s_m, s_d, BLOCK_D), rs, ok_j), gs)
+                gt = _dot_nt(ta, _less(_load_rows(T, rows_j, ok_j, d0, D, t_m, t_d, BLOCK_D), rt, ok_j), gt)
     return gs, gt
 
 
@@ -1234,7 +1259,8 @@ def led_forward(es: torch.Tensor, et: torch.Tensor, targets: torch.Tensor, lambd
             _gram_kernel, (C + B, n_s), es, et, *es.stride(), *et.stride(), targets, *targets.stride(), B, C,
             es.shape[2], offs, part, cd_idx_, cd_cnt_, id_idx_, id_cnt_, CD_LISTS=cd_lists, ID_LISTS=id_lists,
             CD_N_PAD=_n_pad(B), ID_N_PAD=_n_pad(C), AHEAD=LOAD_AHEAD, SLICE=slice_width, GRAM_ROWS=GRAM_ROWS,
-            GRAM_D=_gram_d(slice_width), num_warps=GRAM_WARPS)
+            GRAM_D=_gram_d(slice_width), num_warps=GRAM_WARPS,
+            **({"maxnreg": GRAM_MAX_REGISTERS} if GRAM_MAX_REGISTERS else {}))
         # ID's last split launch ends the call unless ID's large groups' passes follow it: then its last
         # program also adds the group losses (_finish), and _finalize_kernel does not run.
         finish = (group_loss, C, B, out, total, float(lambda_cd), float(lambda_id), done)
