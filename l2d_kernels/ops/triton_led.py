@@ -107,6 +107,8 @@ GRAM_WARPS = 4
 # took Triton 3.6's sm_90 build at COCO from 92 registers (five 4-warp programs per SM) to 168 (two)
 # for a few subtractions a chunk (Triton 3.8: 102 -> 108); capped at 128 (four) it keeps 16 bytes of
 # stack. The GPU check's profile has the rows to choose by: none and 96 (five, 72 bytes of stack).
+# Float32 only: half precision is taken as it is, and capped, ptxas gave its bfloat16 build 107-115
+# registers where it takes 79-96 without (one program per SM fewer).
 GRAM_MAX_REGISTERS = 128
 # ``_split_kernel`` runs as two launches per family where groups can have more than 16 members: one
 # of SMALL_WARPS warps for the groups of at most 16 (the zero rows and the groups of fewer than two
@@ -156,8 +158,8 @@ _GRAM_IN_FP32 = tl.constexpr(triton_interpreted())
 # The settings above that a call reads: part of the key under which its launches are kept (LaunchCache).
 _SETTINGS = ("SMALL_MAX", "TILE", "TILE_BLOCK_D", "NUM_WARPS", "MEMBERS_BLOCK", "SLICE_WIDTH", "MAX_SLICES",
              "SCRATCH_MIN_BYTES", "SCRATCH_MAX_BYTES", "SCRATCH_GRAD_FRACTION", "GRAM_ROWS", "GRAM_D", "GRAM_WARPS",
-             "GRAM_MAX_REGISTERS", "SMALL_WARPS", "BIG_PROGRAMS_PER_SM", "SMALLEST_TILE", "SCALE_ROWS", "SCALE_BLOCK", "PLAN_BLOCK",
-             "PLAN_MEMBERS", "PLAN_FLAGS", "LOAD_AHEAD", "SUM_BLOCK", "EARLY_LAUNCH")
+             "GRAM_MAX_REGISTERS", "SMALL_WARPS", "BIG_PROGRAMS_PER_SM", "SMALLEST_TILE", "SCALE_ROWS", "SCALE_BLOCK",
+             "PLAN_BLOCK", "PLAN_MEMBERS", "PLAN_FLAGS", "LOAD_AHEAD", "SUM_BLOCK", "EARLY_LAUNCH")
 _FORWARD_LAUNCHES = LaunchCache()
 _SCALE_LAUNCHES = LaunchCache()
 
@@ -1260,7 +1262,7 @@ def led_forward(es: torch.Tensor, et: torch.Tensor, targets: torch.Tensor, lambd
             es.shape[2], offs, part, cd_idx_, cd_cnt_, id_idx_, id_cnt_, CD_LISTS=cd_lists, ID_LISTS=id_lists,
             CD_N_PAD=_n_pad(B), ID_N_PAD=_n_pad(C), AHEAD=LOAD_AHEAD, SLICE=slice_width, GRAM_ROWS=GRAM_ROWS,
             GRAM_D=_gram_d(slice_width), num_warps=GRAM_WARPS,
-            **({"maxnreg": GRAM_MAX_REGISTERS} if GRAM_MAX_REGISTERS else {}))
+            **({"maxnreg": GRAM_MAX_REGISTERS} if GRAM_MAX_REGISTERS and torch.float32 in (es.dtype, et.dtype) else {}))
         # ID's last split launch ends the call unless ID's large groups' passes follow it: then its last
         # program also adds the group losses (_finish), and _finalize_kernel does not run.
         finish = (group_loss, C, B, out, total, float(lambda_cd), float(lambda_id), done)
