@@ -9,8 +9,8 @@
 // family, below; CD writes its groups' rows, ID adds into them), and the last block of the last
 // launch adds the group losses. Every sum runs in a fixed order and no float atomics are used:
 // results are bitwise reproducible. Squared norms are the Gram's own diagonal (or the same fmaf
-// chain), so identical rows are exactly 0 apart. Float32 Grams and norms are of the rows less the
-// group's first member (load_chunk_less), the gradient of the rows as they are.
+// chain), so identical rows are exactly 0 apart. Grams and norms are of the rows less the group's
+// first member (load_chunk_less, in float32 for every dtype), the gradient of the rows as they are.
 //
 // A call without gradient (with_grad false: a null gradient pointer, FamilyArgs::write_grad false)
 // makes the same launches and writes no gradient: no zero rows, no gradient pass of a tile, no third
@@ -411,30 +411,28 @@ __device__ __forceinline__ void load_chunk(const TX* __restrict__ x, int64_t x_m
 }
 
 // What the Grams are taken of: load_chunk's values less the same widths of row ref (the group's first
-// member, sh.ref), where x is float32. Distances are shift-invariant, but their Gram form is not in
-// floating point: rows that share a part k times their spread lose k^2 times a Gram entry's rounding
-// to the cancellation in |s_a|^2 + |s_b|^2 - 2 s_a.s_b (a cosine of 0.999 between rows put the LED
-// gradient 4e-4 off float64); less a member of their group they keep only what sets them apart (see
-// reference.shifted). Half precision is taken as it is: its products are exact in float32, and a
-// difference rounded back would lose more. Row ref's widths are the same for every member row of a
-// chunk: after the first warp's load, L1 hits.
+// member, sh.ref), in float32 for every input dtype. Distances are shift-invariant, but their Gram form
+// is not in floating point: rows that share a part k times their spread lose k^2 times a Gram entry's
+// rounding to the cancellation in |s_a|^2 + |s_b|^2 - 2 s_a.s_b (a cosine of 0.999 between float32
+// rows put the LED gradient 4e-4 off float64; float16 rows 100 times their spread apart, 3.6e-3 where
+// the dtype's own rounding of the gradient is 2e-4); less a member of their group they keep only what
+// sets them apart (see reference.shifted). The difference of two values of one dtype is exact in
+// float32 where they are close (half-precision values, converted, have 13 or 16 bits to spare), and
+// it stays in float32 here: nothing is rounded back. Row ref's widths are the same for every member
+// row of a chunk: after the first warp's load, L1 hits.
 template <int T, typename TX>
 __device__ __forceinline__ void load_chunk_less(const TX* __restrict__ x, int64_t x_m, int64_t x_d, const int* rows,
                                                 int ref, int64_t width, int64_t d0,
                                                 float (&v)[OneTile<T>::kLoads]) {
   using C = OneTile<T>;
-  if constexpr (std::is_same_v<TX, float>) {
-    // A thread's values are all at one width of the chunk (load_chunk): one value of row ref a chunk.
-    const int64_t d = d0 + threadIdx.x % C::kWidth;
-    const bool inside = d < width;
-    const float r = inside ? x[ref * x_m + d * x_d] : 0.f;
-    #pragma unroll
-    for (int i = 0; i < C::kLoads; ++i) {
-      const int row = rows[(threadIdx.x + kThreads * i) / C::kWidth];
-      v[i] = (row >= 0 && inside) ? x[row * x_m + d * x_d] - r : 0.f;
-    }
-  } else {
-    load_chunk<T>(x, x_m, x_d, rows, width, d0, v);
+  // A thread's values are all at one width of the chunk (load_chunk): one value of row ref a chunk.
+  const int64_t d = d0 + threadIdx.x % C::kWidth;
+  const bool inside = d < width;
+  const float r = inside ? to_float(x[ref * x_m + d * x_d]) : 0.f;
+  #pragma unroll
+  for (int i = 0; i < C::kLoads; ++i) {
+    const int row = rows[(threadIdx.x + kThreads * i) / C::kWidth];
+    v[i] = (row >= 0 && inside) ? to_float(x[row * x_m + d * x_d]) - r : 0.f;
   }
 }
 

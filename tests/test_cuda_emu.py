@@ -182,21 +182,36 @@ def test_led_every_group_size_class(ops, transpose, width):
     _check_fp32(losses, grad, es, et, y)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("members", [70, 150])
 @pytest.mark.parametrize("transpose", [False, True], ids=["cd-groups", "id-groups"])
-def test_led_rows_that_share_a_large_common_part(ops, transpose, members):
+def test_led_rows_that_share_a_large_common_part(ops, transpose, members, dtype):
     """Every size class (up to 70 members: one tile of 16, 32 or 64 rows, and a pair of tiles) and
     striped groups of 150, whose rows share a part 100 times their spread: the Grams and norms are
-    taken less the group's first member, within 1e-4 of float64 (without, 2e-3 to 6e-3 off)."""
+    taken less the group's first member, in float32 for every dtype. Float32 within 1e-4 of float64
+    (without the shift, 2e-3 to 6e-3 off); half-precision inputs, exact in float32, within 1e-4 of
+    float64 plus the gradient dtype's own rounding (a float16 student's float32 gradient was 3.6e-3 off
+    without the shift in float32)."""
     if members == 70:
         y = _ragged_targets(70, transpose)
     else:
         y = torch.arange(150)[:, None] < torch.tensor([150, 65, 3])[None, :]
         y = y.T.contiguous() if transpose else y
     es, et, _ = embeddings(*y.shape, 40, seed=14)
-    es, et = with_common_part(es.float(), et.float(), 100.0, seed=15)
+    es, et = (t.to(dtype) for t in with_common_part(es.float(), et.float(), 100.0, seed=15))
     losses, grad = _led(ops, es, et, y)
-    _check_fp32(losses, grad, es, et, y)
+    if dtype == torch.float32:
+        _check_fp32(losses, grad, es, et, y)
+        return
+    n = lambda t: t.detach().double().numpy()  # noqa: E731
+    w_total, w_cd, w_id, w_grad = oracle.led(n(es), n(et), n(y))
+    assert grad.dtype == grad_dtype(dtype)
+    assert rel_err(losses[0], w_total) < 1e-4
+    assert abs(losses[1].item() - w_cd) <= 1e-4 * abs(w_cd) and abs(losses[2].item() - w_id) <= 1e-4 * abs(w_id)
+    # A bfloat16 gradient is rounded where CD writes it and again where ID adds its part (1.2-1.4 times
+    # one rounding at any k); a float16 student's gradient stays float32 here (grad_dtype).
+    rounding = rel_err(torch.from_numpy(w_grad).to(grad.dtype), w_grad)
+    assert rel_err(grad, w_grad) < 2 * rounding + 1e-4
 
 
 @pytest.mark.parametrize("transpose", [False, True], ids=["cd-groups", "id-groups"])
