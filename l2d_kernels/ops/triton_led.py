@@ -11,9 +11,10 @@ For a group of ``P`` member rows ``s_a`` (teacher ``t_a``), ``mu`` the mean of `
     w(a, b)  = (1 / P) [h'(x) / mu_s - K / (mu_s^2 N)] / d(a, b)     (0 where |s_a - s_b|^2 <= 1e-12)
     grad s_a = 2 lambda [(sum_b w(a, b)) s_a - sum_b w(a, b) s_b]
 
-Float32 Grams are taken of a group's rows less its first member's row (distances are shift-invariant;
-rows that share a large common part would otherwise lose digits to the Gram form's cancellation:
-``reference.shifted``), so below, ``s_a`` in a Gram or norm stands for that difference.
+Grams are taken of a group's rows less its first member's row, the difference in float32 (distances
+are shift-invariant; rows that share a large common part would otherwise lose digits to the Gram
+form's cancellation: ``reference.shifted``), so below, ``s_a`` in a Gram or norm stands for that
+difference; half-precision rows' differences go to the tensor cores in two parts (``_dot_less``).
 The squared norms ``|s_a|^2`` are read off the diagonal of the same Gram products as the ``s_a.s_b``,
 so two identical rows get a squared distance of exactly 0 (separately summed norms would leave a
 rounding residue of about ``1e-7 |s|^2``, a spurious distance of ``3e-4 |s|`` in float32).
@@ -107,8 +108,9 @@ GRAM_WARPS = 4
 # took Triton 3.6's sm_90 build at COCO from 92 registers (five 4-warp programs per SM) to 168 (two)
 # for a few subtractions a chunk (Triton 3.8: 102 -> 108); capped at 128 (four) it keeps 16 bytes of
 # stack. The GPU check's profile has the rows to choose by: none and 96 (five, 72 bytes of stack).
-# Float32 only: half precision is taken as it is, and capped, ptxas gave its bfloat16 build 107-115
-# registers where it takes 79-96 without (one program per SM fewer).
+# Float32 only: capped, ptxas gave the bfloat16 build 107-115 registers where it took 79-96 without;
+# with its rows less the first row too (three tensor-core dots a chunk, ``_dot_less``) it takes 127
+# uncapped on Triton 3.6 (four programs per SM, no stack).
 GRAM_MAX_REGISTERS = 128
 # ``_split_kernel`` runs as two launches per family where groups can have more than 16 members: one
 # of SMALL_WARPS warps for the groups of at most 16 (the zero rows and the groups of fewer than two
@@ -238,23 +240,18 @@ def _load_rows(base, rows, ok, d0, D, s_m, s_d, BLOCK_D: tl.constexpr):
 
 @triton.jit
 def _ref_chunk(base, ref, d0, D, s_m, s_d, BLOCK_D: tl.constexpr):
-    """Row ``ref``'s widths d0 .. d0 + BLOCK_D - 1 (0 past D) where the rows are float32, else a
-    placeholder: what ``_less`` takes off (see ``_gram``)."""
+    """Row ``ref``'s widths d0 .. d0 + BLOCK_D - 1 (0 past D) in float32: what ``_less`` takes off (see
+    ``_gram``)."""
     dd = d0 + tl.arange(0, BLOCK_D)
-    if base.dtype.element_ty == tl.float32:
-        return tl.load(base + ref * s_m + dd.to(tl.int64) * s_d, mask=dd < D, other=0.0)
-    else:
-        return dd
+    return tl.load(base + ref * s_m + dd.to(tl.int64) * s_d, mask=dd < D, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _less(x, r, ok):
-    """A chunk of rows less the chunk ``r`` of the reference row, zero where not ``ok``, for float32
-    rows; other rows as they are."""
-    if x.dtype == tl.float32:
-        return tl.where(ok[:, None], x - r[None, :], 0.0)
-    else:
-        return x
+    """A chunk of rows less the chunk ``r`` of the reference row, in float32, zero where not ``ok``. The
+    difference of two values of one dtype is exact in float32 where they are close (half-precision
+    values have 13 or 16 bits to spare there)."""
+    return tl.where(ok[:, None], x.to(tl.float32) - r[None, :], 0.0)
 
 
 @triton.jit
@@ -275,15 +272,47 @@ def _dot_nt(a, b, acc):
 
 
 @triton.jit
+def _dot_less(a, ra, ok_a, b, rb, ok_b, acc):
+    """acc + (a - ra) @ (b - rb)^T for one width chunk of rows a and b (``_less``). Float32 rows: one
+    IEEE float32 dot of the differences. Half-precision rows: a difference does not fit the rows'
+    dtype, so each is split into a high part (the difference rounded to that dtype) and a low part (the
+    rest, rounded to it), and three dots on the tensor cores add hi hi, hi lo and lo hi (lo lo, 2^-16
+    of the product for bfloat16 and 2^-22 for float16, is left out). Entry (a, b) and entry (b, a) then
+    add their two cross products in opposite orders: ``_symmetric`` makes a tile of one row set exact."""
+    da = _less(a, ra, ok_a)
+    db = _less(b, rb, ok_b)
+    if a.dtype == tl.float32:
+        return _dot_nt(da, db, acc)
+    else:
+        ha = da.to(a.dtype)
+        hb = db.to(b.dtype)
+        acc = _dot_nt(ha, hb, acc)
+        acc = _dot_nt(ha, (db - hb.to(tl.float32)).to(b.dtype), acc)
+        return _dot_nt((da - ha.to(tl.float32)).to(a.dtype), hb, acc)
+
+
+@triton.jit
+def _symmetric(g, base):
+    """A Gram tile of one row set from ``_gram`` of half-precision rows made exactly symmetric: the mean
+    of it and its transpose (identical rows keep identical entries, so their distance stays exactly
+    0). Float32 rows' tiles are symmetric as computed, and returned as they are."""
+    if base.dtype.element_ty == tl.float32:
+        return g
+    else:
+        return (g + tl.trans(g)) * 0.5
+
+
+@triton.jit
 def _gram(S, T, s_m, s_d, t_m, t_d, rows_i, ok_i, rows_j, ok_j, ref, lo, D,
           BI: tl.constexpr, BJ: tl.constexpr, BLOCK_D: tl.constexpr, SAME: tl.constexpr, AHEAD: tl.constexpr):
     """Student and teacher Gram tiles, rows i x rows j (``SAME``: the j rows are the i rows), over the
-    widths ``lo <= d < D``, of float32 rows less the group's row ``ref`` (``_first_row``; distances
-    are shift-invariant, and rows that share a large common part would otherwise lose its square's
-    rounding to the Gram form's cancellation: see ``reference.shifted``). With ``AHEAD`` each width
-    chunk's rows are loaded one chunk ahead, so that their memory latency passes during the previous
-    chunk's products (the same products in the same order); the load past the last chunk is masked
-    off entirely."""
+    widths ``lo <= d < D``, of the rows less the group's row ``ref`` (``_first_row``; distances are
+    shift-invariant, and rows that share a large common part would otherwise lose its square's
+    rounding to the Gram form's cancellation: see ``reference.shifted``), by ``_dot_less``. With
+    ``AHEAD`` each width chunk's rows are loaded one chunk ahead, so that their memory latency passes
+    during the previous chunk's products (the same products in the same order); the load past the last
+    chunk is masked off entirely. A ``SAME`` tile is exactly symmetric; so is a tile whose two row sets
+    are the same at run time once the caller has applied ``_symmetric``."""
     gs = tl.zeros((BI, BJ), dtype=tl.float32)
     gt = tl.zeros((BI, BJ), dtype=tl.float32)
     if AHEAD:
@@ -300,16 +329,14 @@ def _gram(S, T, s_m, s_d, t_m, t_d, rows_i, ok_i, rows_j, ok_j, ref, lo, D,
             ta_next = _load_rows(T, rows_i, ok_i, d0 + BLOCK_D, D, t_m, t_d, BLOCK_D)
             rs_next = _ref_chunk(S, ref, d0 + BLOCK_D, D, s_m, s_d, BLOCK_D)
             rt_next = _ref_chunk(T, ref, d0 + BLOCK_D, D, t_m, t_d, BLOCK_D)
-            a_less = _less(a, rs, ok_i)
-            ta_less = _less(ta, rt, ok_i)
             if SAME:
-                gs = _dot_nt(a_less, a_less, gs)
-                gt = _dot_nt(ta_less, ta_less, gt)
+                gs = _dot_less(a, rs, ok_i, a, rs, ok_i, gs)
+                gt = _dot_less(ta, rt, ok_i, ta, rt, ok_i, gt)
             else:
                 b_next = _load_rows(S, rows_j, ok_j, d0 + BLOCK_D, D, s_m, s_d, BLOCK_D)
                 tb_next = _load_rows(T, rows_j, ok_j, d0 + BLOCK_D, D, t_m, t_d, BLOCK_D)
-                gs = _dot_nt(a_less, _less(b, rs, ok_j), gs)
-                gt = _dot_nt(ta_less, _less(tb, rt, ok_j), gt)
+                gs = _dot_less(a, rs, ok_i, b, rs, ok_j, gs)
+                gt = _dot_less(ta, rt, ok_i, tb, rt, ok_j, gt)
                 b = b_next
                 tb = tb_next
             a = a_next
@@ -320,14 +347,17 @@ def _gram(S, T, s_m, s_d, t_m, t_d, rows_i, ok_i, rows_j, ok_j, ref, lo, D,
         for d0 in range(lo, D, BLOCK_D):
             rs = _ref_chunk(S, ref, d0, D, s_m, s_d, BLOCK_D)
             rt = _ref_chunk(T, ref, d0, D, t_m, t_d, BLOCK_D)
-            a = _less(_load_rows(S, rows_i, ok_i, d0, D, s_m, s_d, BLOCK_D), rs, ok_i)
-            ta = _less(_load_rows(T, rows_i, ok_i, d0, D, t_m, t_d, BLOCK_D), rt, ok_i)
+            a = _load_rows(S, rows_i, ok_i, d0, D, s_m, s_d, BLOCK_D)
+            ta = _load_rows(T, rows_i, ok_i, d0, D, t_m, t_d, BLOCK_D)
             if SAME:
-                gs = _dot_nt(a, a, gs)
-                gt = _dot_nt(ta, ta, gt)
+                gs = _dot_less(a, rs, ok_i, a, rs, ok_i, gs)
+                gt = _dot_less(ta, rt, ok_i, ta, rt, ok_i, gt)
             else:
-                gs = _dot_nt(a, _less(_load_rows(S, rows_j, ok_j, d0, D, s_m, s_d, BLOCK_D), rs, ok_j), gs)
-                gt = _dot_nt(ta, _less(_load_rows(T, rows_j, ok_j, d0, D, t_m, t_d, BLOCK_D), rt, ok_j), gt)
+                gs = _dot_less(a, rs, ok_i, _load_rows(S, rows_j, ok_j, d0, D, s_m, s_d, BLOCK_D), rs, ok_j, gs)
+                gt = _dot_less(ta, rt, ok_i, _load_rows(T, rows_j, ok_j, d0, D, t_m, t_d, BLOCK_D), rt, ok_j, gt)
+    if SAME:
+        gs = _symmetric(gs, S)
+        gt = _symmetric(gt, T)
     return gs, gt
 
 
@@ -470,6 +500,9 @@ def _tile_distances(S, T, s_m, s_d, t_m, t_d, members, norms, P, i, j, D, TILE: 
     ref = tl.load(members).to(tl.int64)  # _first_row of a listed group
     gs, gt = _gram(S, T, s_m, s_d, t_m, t_d, rows_i, ok_i, rows_j, ok_j, ref, 0, D, TILE, TILE, BLOCK_D, False,
                    AHEAD)
+    if i == j:
+        gs = _symmetric(gs, S)
+        gt = _symmetric(gt, T)
     ns_i = tl.load(norms + 2 * rank_i, mask=ok_i, other=0.0)
     nt_i = tl.load(norms + 2 * rank_i + 1, mask=ok_i, other=0.0)
     ns_j = tl.load(norms + 2 * rank_j, mask=ok_j, other=0.0)
@@ -782,6 +815,9 @@ def _gram_blocks(S_g, T_g, s_m, s_d, t_m, t_d, members, hit, rank, k, P, part_g,
             if bj < nb:
                 gs, gt = _gram(S_g, T_g, s_m, s_d, t_m, t_d, rows_i, ok_i, rows_j, ok_j, ref, lo, hi, BLOCK, BLOCK,
                                BLOCK_D, False, AHEAD)
+                if bj == bi:
+                    gs = _symmetric(gs, S_g)
+                    gt = _symmetric(gt, T_g)
             else:
                 gs = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
                 gt = gs
