@@ -257,6 +257,22 @@ def test_led_rows_that_share_a_large_common_part(backend, k, dtype):
     assert rel_err(grad, w_grad * g_out) < (3 if dtype == torch.bfloat16 else 1) * rounding + FP32_TOL
 
 
+def test_led_float16_rows_across_the_whole_range(backend):
+    """Float16 rows of either sign up to 65,000 (SPEC 5: no NaN or inf for any finite input): two of
+    them can be twice float16's largest value apart, which a difference rounded to float16 (the Triton
+    kernels' tensor-core operands) cannot hold; the kernels halve it first (without, the loss was NaN)."""
+    g = torch.Generator().manual_seed(11)
+    es = ((torch.rand(6, 5, 24, generator=g) * 2 - 1) * 65000).half().to(DEVICE)
+    et = torch.randn(6, 5, 24, generator=g).half().to(DEVICE)
+    y = (torch.rand(6, 5, generator=g) < 0.7).to(DEVICE)
+    total, cd, id_, grad, g_out = run_led(es, et, y, backend=backend)
+    n = lambda t: t.double().cpu().numpy()  # noqa: E731
+    w_total, _, _, w_grad = oracle.led(n(es), n(et), n(y))
+    assert torch.isfinite(total) and torch.isfinite(grad).all()
+    assert rel_err(total, w_total) < FP32_TOL
+    assert rel_err(grad, w_grad * g_out) < _rounding(w_grad * g_out, torch.float16, backend) + FP32_TOL
+
+
 def test_led_groups_whose_first_member_is_far_from_the_others(backend):
     """The other side of that shift: rows less a first member k times farther from the origin than the
     others lose about k^2 times a Gram entry's rounding (eager float32 at 32 x 80 x 256: gradient 2e-6

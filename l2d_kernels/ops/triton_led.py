@@ -273,22 +273,36 @@ def _dot_nt(a, b, acc):
 
 @triton.jit
 def _dot_less(a, ra, ok_a, b, rb, ok_b, acc):
-    """acc + (a - ra) @ (b - rb)^T for one width chunk of rows a and b (``_less``). Float32 rows: one
-    IEEE float32 dot of the differences. Half-precision rows: a difference does not fit the rows'
-    dtype, so each is split into a high part (the difference rounded to that dtype) and a low part (the
-    rest, rounded to it), and three dots on the tensor cores add hi hi, hi lo and lo hi (lo lo, 2^-16
-    of the product for bfloat16 and 2^-22 for float16, is left out). Entry (a, b) and entry (b, a) then
-    add their two cross products in opposite orders: ``_symmetric`` makes a tile of one row set exact."""
+    """acc + (a - ra) @ (b - rb)^T for one width chunk of rows a and b (``_less``), times
+    ``_gram_scale`` (float16: 1/4). Float32 rows: one IEEE float32 dot of the differences.
+    Half-precision rows: a difference does not fit the rows' dtype, so each is split into a high part
+    (the difference rounded to that dtype) and a low part (the rest, rounded to it), and three dots on
+    the tensor cores add hi hi, hi lo and lo hi (lo lo, 2^-16 of the product for bfloat16 and 2^-22 for
+    float16, is left out). Float16 differences are halved first (exactly), since two values of float16's
+    range can lie up to twice its largest value apart. Entry (a, b) and entry (b, a) then add their two
+    cross products in opposite orders: ``_symmetric`` makes a tile of one row set exact."""
     da = _less(a, ra, ok_a)
     db = _less(b, rb, ok_b)
     if a.dtype == tl.float32:
         return _dot_nt(da, db, acc)
     else:
+        if a.dtype == tl.float16:
+            da = da * 0.5
+            db = db * 0.5
         ha = da.to(a.dtype)
         hb = db.to(b.dtype)
         acc = _dot_nt(ha, hb, acc)
         acc = _dot_nt(ha, (db - hb.to(tl.float32)).to(b.dtype), acc)
         return _dot_nt((da - ha.to(tl.float32)).to(a.dtype), hb, acc)
+
+
+@triton.jit
+def _gram_scale(g, base):
+    """A Gram tile summed by ``_dot_less`` at its true scale: float16 rows' differences were halved."""
+    if base.dtype.element_ty == tl.float16:
+        return g * 4.0
+    else:
+        return g
 
 
 @triton.jit
@@ -355,6 +369,8 @@ def _gram(S, T, s_m, s_d, t_m, t_d, rows_i, ok_i, rows_j, ok_j, ref, lo, D,
             else:
                 gs = _dot_less(a, rs, ok_i, _load_rows(S, rows_j, ok_j, d0, D, s_m, s_d, BLOCK_D), rs, ok_j, gs)
                 gt = _dot_less(ta, rt, ok_i, _load_rows(T, rows_j, ok_j, d0, D, t_m, t_d, BLOCK_D), rt, ok_j, gt)
+    gs = _gram_scale(gs, S)
+    gt = _gram_scale(gt, T)
     if SAME:
         gs = _symmetric(gs, S)
         gt = _symmetric(gt, T)
