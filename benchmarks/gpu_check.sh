@@ -232,7 +232,7 @@ bench_all() {
     # the kernels', only a profile says). And the Gram kernel's register cap, none and 96 beside the
     # default 128 (see GRAM_MAX_REGISTERS).
     step profile "${L2D_PROFILE_LIMIT:-120}" $PY benchmarks/kernel_profile.py \
-        ${L2D_PROFILE_ARGS:---no-grad --bf16 --cuda-led-env QUEUE=0,EARLY_LAUNCH=0 --triton-led-set GRAM_WARPS=8,1 --triton-led-set GRAM_MAX_REGISTERS=0,96 --triton-led-set SLICE_WIDTH=128 --triton-led-set EARLY_LAUNCH=0 --variant-shapes 64x80x768} \
+        ${L2D_PROFILE_ARGS:---no-grad --bf16 --cuda-led-env QUEUE=0 --cuda-led-env EARLY_LAUNCH=0 --triton-led-set GRAM_WARPS=8,1 --triton-led-set GRAM_MAX_REGISTERS=0,96 --triton-led-set SLICE_WIDTH=128 --triton-led-set EARLY_LAUNCH=0 --variant-shapes 64x80x768} \
         --out "$OUT/profile-$card.md"
     # Nsight Compute's view of the CUDA LED members and slice kernels at COCO (one call: members, the
     # Grams' slices, CD's and ID's weights and gradient), before the benchmarks: 97 us of run e's 118

@@ -181,3 +181,18 @@ def test_ncu_driver_runs_both_cases_and_refuses_an_unknown_one():
     assert ncu_driver.main(["mld", "3", "4", "torch"]) == 0
     with pytest.raises(SystemExit, match="unknown loss"):
         ncu_driver.main(["bce", "3", "4", "torch"])
+
+
+def test_the_gpu_checks_default_profile_settings_parse():
+    """Every variant setting of the GPU check's default profile command is one the profile reads (on an
+    H200, ``--cuda-led-env QUEUE=0,EARLY_LAUNCH=0`` stopped the whole profile step)."""
+    import pathlib
+    import re
+    import shlex
+
+    script = (pathlib.Path(kernel_profile.__file__).parent / "gpu_check.sh").read_text()
+    args = shlex.split(re.search(r"L2D_PROFILE_ARGS:-([^}]*)\}", script).group(1))
+    settings = [args[i + 1] for i, a in enumerate(args) if a in ("--cuda-led-env", "--triton-led-set")]
+    assert settings
+    for setting in settings:
+        assert kernel_profile._variants(setting)

@@ -62,7 +62,7 @@ def half_tol(eager_err: float, dtype: torch.dtype) -> float:
 
 def rel_err(actual: torch.Tensor, expected) -> float:
     """||actual - expected|| / ||expected|| in float64 (expected may be a NumPy array or a number)."""
-    expected = torch.as_tensor(expected, dtype=torch.float64)
+    expected = torch.as_tensor(expected, dtype=torch.float64).cpu()  # a GPU test's exact values may be on the GPU
     diff = actual.detach().double().cpu() - expected
     return (diff.norm() / expected.norm().clamp(min=1e-300)).item()
 
